@@ -1,0 +1,81 @@
+"""Input checks shared by the re-ID and verification cores.
+
+Every public metric function validates through these, so that bad input gives one clear
+``ValueError`` naming the argument instead of a silent wrong number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_numpy(array, name: str) -> np.ndarray:
+    """Accept numpy arrays, array-likes and (CPU or GPU) torch tensors."""
+    if hasattr(array, "detach") and hasattr(array, "cpu"):
+        array = array.detach().cpu().numpy()
+    try:
+        return np.asarray(array)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} cannot be read as an array: {error}") from error
+
+
+def check_features(features, name: str, *, allow_empty: bool = False) -> np.ndarray:
+    """A finite 2-D floating-point matrix (n, d); float16 is widened to float32."""
+    array = to_numpy(features, name)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, dim), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"{name} must be floating point, got dtype {array.dtype}")
+    if array.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty")
+    if array.shape[1] == 0:
+        raise ValueError(f"{name} has zero feature dimensions")
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return array
+
+
+def check_scores(scores, name: str = "scores") -> np.ndarray:
+    """A finite, non-empty 1-D floating-point vector."""
+    array = to_numpy(scores, name)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.issubdtype(array.dtype, np.floating):
+        if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+            array = array.astype(np.float64)
+        else:
+            raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    if array.dtype == np.float16:
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or Inf")
+    return array
+
+
+def check_ids(ids, name: str, length: int | None = None) -> np.ndarray:
+    """A 1-D integer vector (person ids, camera ids, class labels), optionally of a given length."""
+    array = to_numpy(ids, name)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integers, got dtype {array.dtype}")
+    if length is not None and array.shape[0] != length:
+        raise ValueError(f"{name} has {array.shape[0]} entries, expected {length}")
+    return array.astype(np.int64, copy=False)
+
+
+def check_binary_labels(labels, name: str = "labels", length: int | None = None) -> np.ndarray:
+    """A 1-D vector of 0/1 (or bool) pair labels, 1 meaning genuine (same identity)."""
+    array = to_numpy(labels, name)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if length is not None and array.shape[0] != length:
+        raise ValueError(f"{name} has {array.shape[0]} entries, expected {length}")
+    if array.dtype != np.bool_:
+        if not np.isin(array, (0, 1)).all():
+            raise ValueError(f"{name} must be binary (0/1 or bool)")
+    return array.astype(bool)
