@@ -95,6 +95,16 @@ def cosine_logits(embeddings: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return (unit_embeddings @ W) / torch.linalg.vector_norm(W, dim=0)
 
 
+def sample_margins_from_cosines(cosines: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` from an (N, C) cosine matrix already computed.
+
+    The losses call this on the cosines they hold, so margins have one definition package-wide.
+    """
+    column = labels.long()[:, None]
+    target = cosines.gather(1, column).squeeze(1)
+    return target - cosines.scatter(1, column, -math.inf).amax(dim=1)
+
+
 def sample_margins(
     embeddings: torch.Tensor, labels: torch.Tensor, W: torch.Tensor, block_size: int | None = None
 ) -> torch.Tensor:
@@ -114,11 +124,8 @@ def sample_margins(
     labels = labels.long()
     margins = []
     for start in range(0, embeddings.shape[0], block_size):
-        block_labels = labels[start : start + block_size, None]
         cosines = cosine_logits(embeddings[start : start + block_size], W)
-        target = cosines.gather(1, block_labels).squeeze(1)
-        others = cosines.scatter(1, block_labels, -math.inf)
-        margins.append(target - others.amax(dim=1))
+        margins.append(sample_margins_from_cosines(cosines, labels[start : start + block_size]))
     if not margins:
         return embeddings.new_zeros(0)
     return torch.cat(margins)

@@ -1,0 +1,1 @@
+"""Adapters that make the evaluators usable from PML (AccuracyCalculator subclasses, tester hooks)."""
