@@ -1,0 +1,257 @@
+"""Class-parallel losses on 2 gloo processes against single-process references (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from _distributed_harness import run_in_workers
+
+from pml_largest_margin.distributed import (
+    ClassParallelLargestMarginSoftmaxLoss,
+    ClassParallelZeroCentroidRegularizer,
+    shard_bounds,
+)
+
+NUM_CLASSES, EMBEDDING_SIZE, INPUT_SIZE, SCALE = 7, 6, 4, 3.0
+# Uneven on purpose: 5 samples on rank 0 and 3 on rank 1, classes split 4 / 3.
+BATCH_SIZES = (5, 3)
+
+
+def _problem(tied_prototypes=False):
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(sum(BATCH_SIZES), INPUT_SIZE, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 6, 3, 4, 3, 1, 5, 2])
+    W = torch.randn(EMBEDDING_SIZE, NUM_CLASSES, generator=generator, dtype=torch.float64)
+    if tied_prototypes:
+        # Classes 1 (rank 0) and 5 (rank 1) share a direction: the non-target max is tied
+        # across ranks for samples of other classes.
+        W[:, 5] = 2 * W[:, 1]
+    backbone = torch.nn.Linear(INPUT_SIZE, EMBEDDING_SIZE).double()
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(backbone.weight.shape, generator=generator))
+        backbone.bias.copy_(torch.randn(backbone.bias.shape, generator=generator))
+    return inputs, labels, W, backbone
+
+
+def _local_rows(tensor, rank):
+    start = sum(BATCH_SIZES[:rank])
+    return tensor[start : start + BATCH_SIZES[rank]]
+
+
+def _numpy_grads(module):
+    return [parameter.grad.detach().numpy().copy() for parameter in module.parameters()]
+
+
+def _class_parallel_step(rank, loss_fn, tied_prototypes=False):
+    inputs, labels, W, backbone = _problem(tied_prototypes)
+    loss_fn.load_full_W(W)
+    model = torch.nn.parallel.DistributedDataParallel(backbone)
+    loss = loss_fn(model(_local_rows(inputs, rank)), _local_rows(labels, rank))
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "W_grad": loss_fn.W.grad.numpy().copy(),
+        "class_range": loss_fn.class_range,
+        "backbone_grads": _numpy_grads(model.module),
+    }
+
+
+def _reference_step(
+    sample_margin_weight=0.0, centroid_weight=0.0, tied_prototypes=False, labels=None
+):
+    """Straightforward single-process LM-Softmax on the full batch with the full W, by autograd."""
+    inputs, problem_labels, W, backbone = _problem(tied_prototypes)
+    labels = problem_labels if labels is None else labels
+    W.requires_grad_(True)
+    embeddings = torch.nn.functional.normalize(backbone(inputs), dim=1)
+    cosines = embeddings @ torch.nn.functional.normalize(W, dim=0)
+    target = cosines.gather(1, labels[:, None]).squeeze(1)
+    is_target = torch.nn.functional.one_hot(labels, NUM_CLASSES).bool()
+    non_target = cosines.masked_fill(is_target, -torch.inf)
+    losses = torch.logsumexp(SCALE * (non_target - target[:, None]), dim=1) / SCALE
+    loss = losses.mean()
+    loss = loss + sample_margin_weight * (non_target.amax(dim=1) - target).mean()
+    centroid = torch.nn.functional.normalize(W, dim=0).mean(dim=1)
+    loss = loss + centroid_weight * centroid.square().sum()
+    loss.backward()
+    return {"loss": loss.item(), "W_grad": W.grad.numpy(), "backbone_grads": _numpy_grads(backbone)}
+
+
+# --- checks run inside the workers -------------------------------------------------------------
+
+
+def check_lm_softmax(rank, world_size):
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    return _class_parallel_step(rank, loss_fn.double())
+
+
+def check_lm_softmax_with_regularizers(rank, world_size):
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+        sample_margin_weight=0.3,
+        weight_regularizer=ClassParallelZeroCentroidRegularizer(),
+        weight_reg_weight=0.7,
+    )
+    return _class_parallel_step(rank, loss_fn.double(), tied_prototypes=True)
+
+
+# Two classes in the batch, one per rank, so that sampling has negatives to drop.
+SAMPLING_LABELS = torch.tensor([0, 4, 4, 0, 0, 4, 0, 4])
+
+
+def check_class_sampling(rank, world_size):
+    inputs, _, W, backbone = _problem()
+    labels = SAMPLING_LABELS
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+        sample_rate=0.5,
+        generator=torch.Generator().manual_seed(rank),
+    ).double()
+    loss_fn.load_full_W(W)
+    embeddings = backbone(_local_rows(inputs, rank))
+    sampled = loss_fn(embeddings, _local_rows(labels, rank))
+    sampled.backward()
+    gradient_columns = loss_fn.W.grad.abs().sum(dim=0) > 0
+    loss_fn.eval()
+    exact = loss_fn(embeddings.detach(), _local_rows(labels, rank)).item()
+    return {
+        "sampled": sampled.item(),
+        "exact_in_eval_mode": exact,
+        "columns_with_gradient": gradient_columns.nonzero().squeeze(1).tolist(),
+        "class_range": loss_fn.class_range,
+        "batch_classes": sorted(set(labels.tolist())),
+    }
+
+
+def _error_text(call):
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_bad_inputs(rank, world_size):
+    inputs, labels, W, backbone = _problem()
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE).double()
+    embeddings = backbone(_local_rows(inputs, rank)).detach()
+    good_labels = _local_rows(labels, rank)
+    out_of_range = good_labels.clone()
+    out_of_range[0] = NUM_CLASSES if rank == 1 else out_of_range[0]
+    with_nan = embeddings.clone()
+    with_nan[0, 0] = torch.nan if rank == 0 else with_nan[0, 0]
+    wrong_width = embeddings[:, :-1] if rank == 1 else embeddings
+    mixed_dtype = embeddings.float() if rank == 0 else embeddings
+    errors = {
+        "label out of range on rank 1": _error_text(lambda: loss_fn(embeddings, out_of_range)),
+        "NaN on rank 0": _error_text(lambda: loss_fn(with_nan, good_labels)),
+        "wrong dimension on rank 1": _error_text(lambda: loss_fn(wrong_width, good_labels)),
+        "dtypes differ across ranks": _error_text(lambda: loss_fn(mixed_dtype, good_labels)),
+        "float labels": _error_text(lambda: loss_fn(embeddings, good_labels.double())),
+    }
+    # The group must still be usable after the errors: every rank took part in each exchange.
+    errors["valid call afterwards"] = _error_text(lambda: loss_fn(embeddings, good_labels))
+    return errors
+
+
+CHECKS = [
+    check_lm_softmax,
+    check_lm_softmax_with_regularizers,
+    check_class_sampling,
+    check_bad_inputs,
+]
+
+
+@pytest.fixture(scope="module")
+def worker_results():
+    return run_in_workers(CHECKS)
+
+
+def _results(worker_results, check):
+    per_rank = [worker_results[rank][check.__name__] for rank in sorted(worker_results)]
+    for result in per_rank:
+        if isinstance(result, Exception):
+            raise result
+    return per_rank
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_shard_bounds_cover_every_class_once():
+    for num_items in range(0, 12):
+        for world_size in range(1, 5):
+            bounds = [shard_bounds(num_items, world_size, rank) for rank in range(world_size)]
+            covered = [item for start, stop in bounds for item in range(start, stop)]
+            assert covered == list(range(num_items))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        shard_bounds(5, 2, 2)
+
+
+def test_loss_requires_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE)
+
+
+def _assert_matches_single_process(per_rank, reference):
+    for result in per_rank:
+        assert result["loss"] == pytest.approx(reference["loss"], abs=1e-6, rel=1e-6)
+    assert [result["class_range"] for result in per_rank] == [(0, 4), (4, 7)]
+    for result in per_rank:
+        start, stop = result["class_range"]
+        np.testing.assert_allclose(
+            result["W_grad"], reference["W_grad"][:, start:stop], rtol=1e-6, atol=1e-9
+        )
+        # DDP has averaged over the ranks: every rank holds the single-process gradient.
+        for got, expected in zip(
+            result["backbone_grads"], reference["backbone_grads"], strict=True
+        ):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_lm_softmax_matches_single_process(worker_results):
+    _assert_matches_single_process(_results(worker_results, check_lm_softmax), _reference_step())
+
+
+def test_regularizers_match_single_process_with_tied_maxima(worker_results):
+    reference = _reference_step(sample_margin_weight=0.3, centroid_weight=0.7, tied_prototypes=True)
+    per_rank = _results(worker_results, check_lm_softmax_with_regularizers)
+    _assert_matches_single_process(per_rank, reference)
+
+
+def test_class_sampling_keeps_batch_classes_and_drops_others(worker_results):
+    per_rank = _results(worker_results, check_class_sampling)
+    assert per_rank[0]["sampled"] == per_rank[1]["sampled"]
+    exact = _reference_step(labels=SAMPLING_LABELS)["loss"]
+    assert per_rank[0]["exact_in_eval_mode"] == pytest.approx(exact, rel=1e-9)
+    for result in per_rank:
+        start, stop = result["class_range"]
+        columns = [start + column for column in result["columns_with_gradient"]]
+        positives = [label for label in result["batch_classes"] if start <= label < stop]
+        # Half of each rank's classes are kept (rounded up), the batch's classes always among them.
+        assert set(positives) <= set(columns)
+        assert len(columns) == max(len(positives), -(-(stop - start) // 2))
+    # Dropping negatives from the denominator can only lower LM-Softmax.
+    assert per_rank[0]["sampled"] < per_rank[0]["exact_in_eval_mode"]
+
+
+def test_bad_inputs_raise_on_every_rank(worker_results):
+    per_rank = _results(worker_results, check_bad_inputs)
+    for errors in per_rank:
+        assert errors.pop("valid call afterwards") is None
+        for case, error in errors.items():
+            assert error is not None, case
+            assert error.startswith(("ValueError", "TypeError")), (case, error)
+    assert "labels must lie in [0, 6]" in per_rank[1]["label out of range on rank 1"]
+    assert "rank(s) [1]" in per_rank[0]["label out of range on rank 1"]
+    assert "NaN" in per_rank[0]["NaN on rank 0"]
+    assert "different dtypes" in per_rank[1]["dtypes differ across ranks"]
