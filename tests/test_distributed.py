@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from _distributed_harness import run_in_workers
 
+from evaluation.knn import top_k
+from evaluation.sharded import sharded_reid_from_distances, sharded_top_k
 from pml_largest_margin.distributed import (
     ClassParallelLargestMarginSoftmaxLoss,
     ClassParallelZeroCentroidRegularizer,
@@ -160,7 +162,35 @@ def check_bad_inputs(rank, world_size):
     return errors
 
 
+def _reid_problem():
+    rng = np.random.default_rng(3)
+    num_query, num_gallery = 20, 53
+    # Distances on a coarse grid: many ties, which must be broken by global gallery index.
+    distances = np.round(rng.random((num_query, num_gallery)), 1)
+    q_pids, g_pids = rng.integers(0, 8, num_query), rng.integers(0, 8, num_gallery)
+    q_camids, g_camids = rng.integers(0, 3, num_query), rng.integers(0, 3, num_gallery)
+    queries = rng.standard_normal((num_query, 8)).astype(np.float32)
+    gallery = rng.standard_normal((num_gallery, 8)).astype(np.float32)
+    return distances, q_pids, g_pids, q_camids, g_camids, queries, gallery
+
+
+def check_sharded_evaluation(rank, world_size):
+    distances, q_pids, g_pids, q_camids, g_camids, queries, gallery = _reid_problem()
+    start, stop = shard_bounds(distances.shape[1], world_size, rank)
+    results = {
+        "reid": sharded_reid_from_distances(
+            distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop],
+            max_rank=10,
+        )
+    }  # fmt: skip
+    for k in (5, 40):  # 40 exceeds each shard's size
+        results[f"top_{k}"] = sharded_top_k(queries, gallery[start:stop], k, metric="l2")
+    results["k too large"] = _error_text(lambda: sharded_top_k(queries, gallery[start:stop], 54))
+    return results
+
+
 CHECKS = [
+    check_sharded_evaluation,
     check_lm_softmax,
     check_lm_softmax_with_regularizers,
     check_class_sampling,
@@ -255,3 +285,52 @@ def test_bad_inputs_raise_on_every_rank(worker_results):
     assert "rank(s) [1]" in per_rank[0]["label out of range on rank 1"]
     assert "NaN" in per_rank[0]["NaN on rank 0"]
     assert "different dtypes" in per_rank[1]["dtypes differ across ranks"]
+
+
+def _reference_reid(distances, q_pids, g_pids, q_camids, g_camids, max_rank):
+    """Straightforward protocol: stable sort of each row, drop same-pid-same-camera items."""
+    average_precisions, inverse_penalties, first_hits = [], [], []
+    for row, pid, camid in zip(distances, q_pids, q_camids, strict=True):
+        order = np.argsort(row, kind="stable")
+        kept = order[~((g_pids[order] == pid) & (g_camids[order] == camid))]
+        matches = g_pids[kept] == pid
+        if not matches.any():
+            continue
+        positive_ranks = np.flatnonzero(matches) + 1
+        average_precisions.append(np.mean(np.arange(1, len(positive_ranks) + 1) / positive_ranks))
+        inverse_penalties.append(len(positive_ranks) / positive_ranks[-1])
+        first_hits.append(positive_ranks[0] <= np.arange(1, max_rank + 1))
+    return np.mean(average_precisions), np.mean(inverse_penalties), np.mean(first_hits, axis=0)
+
+
+def test_sharded_reid_equals_single_process(worker_results):
+    per_rank = _results(worker_results, check_sharded_evaluation)
+    distances, q_pids, g_pids, q_camids, g_camids, _, _ = _reid_problem()
+    mean_ap, mean_inp, cmc = _reference_reid(distances, q_pids, g_pids, q_camids, g_camids, 10)
+    for result in per_rank:
+        reid = result["reid"]
+        assert reid["mAP"] == pytest.approx(mean_ap, rel=1e-12)
+        assert reid["mINP"] == pytest.approx(mean_inp, rel=1e-12)
+        np.testing.assert_allclose(reid["cmc"], cmc, rtol=1e-12)
+        assert reid["num_valid_queries"] + reid["num_skipped_queries"] == len(q_pids)
+    reid_module = pytest.importorskip("evaluation.reid")
+    single = reid_module.evaluate_reid_from_distances(
+        distances, q_pids, g_pids, q_camids, g_camids, max_rank=10
+    )
+    for result in per_rank:
+        np.testing.assert_array_equal(result["reid"]["average_precision"], single.average_precision)
+        np.testing.assert_array_equal(result["reid"]["cmc"], single.cmc)
+        assert result["reid"]["mINP"] == single.mINP
+
+
+def test_sharded_top_k_equals_single_process(worker_results):
+    per_rank = _results(worker_results, check_sharded_evaluation)
+    _, _, _, _, _, queries, gallery = _reid_problem()
+    for k in (5, 40):
+        scores, indices = top_k(queries, gallery, k, metric="l2")
+        for result in per_rank:
+            merged_scores, merged_indices = result[f"top_{k}"]
+            np.testing.assert_array_equal(merged_indices, indices)
+            np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
+    for result in per_rank:
+        assert result["k too large"].startswith("ValueError: k must lie in [1, 53]")
