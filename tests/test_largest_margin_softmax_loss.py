@@ -30,7 +30,7 @@ def test_matches_the_formula_written_out(scale, num_classes, dim):
     losses = per_sample_losses(loss_fn, embeddings, labels)
     expected = reference_lm_softmax(embeddings, loss_fn.W.detach(), labels, scale)
     assert losses.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
-    assert float(loss_fn(embeddings, labels)) == pytest.approx(sum(expected) / len(expected), 1e-5)
+    assert loss_fn(embeddings, labels).item() == pytest.approx(sum(expected) / len(expected), 1e-5)
 
 
 @settings(max_examples=25, deadline=None)
@@ -102,7 +102,7 @@ def test_empty_batch_gives_zero_loss_on_the_graph():
 def test_int32_labels_give_the_same_loss():
     loss_fn = LargestMarginSoftmaxLoss(6, 4)
     embeddings, labels = make_batch(6, 4)
-    assert float(loss_fn(embeddings, labels.int())) == float(loss_fn(embeddings, labels))
+    assert loss_fn(embeddings, labels.int()).item() == loss_fn(embeddings, labels).item()
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_half_precision_inputs(dtype):
     assert half.grad.dtype == dtype and loss_fn.W.grad.dtype == torch.float32
     assert math.isfinite(float(loss)) and abs(float(loss) - float(reference)) < 1e-2
     # The same (rounded) inputs in float32: the whole computation and reduction ran in float32.
-    assert float(loss) == pytest.approx(float(loss_fn(half.detach().float(), labels)), abs=1e-6)
+    assert float(loss) == pytest.approx(loss_fn(half.detach().float(), labels).item(), abs=1e-6)
 
 
 def autocast_loss(device_type, dtype):
