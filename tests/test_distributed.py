@@ -11,10 +11,12 @@ from _distributed_harness import run_in_workers
 from evaluation.knn import top_k
 from evaluation.sharded import sharded_reid_from_distances, sharded_top_k
 from pml_largest_margin.distributed import (
+    ClassParallelGeneralizedMarginSoftmaxLoss,
     ClassParallelLargestMarginSoftmaxLoss,
     ClassParallelZeroCentroidRegularizer,
     shard_bounds,
 )
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
 
 NUM_CLASSES, EMBEDDING_SIZE, INPUT_SIZE, SCALE = 7, 6, 4, 3.0
 # Uneven on purpose: 5 samples on rank 0 and 3 on rank 1, classes split 4 / 3.
@@ -81,6 +83,33 @@ def _reference_step(
     return {"loss": loss.item(), "W_grad": W.grad.numpy(), "backbone_grads": _numpy_grads(backbone)}
 
 
+def _single_process_class_step(loss_fn):
+    """The single-process loss class on the full batch with the full W."""
+    inputs, labels, W, backbone = _problem()
+    loss_fn = loss_fn.double()
+    with torch.no_grad():
+        loss_fn.W.copy_(W)
+    loss = loss_fn(backbone(inputs), labels)
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "W_grad": loss_fn.W.grad.numpy(),
+        "backbone_grads": _numpy_grads(backbone),
+    }
+
+
+GM_SCALE = 4.0
+ARCFACE_MARGIN = 0.5
+GM_CASES = ("arcface", "cosface", "sphereface", "normface", "combined")
+
+
+def _gm_loss(loss_class, case):
+    if case == "combined":
+        return loss_class(NUM_CLASSES, EMBEDDING_SIZE, scale=GM_SCALE, m1=2.0, m2=0.1, m3=0.2)
+    margin = {"margin": ARCFACE_MARGIN} if case == "arcface" else {}
+    return loss_class.preset(case, NUM_CLASSES, EMBEDDING_SIZE, scale=GM_SCALE, **margin)
+
+
 # --- checks run inside the workers -------------------------------------------------------------
 
 
@@ -99,6 +128,26 @@ def check_lm_softmax_with_regularizers(rank, world_size):
         weight_reg_weight=0.7,
     )
     return _class_parallel_step(rank, loss_fn.double(), tied_prototypes=True)
+
+
+def check_gm_softmax(rank, world_size):
+    return {
+        case: _class_parallel_step(
+            rank, _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, case).double()
+        )
+        for case in GM_CASES
+    }
+
+
+def check_gm_constructor_errors(rank, world_size):
+    loss_class = ClassParallelGeneralizedMarginSoftmaxLoss
+    return {
+        "unknown preset": _error_text(lambda: loss_class.preset("circleface", 4, 3)),
+        "psi and margins": _error_text(lambda: loss_class(4, 3, m2=0.3, psi=torch.cos)),
+        "psi not callable": _error_text(lambda: loss_class(4, 3, psi=0.5)),
+        "m2 out of range": _error_text(lambda: loss_class(4, 3, m2=4.0)),
+        "preset arguments": loss_class.preset("cosface", 4, 3, margin=0.2).m3,
+    }
 
 
 # Two classes in the batch, one per rank, so that sampling has negatives to drop.
@@ -193,6 +242,8 @@ CHECKS = [
     check_sharded_evaluation,
     check_lm_softmax,
     check_lm_softmax_with_regularizers,
+    check_gm_softmax,
+    check_gm_constructor_errors,
     check_class_sampling,
     check_bad_inputs,
 ]
@@ -250,6 +301,38 @@ def _assert_matches_single_process(per_rank, reference):
 
 def test_lm_softmax_matches_single_process(worker_results):
     _assert_matches_single_process(_results(worker_results, check_lm_softmax), _reference_step())
+
+
+def test_lm_softmax_matches_single_process_loss_class(worker_results):
+    reference = _single_process_class_step(
+        LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    )
+    _assert_matches_single_process(_results(worker_results, check_lm_softmax), reference)
+
+
+def test_arcface_case_covers_the_fallback_region():
+    inputs, labels, W, backbone = _problem()
+    unit = torch.nn.functional.normalize(backbone(inputs), dim=1)
+    cosines = unit @ torch.nn.functional.normalize(W, dim=0)
+    angles = torch.acos(cosines.gather(1, labels[:, None]).squeeze(1))
+    beyond = angles > torch.pi - ARCFACE_MARGIN
+    assert beyond.any() and not beyond.all()
+
+
+@pytest.mark.parametrize("case", GM_CASES)
+def test_gm_softmax_matches_single_process_loss_class(worker_results, case):
+    reference = _single_process_class_step(_gm_loss(GeneralizedMarginSoftmaxLoss, case))
+    per_rank = [result[case] for result in _results(worker_results, check_gm_softmax)]
+    _assert_matches_single_process(per_rank, reference)
+
+
+def test_gm_softmax_constructor_errors(worker_results):
+    for errors in _results(worker_results, check_gm_constructor_errors):
+        assert errors.pop("preset arguments") == 0.2
+        assert "unknown preset" in errors.pop("unknown preset")
+        assert errors.pop("psi not callable").startswith("TypeError: psi must be callable")
+        for case, error in errors.items():
+            assert error is not None and error.startswith("ValueError"), (case, error)
 
 
 def test_regularizers_match_single_process_with_tied_maxima(worker_results):

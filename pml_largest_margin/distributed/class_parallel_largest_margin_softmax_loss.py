@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses.functional import largest_margin_softmax_head
 from ._class_parallel_loss import ClassParallelLossBase
 from ._sharded_cosine_statistics import ShardedCosineStatistics
 
@@ -18,4 +19,6 @@ class ClassParallelLargestMarginSoftmaxLoss(ClassParallelLossBase):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
 
     def per_sample_losses(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
-        return statistics.non_target_logsumexp / self.scale - statistics.target_cosine
+        return largest_margin_softmax_head(
+            statistics.non_target_logsumexp, statistics.target_cosine, self.scale
+        )
