@@ -276,4 +276,3 @@ class _SingleShotSampler:
         )
         before[:, own] = False
         return before.sum(1) + 1
-
