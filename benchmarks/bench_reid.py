@@ -107,7 +107,6 @@ def run_case(problem: str, case: str, repeats: int) -> dict:
 
     from evaluation.reid import (
         DEFAULT_BLOCK_BYTES,
-        distance_blocks,
         evaluate_reid,
         evaluate_reid_from_distances,
     )
@@ -149,12 +148,6 @@ def run_case(problem: str, case: str, repeats: int) -> dict:
         def work():
             for first in range(0, len(query), product_rows):
                 torch.mm(q[first : first + product_rows], g.T)
-
-    elif case == "distance-blocks":
-
-        def work():
-            for _ in distance_blocks(query, gallery, "euclidean", "cpu", evaluator_rows):
-                pass
 
     else:
         raise ValueError(f"unknown case {case!r}")
@@ -211,7 +204,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {_cpu_description()}")
     rows = []
     for problem in [args.only] if args.only else list(PROBLEMS):
-        cases = ["product", "distance-blocks", "ours-features", "baseline-features"]
+        cases = ["product", "ours-features", "baseline-features"]
         if problem == "market":
             cases = ["ours-distances", "baseline-distances"] + cases
         # The MSMT17-shaped baseline takes minutes: timed once.
@@ -251,8 +244,7 @@ def main() -> None:
     for problem, results in rows:
         print(
             f"\n{problem}: Q×G product alone {results['product']['time']:.3f} s "
-            f"(blocks of {results['product']['block_rows']} queries); "
-            f"distance blocks alone {results['distance-blocks']['time']:.3f} s"
+            f"(blocks of {results['product']['block_rows']} queries)"
         )
 
 

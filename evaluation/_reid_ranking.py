@@ -39,22 +39,37 @@ def _positives_before(distance, index, positive_distances, positive_indices):
 
 @njit(cache=True, parallel=True)
 def positive_ranks_block(
-    distances, group_starts, group_ends, query_camids, pid_order, gallery_camids, ranks, offsets
+    products,
+    query_offsets,
+    gallery_offsets,
+    scale,
+    group_starts,
+    group_ends,
+    query_camids,
+    pid_order,
+    gallery_camids,
+    ranks,
+    offsets,
 ):
-    """Kept 1-based ranks of every positive of each query of a block of distance rows.
+    """Kept 1-based ranks of every positive of each query of a block of rows.
+
+    The distance of query ``i`` to gallery item ``j`` is
+    ``(query_offsets[i] + gallery_offsets[j]) + scale * products[i, j]``, evaluated here in the
+    products' precision, so that the norms of a squared euclidean distance are added in this pass
+    rather than in one more pass over the block (zero offsets and ``scale=1`` read distances).
 
     ``pid_order`` lists the gallery indices grouped by pid (ascending index within a group);
     query ``i``'s pid group is ``pid_order[group_starts[i]:group_ends[i]]``. The ranks of query
     ``i``'s positives, ascending, are written to ``ranks[offsets[i]:offsets[i + 1]]``, where the
     caller sized ``offsets`` from the positive counts (see :func:`count_positives`).
     """
-    num_queries, gallery_size = distances.shape
+    num_queries, gallery_size = products.shape
     for query in prange(num_queries):
         start, end = offsets[query], offsets[query + 1]
         num_positives = end - start
         if num_positives == 0:
             continue
-        row = distances[query]
+        row = (query_offsets[query] + gallery_offsets) + scale * products[query]
         group = pid_order[group_starts[query] : group_ends[query]]
         positive_indices = np.empty(num_positives, dtype=np.int64)
         junk_indices = np.empty(group.shape[0] - num_positives, dtype=np.int64)

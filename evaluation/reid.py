@@ -23,13 +23,13 @@ stays bounded by ``block_bytes`` whatever the gallery size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._reid_ranking import count_positives, positive_ranks_block
-from ._validation import check_features, check_ids
+from ._validation import check_features, check_ids, to_numpy
 from .knn import l2_normalize
 
 METRICS = ("euclidean", "cosine")
@@ -89,18 +89,11 @@ def evaluate_reid(
     """
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            f"query_features have dimension {query.shape[1]} but gallery_features have "
-            f"{gallery.shape[1]}"
-        )
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
     ids = _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
     block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
-    blocks = distance_blocks(query, gallery, metric, device=device, block_rows=block_rows)
+    blocks = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
 
 
@@ -117,9 +110,12 @@ def evaluate_reid_from_distances(
     seed: int = 0,
 ) -> ReIDResult:
     """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer."""
-    distances = check_features(distmat, "distmat")
+    distances = to_numpy(distmat, "distmat")
+    if distances.ndim == 2 and 0 in distances.shape:
+        _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
+    distances = check_features(distances, "distmat")
     ids = _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
-    blocks = iter([(0, distances)])
+    blocks = DistanceBlocks.from_distances(distances)
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
 
 
@@ -130,40 +126,84 @@ def pairwise_distances(query_features, gallery_features, metric: str = "euclidea
     """
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return np.concatenate([block for _, block in distance_blocks(query, gallery, metric, device)])
+    return DistanceBlocks.from_features(query, gallery, metric, device).dense()
 
 
-def distance_blocks(
-    query: np.ndarray,
-    gallery: np.ndarray,
-    metric: str,
-    device=None,
-    block_rows: int | None = None,
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(first_query_row, distances)`` for consecutive blocks of ``block_rows`` queries."""
-    import torch
+@dataclass(frozen=True)
+class DistanceBlocks:
+    """Query x gallery distances, block by block, as offsets plus a scaled product.
 
-    device = torch.device(
-        device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    if metric == "cosine":
-        query, gallery = l2_normalize(query), l2_normalize(gallery)
-    gallery_t = torch.from_numpy(np.ascontiguousarray(gallery)).to(device)
-    gallery_sq = (gallery_t * gallery_t).sum(1) if metric == "euclidean" else None
-    block_rows = len(query) if block_rows is None else block_rows
-    for first in range(0, len(query), block_rows):
-        block = torch.from_numpy(np.ascontiguousarray(query[first : first + block_rows]))
-        block = block.to(device)
-        if metric == "euclidean":
-            distances = (block * block).sum(1, keepdim=True) + gallery_sq
-            distances.addmm_(block, gallery_t.T, alpha=-2)
-        else:
-            distances = torch.addmm(
-                torch.ones((), dtype=block.dtype, device=device), block, gallery_t.T, alpha=-1
+    The distance of query ``i`` to gallery item ``j`` is
+    ``(query_offsets[i] + gallery_offsets[j]) + scale * products[i, j]``, with ``blocks``
+    yielding ``(first_query_row, products, query_offsets)``. The counting pass adds the offsets
+    as it reads the products, which saves a pass over each block.
+    """
+
+    gallery_offsets: np.ndarray
+    scale: np.floating
+    blocks: Iterable[tuple[int, np.ndarray, np.ndarray]]
+
+    @classmethod
+    def from_distances(cls, distances: np.ndarray) -> DistanceBlocks:
+        zero_offsets = np.zeros(len(distances), dtype=distances.dtype)
+        return cls(
+            np.zeros(distances.shape[1], dtype=distances.dtype),
+            distances.dtype.type(1),
+            [(0, distances, zero_offsets)],
+        )
+
+    @classmethod
+    def from_features(
+        cls, query, gallery, metric: str, device=None, block_rows: int | None = None
+    ) -> DistanceBlocks:
+        """ "euclidean": squared norms and ``-2`` times the inner product (torchreid's formula);
+        "cosine": ``1 -`` the inner product of L2-normalised features. Products by torch on
+        ``device`` (default CUDA when available, else CPU)."""
+        import torch
+
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if query.shape[1] != gallery.shape[1]:
+            raise ValueError(
+                f"query_features have dimension {query.shape[1]} but gallery_features have "
+                f"{gallery.shape[1]}"
             )
-        yield first, distances.cpu().numpy()
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if metric == "cosine":
+            query, gallery = l2_normalize(query), l2_normalize(gallery)
+        gallery_t = torch.from_numpy(np.ascontiguousarray(gallery)).to(device)
+        dtype = gallery.dtype.type
+        if metric == "euclidean":
+            gallery_offsets = (gallery_t * gallery_t).sum(1).cpu().numpy()
+        else:
+            gallery_offsets = np.zeros(len(gallery), dtype=dtype)
+        block_rows = len(query) if block_rows is None else block_rows
+
+        def blocks():
+            for first in range(0, len(query), block_rows):
+                block = np.ascontiguousarray(query[first : first + block_rows])
+                block_t = torch.from_numpy(block).to(device)
+                if metric == "euclidean":
+                    offsets = (block_t * block_t).sum(1).cpu().numpy()
+                else:
+                    offsets = np.ones(len(block), dtype=dtype)
+                yield first, (block_t @ gallery_t.T).cpu().numpy(), offsets
+
+        return cls(gallery_offsets, dtype(-2 if metric == "euclidean" else -1), blocks())
+
+    def row(self, products_row: np.ndarray, query_offset) -> np.ndarray:
+        """One query's distances, by the formula the counting pass uses."""
+        return (query_offset + self.gallery_offsets) + self.scale * products_row
+
+    def dense(self) -> np.ndarray:
+        """The whole distance matrix (consumes ``blocks``)."""
+        return np.concatenate(
+            [
+                (offsets[:, None] + self.gallery_offsets) + self.scale * products
+                for _, products, offsets in self.blocks
+            ]
+        )
 
 
 def _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, num_query, num_gallery):
@@ -205,11 +245,14 @@ def _evaluate_blocks(
     sampler = _SingleShotSampler(sorted_pids, pid_order, g_camids, num_repeats, seed)
     single_shot_ranks = []
 
-    for first, distances in blocks:
-        rows = slice(first, first + len(distances))
-        block_offsets = offsets[first : first + len(distances) + 1]
+    for first, products, query_offsets in blocks.blocks:
+        rows = slice(first, first + len(products))
+        block_offsets = offsets[first : first + len(products) + 1]
         positive_ranks_block(
-            distances,
+            products,
+            query_offsets,
+            blocks.gallery_offsets,
+            blocks.scale,
             group_starts[rows],
             group_ends[rows],
             q_camids[rows],
@@ -220,8 +263,9 @@ def _evaluate_blocks(
         )
         if protocol == "cuhk03":
             for query in np.flatnonzero(valid[rows]):
+                distances = blocks.row(products[query], query_offsets[query])
                 single_shot_ranks.append(
-                    sampler.ranks(distances[query], q_pids[first + query], q_camids[first + query])
+                    sampler.ranks(distances, q_pids[first + query], q_camids[first + query])
                 )
 
     # Rank k (1-based) of each positive within its query, for AP = mean over k of k / r_k.
