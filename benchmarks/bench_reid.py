@@ -141,14 +141,6 @@ def run_case(problem: str, case: str, repeats: int) -> dict:
         result["blocked"] = needed > _available_bytes() - 2 * 2**30
         rows = BASELINE_BLOCK_ROWS if result["blocked"] else len(query)
         work = lambda: baseline(baseline_distance_rows(query, gallery, rows))  # noqa: E731
-    elif case == "product":
-        q, g = torch.from_numpy(query), torch.from_numpy(gallery)
-        result["block_rows"] = product_rows
-
-        def work():
-            for first in range(0, len(query), product_rows):
-                torch.mm(q[first : first + product_rows], g.T)
-
     else:
         raise ValueError(f"unknown case {case!r}")
     times = []
@@ -160,6 +152,18 @@ def run_case(problem: str, case: str, repeats: int) -> dict:
     if metrics is not None:
         result["mAP"], result["mINP"], result["rank1"] = (float(m) for m in metrics)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if case == "ours-features":
+        # The query x gallery product alone, timed in the same warm process after the peak RSS
+        # was read: in one call when its output fits in 1 GiB, else in the evaluator's blocks.
+        q, g = torch.from_numpy(query), torch.from_numpy(gallery)
+        result["product_rows"] = product_rows
+        product_times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for first in range(0, len(query), product_rows):
+                torch.mm(q[first : first + product_rows], g.T)
+            product_times.append(time.perf_counter() - start)
+        result["product_time"] = min(product_times)
     return result
 
 
@@ -204,7 +208,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {_cpu_description()}")
     rows = []
     for problem in [args.only] if args.only else list(PROBLEMS):
-        cases = ["product", "ours-features", "baseline-features"]
+        cases = ["ours-features", "baseline-features"]
         if problem == "market":
             cases = ["ours-distances", "baseline-distances"] + cases
         # The MSMT17-shaped baseline takes minutes: timed once.
@@ -231,9 +235,7 @@ def main() -> None:
             pairs.insert(0, ("distances", "ours-distances", "baseline-distances"))
         for label, ours_case, base_case in pairs:
             ours, base = results[ours_case], results[base_case]
-            product = (
-                f"{ours['time'] / results['product']['time']:.2f}" if label == "features" else "–"
-            )
+            product = f"{ours['time'] / ours['product_time']:.2f}" if label == "features" else "–"
             note = " (blocked)" if base.get("blocked") else ""
             print(
                 f"| {problem} | {label} | {ours['time']:.3f} | {base['time']:.3f}{note} "
@@ -243,8 +245,8 @@ def main() -> None:
             )
     for problem, results in rows:
         print(
-            f"\n{problem}: Q×G product alone {results['product']['time']:.3f} s "
-            f"(blocks of {results['product']['block_rows']} queries)"
+            f"\n{problem}: Q×G product alone {results['ours-features']['product_time']:.3f} s "
+            f"(blocks of {results['ours-features']['product_rows']} queries)"
         )
 
 

@@ -35,7 +35,7 @@ from .knn import l2_normalize
 METRICS = ("euclidean", "cosine")
 PROTOCOLS = ("market1501", "cuhk03")
 # Size of one block of the query x gallery distance matrix when evaluating from features.
-DEFAULT_BLOCK_BYTES = 128 * 2**20
+DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
