@@ -61,8 +61,7 @@ def write_msmt17(root, test_dir="test"):
     (root / test_dir).mkdir()
     (root / "list_train.txt").write_text("0000/0000_000_01_0303morning_0015_0.jpg 0\n")
     (root / "list_query.txt").write_text(
-        "0000/0000_000_01_0303morning_0015_0.jpg 0\n"
-        "0001/0001_004_15_0303afternoon_0127_1.jpg 1\n\n"
+        "0000/0000_000_01_0303morning_0015_0.jpg 0\n0001/0001_004_15_0303afternoon_0127_1.jpg 1\n\n"
     )
     (root / "list_gallery.txt").write_text(
         "0000/0000_001_07_0303morning_0019_1.jpg 0\n0002/0002_010_03_0303noon_0001_0.jpg 2\n"
