@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 from numba import njit, prange
 
-from ._validation import check_features, check_ids
+from ._reid_ranking import positives_before
+from ._validation import check_features, check_ids, check_positive_integer
 from .knn import top_k
+from .reid import ReIDResult, result_from_positive_ranks
 
 
 def _collective_device(group):
@@ -87,22 +89,13 @@ def _negatives_before_positives(
         count = num_positives[query]
         if count == 0:
             continue
+        query_distances = positive_distances[query, :count]
+        query_indices = positive_indices[query, :count]
         bins = np.zeros(count + 1, dtype=np.int64)
         for item in range(distances.shape[1]):
-            if gallery_pids[item] == query_pids[query]:
-                continue
-            distance, index = distances[query, item], item + index_offset
-            low, high = 0, count
-            while low < high:  # how many positives come before this negative
-                middle = (low + high) // 2
-                middle_distance = positive_distances[query, middle]
-                if middle_distance < distance or (
-                    middle_distance == distance and positive_indices[query, middle] < index
-                ):
-                    low = middle + 1
-                else:
-                    high = middle
-            bins[low] += 1
+            if gallery_pids[item] != query_pids[query]:
+                distance, index = distances[query, item], item + index_offset
+                bins[positives_before(distance, index, query_distances, query_indices)] += 1
         running = 0
         for k in range(count):
             running += bins[k]
@@ -111,13 +104,13 @@ def _negatives_before_positives(
 
 def sharded_reid_from_distances(
     local_distances, q_pids, local_g_pids, q_camids, local_g_camids, max_rank: int = 50, group=None
-) -> dict:
+) -> ReIDResult:
     """Exact CMC, mAP and mINP (market1501 protocol, SPEC section 5) with the gallery sharded.
 
     ``local_distances`` (num_query, n_local): this rank's columns of the distance matrix, smaller
-    is closer; ``local_g_pids`` / ``local_g_camids`` its gallery ids. Returns ``cmc`` (length
-    ``min(max_rank, gallery size)``), ``mAP``, ``mINP``, per-query ``average_precision`` (NaN
-    where skipped), ``num_valid_queries`` and ``num_skipped_queries``, on every rank.
+    is closer; ``local_g_pids`` / ``local_g_camids`` its gallery ids. Returns, on every rank, the
+    :class:`evaluation.reid.ReIDResult` that :func:`evaluation.reid.evaluate_reid_from_distances`
+    gives for the whole matrix (the same ranks go through the same final step).
     """
     distances = check_features(local_distances, "local_distances", allow_empty=True)
     num_query, num_local = distances.shape
@@ -125,8 +118,7 @@ def sharded_reid_from_distances(
     q_camids = check_ids(q_camids, "q_camids", num_query)
     g_pids = check_ids(local_g_pids, "local_g_pids", num_local)
     g_camids = check_ids(local_g_camids, "local_g_camids", num_local)
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    max_rank = check_positive_integer(max_rank, "max_rank")
     offset, total = _shard_offset(num_local, group)
 
     is_positive = (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] != g_camids[None, :])
@@ -153,29 +145,7 @@ def sharded_reid_from_distances(
         positive_distances, positive_indices, num_positives, counts,
     )  # fmt: skip
     counts = _all_reduce_array(counts, dist.ReduceOp.SUM, group)
-
-    valid = num_positives > 0
-    if not valid.any():
-        raise ValueError(
-            "no query has a positive: no gallery item shares a query's pid under another camera"
-        )
+    # Kept 1-based rank of each positive: the negatives before it plus the positives up to it.
     positions = np.arange(1, counts.shape[1] + 1)
-    ranks = counts + positions  # kept 1-based rank of each sorted positive
-    present = positions[None, :] <= num_positives[:, None]
-    # Per positive k / r_k, summed query by query in the order evaluation.reid sums them.
-    precisions = (np.broadcast_to(positions, ranks.shape) / ranks)[present]
-    starts = np.cumsum(num_positives) - num_positives
-    average_precision = np.full(num_query, np.nan)
-    average_precision[valid] = np.add.reduceat(precisions, starts[valid]) / num_positives[valid]
-    last_ranks = ranks[np.flatnonzero(valid), num_positives[valid] - 1]
-    max_rank = min(int(max_rank), total)
-    first_ranks = ranks[valid, 0]
-    cmc = (first_ranks[:, None] <= np.arange(1, max_rank + 1)[None, :]).mean(axis=0)
-    return {
-        "cmc": cmc,
-        "mAP": float(average_precision[valid].mean()),
-        "mINP": float((num_positives[valid] / last_ranks).mean()),
-        "average_precision": average_precision,
-        "num_valid_queries": int(valid.sum()),
-        "num_skipped_queries": int((~valid).sum()),
-    }
+    ranks = (counts + positions)[positions[None, :] <= num_positives[:, None]]
+    return result_from_positive_ranks(ranks, num_positives, min(max_rank, total))
