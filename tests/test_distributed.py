@@ -49,11 +49,11 @@ def _numpy_grads(module):
     return [parameter.grad.detach().numpy().copy() for parameter in module.parameters()]
 
 
-def _class_parallel_step(rank, loss_fn, tied_prototypes=False):
+def _class_parallel_step(rank, loss_fn, tied_prototypes=False, indices_tuple=None):
     inputs, labels, W, backbone = _problem(tied_prototypes)
     loss_fn.load_full_W(W)
     model = torch.nn.parallel.DistributedDataParallel(backbone)
-    loss = loss_fn(model(_local_rows(inputs, rank)), _local_rows(labels, rank))
+    loss = loss_fn(model(_local_rows(inputs, rank)), _local_rows(labels, rank), indices_tuple)
     loss.backward()
     return {
         "loss": loss.item(),
@@ -84,19 +84,36 @@ def _reference_step(
     return {"loss": loss.item(), "W_grad": W.grad.numpy(), "backbone_grads": _numpy_grads(backbone)}
 
 
-def _single_process_class_step(loss_fn):
+def _single_process_class_step(loss_fn, indices_tuple=None):
     """The single-process loss class on the full batch with the full W."""
     inputs, labels, W, backbone = _problem()
     loss_fn = loss_fn.double()
     with torch.no_grad():
         loss_fn.W.copy_(W)
-    loss = loss_fn(backbone(inputs), labels)
+    loss = loss_fn(backbone(inputs), labels, indices_tuple)
     loss.backward()
     return {
         "loss": loss.item(),
         "W_grad": loss_fn.W.grad.numpy(),
         "backbone_grads": _numpy_grads(backbone),
     }
+
+
+# Triplets mined on each rank's own batch (positions 0..4 on rank 0, 0..2 on rank 1).
+MINED_TRIPLETS = (
+    (torch.tensor([0, 1, 1, 3]), torch.tensor([2, 3, 4, 3]), torch.tensor([4, 0, 1, 1])),
+    (torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([2, 0])),
+)
+
+
+def _concatenated_triplets(per_rank):
+    """The ranks' tuples as one tuple over the concatenated batch (None: no triplets)."""
+    shifted = [
+        [indices + sum(BATCH_SIZES[:rank]) for indices in triplets]
+        for rank, triplets in enumerate(per_rank)
+        if triplets is not None
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*shifted, strict=True))
 
 
 GM_SCALE = 4.0
@@ -137,6 +154,28 @@ def check_gm_softmax(rank, world_size):
             rank, _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, case).double()
         )
         for case in GM_CASES
+    }
+
+
+def check_mined_triplets(rank, world_size):
+    lm = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    arcface = _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, "arcface")
+    inputs, labels, _, backbone = _problem()
+    out_of_range = tuple(indices.clone() for indices in MINED_TRIPLETS[rank])
+    out_of_range[1][0] = BATCH_SIZES[rank] if rank == 1 else 0
+    embeddings = backbone(_local_rows(inputs, rank)).detach()
+    return {
+        "lm": _class_parallel_step(rank, lm.double(), indices_tuple=MINED_TRIPLETS[rank]),
+        # Rank 1 mined nothing.
+        "arcface": _class_parallel_step(
+            rank, arcface.double(), indices_tuple=MINED_TRIPLETS[0] if rank == 0 else None
+        ),
+        "index out of range on rank 1": _error_text(
+            lambda: lm.double()(embeddings, _local_rows(labels, rank), out_of_range)
+        ),
+        "float indices": _error_text(
+            lambda: lm(embeddings, _local_rows(labels, rank), (torch.zeros(1),) * 3)
+        ),
     }
 
 
@@ -246,6 +285,7 @@ CHECKS = [
     check_lm_softmax_with_regularizers,
     check_gm_softmax,
     check_gm_constructor_errors,
+    check_mined_triplets,
     check_class_sampling,
     check_bad_inputs,
 ]
@@ -326,6 +366,29 @@ def test_gm_softmax_matches_single_process_loss_class(worker_results, case):
     reference = _single_process_class_step(_gm_loss(GeneralizedMarginSoftmaxLoss, case))
     per_rank = [result[case] for result in _results(worker_results, check_gm_softmax)]
     _assert_matches_single_process(per_rank, reference)
+
+
+def test_mined_triplets_weight_samples_as_in_single_process(worker_results):
+    per_rank = _results(worker_results, check_mined_triplets)
+    lm_reference = _single_process_class_step(
+        LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE),
+        _concatenated_triplets(MINED_TRIPLETS),
+    )
+    _assert_matches_single_process([result["lm"] for result in per_rank], lm_reference)
+    arcface_reference = _single_process_class_step(
+        _gm_loss(GeneralizedMarginSoftmaxLoss, "arcface"),
+        _concatenated_triplets((MINED_TRIPLETS[0], None)),
+    )
+    _assert_matches_single_process([result["arcface"] for result in per_rank], arcface_reference)
+    # The weights matter: without them the loss differs.
+    unweighted = _single_process_class_step(
+        LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    )
+    assert abs(unweighted["loss"] - lm_reference["loss"]) > 1e-3
+    for result in per_rank:
+        assert "ValueError" in result["index out of range on rank 1"]
+        assert result["float indices"].startswith("TypeError")
+    assert "[0, 2]" in per_rank[1]["index out of range on rank 1"]
 
 
 def test_gm_softmax_constructor_errors(worker_results):

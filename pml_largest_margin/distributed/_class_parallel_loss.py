@@ -9,10 +9,12 @@ import torch.distributed as dist
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ._collectives import (
     all_gather_rows,
     check_and_exchange_batch,
+    flat_mined_indices,
     gather_rows_with_gradient,
     rank,
     world_size,
@@ -42,6 +44,9 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
     cos_ij − cos_{i,y_i})`` as the sub-loss ``sample_margin_loss``, computed over all classes
     with an all-reduced maximum. A ``weight_regularizer`` receives this rank's ``W.t()`` slice
     only: use a sharded one such as ``ClassParallelZeroCentroidRegularizer``.
+
+    A miner's ``indices_tuple`` weights the per-sample losses of ``loss`` (not the sample-margin
+    term) as in PML's ``ArcFaceLoss``; see :meth:`forward`.
     """
 
     def __init__(
@@ -103,15 +108,20 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
         return ["loss", "sample_margin_loss"] if self.sample_margin_weight else ["loss"]
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
-        if indices_tuple is not None or ref_emb is not None or ref_labels is not None:
-            raise ValueError("class-parallel losses take embeddings and labels only")
-        sizes = check_and_exchange_batch(
+        """``indices_tuple``: a miner's output on this rank's batch (ranks may pass ``None``).
+        Samples are weighted as PML's ``convert_to_weights`` weights them in the single-process
+        loss given the concatenation of all ranks' tuples, shifted to positions in the gathered
+        batch. ``ref_emb`` / ``ref_labels`` are not supported."""
+        if ref_emb is not None or ref_labels is not None:
+            raise ValueError("class-parallel losses do not support ref_emb / ref_labels")
+        sizes, mined_sizes = check_and_exchange_batch(
             embeddings,
             labels,
             self.num_classes,
             self.embedding_size,
             self.W.device,
             self.process_group,
+            indices_tuple,
         )
         if sum(sizes) == 0:
             raise ValueError("embeddings are empty on every rank")
@@ -121,7 +131,15 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
         all_labels = all_gather_rows(
             labels.to(self.W.device, torch.int64), sizes, self.process_group
         )
-        return super().forward(all_embeddings, all_labels)
+        all_mined = None
+        if mined_sizes is not None and sum(mined_sizes):
+            local = torch.empty(0, dtype=torch.int64)
+            if indices_tuple is not None:
+                local = flat_mined_indices(indices_tuple, embeddings.shape[0])
+            this_rank = rank(self.process_group)
+            local = (local + sum(sizes[:this_rank])).to(self.W.device)
+            all_mined = (all_gather_rows(local, mined_sizes, self.process_group),)
+        return super().forward(all_embeddings, all_labels, all_mined)
 
     def per_sample_losses(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
         """The loss of each gathered sample from the exact sharded statistics."""
@@ -138,9 +156,11 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
             track_max=bool(self.sample_margin_weight),
         )
         indices = c_f.torch_arange_from_size(embeddings)
+        losses = self.per_sample_losses(statistics)
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
             "loss": {
-                "losses": self.per_sample_losses(statistics),
+                "losses": losses * miner_weights,
                 "indices": indices,
                 "reduction_type": "element",
             }

@@ -78,17 +78,42 @@ def replicated_all_reduce_sum(local_part: torch.Tensor, group=None) -> torch.Ten
     return _ReplicatedAllReduceSum.apply(local_part, group)
 
 
-def check_and_exchange_batch(
-    embeddings, labels, num_classes: int, embedding_size: int, device, group=None
-) -> list[int]:
-    """Validate this rank's batch and agree on it with the other ranks; returns the batch sizes.
+def flat_mined_indices(indices_tuple, batch_size: int) -> torch.Tensor:
+    """A miner's ``indices_tuple`` (3 or 4 index tensors into the batch) as one int64 vector.
 
-    Every rank takes part in the exchange even when its own input is bad, so that a bad batch on
-    one rank raises ``ValueError`` on all ranks instead of leaving the others hanging in a
-    collective.
+    PML's ``convert_to_weights`` only counts how often each sample occurs over the whole tuple,
+    so the concatenation carries everything the loss needs.
+    """
+    if not isinstance(indices_tuple, (tuple, list)) or len(indices_tuple) not in (3, 4):
+        raise ValueError("indices_tuple must be a tuple of 3 or 4 index tensors (a miner's output)")
+    for indices in indices_tuple:
+        if not isinstance(indices, torch.Tensor) or indices.ndim != 1:
+            raise ValueError("indices_tuple must hold 1-D tensors")
+        if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+            raise TypeError(f"indices_tuple must hold integer tensors, got {indices.dtype}")
+    flat = torch.cat([indices.long().cpu() for indices in indices_tuple])
+    if flat.numel() and (flat.min() < 0 or flat.max() >= batch_size):
+        raise ValueError(f"indices_tuple must index this rank's batch: [0, {batch_size - 1}]")
+    return flat
+
+
+def check_and_exchange_batch(
+    embeddings, labels, num_classes: int, embedding_size: int, device, group=None,
+    indices_tuple=None,
+) -> tuple[list[int], list[int] | None]:  # fmt: skip
+    """Validate this rank's batch and agree on it with the other ranks.
+
+    Returns the batch sizes of all ranks and, when some rank passed an ``indices_tuple``, the
+    number of mined indices of each rank (``flat_mined_indices``; 0 where a rank passed none),
+    else ``None``. Every rank takes part in the exchange even when its own input is bad, so that
+    a bad batch on one rank raises ``ValueError`` on all ranks instead of leaving the others
+    hanging in a collective.
     """
     error = None
+    num_mined = -1
     try:
+        if indices_tuple is not None:
+            num_mined = len(flat_mined_indices(indices_tuple, embeddings.shape[0]))
         check_embeddings(embeddings)
         if embeddings.shape[1] != embedding_size:
             raise ValueError(
@@ -100,9 +125,9 @@ def check_and_exchange_batch(
     except (TypeError, ValueError) as caught:
         error = caught
     if error is None:
-        info = [embeddings.shape[0], _FLOAT_DTYPES.index(embeddings.dtype), 0]
+        info = [embeddings.shape[0], _FLOAT_DTYPES.index(embeddings.dtype), 0, num_mined]
     else:
-        info = [0, 0, 1]
+        info = [0, 0, 1, -1]
     mine = torch.tensor(info, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world_size(group))]
     dist.all_gather(table, mine, group=group)
@@ -111,10 +136,15 @@ def check_and_exchange_batch(
         raise error
     bad_ranks = [index for index, row in enumerate(table) if row[2]]
     if bad_ranks:
-        raise ValueError(f"invalid embeddings or labels on rank(s) {bad_ranks}; see their errors")
+        raise ValueError(
+            f"invalid embeddings, labels or indices_tuple on rank(s) {bad_ranks}; see their errors"
+        )
     dtypes = {_FLOAT_DTYPES[row[1]] for row in table}
     if len(dtypes) > 1:
         raise ValueError(
             f"embeddings have different dtypes across ranks: {sorted(map(str, dtypes))}"
         )
-    return [row[0] for row in table]
+    mined = [row[3] for row in table]
+    return [row[0] for row in table], (
+        [max(0, count) for count in mined] if max(mined) >= 0 else None
+    )
