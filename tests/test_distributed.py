@@ -179,6 +179,24 @@ def check_mined_triplets(rank, world_size):
     }
 
 
+def check_half_precision_embeddings(rank, world_size):
+    """float32 W with bfloat16 / float16 embeddings (and under autocast): computed in float32."""
+    inputs, labels, W, backbone = _problem()
+    loss_fn = _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, "arcface")
+    loss_fn.load_full_W(W.float())
+    embeddings = backbone(_local_rows(inputs, rank)).detach().float()
+    local_labels = _local_rows(labels, rank)
+    results = {"float32": loss_fn(embeddings, local_labels).item()}
+    for dtype in (torch.bfloat16, torch.float16):
+        half = embeddings.to(dtype).requires_grad_(True)
+        loss = loss_fn(half, local_labels)
+        loss.backward()
+        results[str(dtype)] = (loss.item(), str(loss.dtype), str(half.grad.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results["autocast"] = loss_fn(embeddings, local_labels).item()
+    return results
+
+
 def check_gm_constructor_errors(rank, world_size):
     loss_class = ClassParallelGeneralizedMarginSoftmaxLoss
     return {
@@ -286,6 +304,7 @@ CHECKS = [
     check_gm_softmax,
     check_gm_constructor_errors,
     check_mined_triplets,
+    check_half_precision_embeddings,
     check_class_sampling,
     check_bad_inputs,
 ]
@@ -389,6 +408,17 @@ def test_mined_triplets_weight_samples_as_in_single_process(worker_results):
         assert "ValueError" in result["index out of range on rank 1"]
         assert result["float indices"].startswith("TypeError")
     assert "[0, 2]" in per_rank[1]["index out of range on rank 1"]
+
+
+def test_half_precision_embeddings_are_computed_in_float32(worker_results):
+    for result in _results(worker_results, check_half_precision_embeddings):
+        exact = result["float32"]
+        for dtype, tolerance in (("torch.bfloat16", 2e-2), ("torch.float16", 2e-3)):
+            value, loss_dtype, grad_dtype = result[dtype]
+            assert value == pytest.approx(exact, rel=tolerance)
+            assert (loss_dtype, grad_dtype) == ("torch.float32", dtype)
+        # Autocast leaves the loss alone: the float32 embeddings give the float32 value.
+        assert result["autocast"] == pytest.approx(exact, rel=1e-6)
 
 
 def test_gm_softmax_constructor_errors(worker_results):
