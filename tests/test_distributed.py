@@ -64,9 +64,14 @@ def _class_parallel_step(rank, loss_fn, tied_prototypes=False, indices_tuple=Non
 
 
 def _reference_step(
-    sample_margin_weight=0.0, centroid_weight=0.0, tied_prototypes=False, labels=None
+    sample_margin_weight=0.0,
+    centroid_weight=0.0,
+    tied_prototypes=False,
+    labels=None,
+    sample_weights=None,
 ):
-    """Straightforward single-process LM-Softmax on the full batch with the full W, by autograd."""
+    """Straightforward single-process LM-Softmax on the full batch with the full W, by autograd,
+    each sample's terms scaled by ``sample_weights`` (a miner's weights)."""
     inputs, problem_labels, W, backbone = _problem(tied_prototypes)
     labels = problem_labels if labels is None else labels
     W.requires_grad_(True)
@@ -75,9 +80,10 @@ def _reference_step(
     target = cosines.gather(1, labels[:, None]).squeeze(1)
     is_target = torch.nn.functional.one_hot(labels, NUM_CLASSES).bool()
     non_target = cosines.masked_fill(is_target, -torch.inf)
+    weights = 1.0 if sample_weights is None else sample_weights
     losses = torch.logsumexp(SCALE * (non_target - target[:, None]), dim=1) / SCALE
-    loss = losses.mean()
-    loss = loss + sample_margin_weight * (non_target.amax(dim=1) - target).mean()
+    loss = (losses * weights).mean()
+    loss = loss + sample_margin_weight * ((non_target.amax(dim=1) - target) * weights).mean()
     centroid = torch.nn.functional.normalize(W, dim=0).mean(dim=1)
     loss = loss + centroid_weight * centroid.square().sum()
     loss.backward()
@@ -170,6 +176,13 @@ def check_mined_triplets(rank, world_size):
         "arcface": _class_parallel_step(
             rank, arcface.double(), indices_tuple=MINED_TRIPLETS[0] if rank == 0 else None
         ),
+        "lm with sample margin": _class_parallel_step(
+            rank,
+            ClassParallelLargestMarginSoftmaxLoss(
+                NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, sample_margin_weight=0.3
+            ).double(),
+            indices_tuple=MINED_TRIPLETS[rank],
+        ),
         "index out of range on rank 1": _error_text(
             lambda: lm.double()(embeddings, _local_rows(labels, rank), out_of_range)
         ),
@@ -206,6 +219,19 @@ def check_gm_constructor_errors(rank, world_size):
         "m2 out of range": _error_text(lambda: loss_class(4, 3, m2=4.0)),
         "preset arguments": loss_class.preset("cosface", 4, 3, margin=0.2).m3,
     }
+
+
+def check_zero_centroid_forms(rank, world_size):
+    _, _, W, _ = _problem()
+    results = {}
+    for form in ("mean", "sum"):
+        slice_ = W[:, slice(*shard_bounds(NUM_CLASSES, world_size, rank))].clone()
+        slice_.requires_grad_(True)
+        value = ClassParallelZeroCentroidRegularizer(form=form)(slice_.t())
+        value.backward()
+        results[form] = (value.item(), slice_.grad.numpy().copy())
+    results["bad form"] = _error_text(lambda: ClassParallelZeroCentroidRegularizer(form="avg"))
+    return results
 
 
 # Two classes in the batch, one per rank, so that sampling has negatives to drop.
@@ -305,6 +331,7 @@ CHECKS = [
     check_gm_constructor_errors,
     check_mined_triplets,
     check_half_precision_embeddings,
+    check_zero_centroid_forms,
     check_class_sampling,
     check_bad_inputs,
 ]
@@ -399,6 +426,14 @@ def test_mined_triplets_weight_samples_as_in_single_process(worker_results):
         _concatenated_triplets((MINED_TRIPLETS[0], None)),
     )
     _assert_matches_single_process([result["arcface"] for result in per_rank], arcface_reference)
+    # Mined-sample counts over the concatenated triplets, divided by the largest count.
+    counts = torch.bincount(torch.cat(_concatenated_triplets(MINED_TRIPLETS)), minlength=8)
+    with_margin = _reference_step(
+        sample_margin_weight=0.3, sample_weights=counts.double() / counts.max()
+    )
+    _assert_matches_single_process(
+        [result["lm with sample margin"] for result in per_rank], with_margin
+    )
     # The weights matter: without them the loss differs.
     unweighted = _single_process_class_step(
         LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
@@ -434,6 +469,23 @@ def test_regularizers_match_single_process_with_tied_maxima(worker_results):
     reference = _reference_step(sample_margin_weight=0.3, centroid_weight=0.7, tied_prototypes=True)
     per_rank = _results(worker_results, check_lm_softmax_with_regularizers)
     _assert_matches_single_process(per_rank, reference)
+
+
+def test_zero_centroid_forms_match_single_process(worker_results):
+    _, _, W, _ = _problem()
+    W.requires_grad_(True)
+    centroid_sum = torch.nn.functional.normalize(W, dim=0).sum(dim=1)
+    for result in _results(worker_results, check_zero_centroid_forms):
+        assert result["bad form"].startswith("ValueError: form must be one of")
+    for form, divisor in (("mean", NUM_CLASSES**2), ("sum", 1)):
+        W.grad = None
+        expected = centroid_sum.square().sum() / divisor
+        expected.backward(retain_graph=True)
+        for rank, result in enumerate(_results(worker_results, check_zero_centroid_forms)):
+            value, grad = result[form]
+            assert value == pytest.approx(expected.item(), rel=1e-12)
+            columns = slice(*shard_bounds(NUM_CLASSES, 2, rank))
+            np.testing.assert_allclose(grad, W.grad[:, columns].numpy(), rtol=1e-10)
 
 
 def test_class_sampling_keeps_batch_classes_and_drops_others(worker_results):

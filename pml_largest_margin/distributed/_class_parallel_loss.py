@@ -45,8 +45,8 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
     with an all-reduced maximum. A ``weight_regularizer`` receives this rank's ``W.t()`` slice
     only: use a sharded one such as ``ClassParallelZeroCentroidRegularizer``.
 
-    A miner's ``indices_tuple`` weights the per-sample losses of ``loss`` (not the sample-margin
-    term) as in PML's ``ArcFaceLoss``; see :meth:`forward`.
+    A miner's ``indices_tuple`` weights the per-sample terms of both sub-losses as in PML's
+    ``ArcFaceLoss``; see :meth:`forward`.
     """
 
     def __init__(
@@ -168,7 +168,7 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
         if self.sample_margin_weight:
             negative_margins = statistics.non_target_max - statistics.target_cosine
             loss_dict["sample_margin_loss"] = {
-                "losses": self.sample_margin_weight * negative_margins,
+                "losses": self.sample_margin_weight * negative_margins * miner_weights,
                 "indices": indices,
                 "reduction_type": "element",
             }
