@@ -17,7 +17,7 @@ from numba import njit, prange
 
 
 @njit(cache=True, inline="always")
-def _positives_before(distance, index, positive_distances, positive_indices):
+def positives_before(distance, index, positive_distances, positive_indices):
     """How many of the sorted positives come before the item (distance, index)."""
     count = positive_distances.shape[0]
     if distance > positive_distances[count - 1]:
@@ -90,7 +90,7 @@ def positive_ranks_block(
         bin_counts = np.zeros(num_positives + 1, dtype=np.int64)
         for gallery_index in range(gallery_size):
             bin_counts[
-                _positives_before(
+                positives_before(
                     row[gallery_index], gallery_index, positive_distances, positive_indices
                 )
             ] += 1
@@ -98,7 +98,7 @@ def positive_ranks_block(
             bin_counts[k] -= 1
         for junk_index in junk_indices:
             bin_counts[
-                _positives_before(row[junk_index], junk_index, positive_distances, positive_indices)
+                positives_before(row[junk_index], junk_index, positive_distances, positive_indices)
             ] -= 1
 
         negatives_before = 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._reid_ranking import count_positives, positive_ranks_block
-from ._validation import check_features, check_ids, to_numpy
+from ._validation import check_features, check_ids, check_positive_integer, to_numpy
 from .knn import l2_normalize
 
 METRICS = ("euclidean", "cosine")
@@ -222,24 +222,18 @@ def _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, num_query, num_galle
 def _evaluate_blocks(
     blocks, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, num_repeats, seed
 ) -> ReIDResult:
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    max_rank = min(check_positive_integer(max_rank, "max_rank"), len(g_pids))
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    if protocol == "cuhk03" and (not isinstance(num_repeats, int) or num_repeats < 1):
-        raise ValueError(f"num_repeats must be a positive integer, got {num_repeats!r}")
-    max_rank = min(int(max_rank), len(g_pids))
+    if protocol == "cuhk03":
+        check_positive_integer(num_repeats, "num_repeats")
 
     pid_order = np.argsort(g_pids, kind="stable")
     sorted_pids = g_pids[pid_order]
     group_starts = np.searchsorted(sorted_pids, q_pids, side="left")
     group_ends = np.searchsorted(sorted_pids, q_pids, side="right")
     num_positives = count_positives(group_starts, group_ends, q_camids, pid_order, g_camids)
-    valid = num_positives > 0
-    if not valid.any():
-        raise ValueError(
-            "no query has a positive: no gallery item shares a query's pid under another camera"
-        )
+    valid = _valid_query_mask(num_positives)
     offsets = np.concatenate([[0], np.cumsum(num_positives)])
     ranks = np.empty(offsets[-1], dtype=np.int64)
     sampler = _SingleShotSampler(sorted_pids, pid_order, g_camids, num_repeats, seed)
@@ -268,18 +262,44 @@ def _evaluate_blocks(
                     sampler.ranks(distances, q_pids[first + query], q_camids[first + query])
                 )
 
+    cmc_ranks = np.concatenate(single_shot_ranks) if protocol == "cuhk03" else None
+    return result_from_positive_ranks(ranks, num_positives, max_rank, cmc_ranks)
+
+
+def _valid_query_mask(num_positives: np.ndarray) -> np.ndarray:
+    """The queries with at least one positive; a ValueError when there is none."""
+    valid = num_positives > 0
+    if not valid.any():
+        raise ValueError(
+            "no query has a positive: no gallery item shares a query's pid under another camera"
+        )
+    return valid
+
+
+def result_from_positive_ranks(
+    ranks: np.ndarray,
+    num_positives: np.ndarray,
+    max_rank: int,
+    cmc_ranks: np.ndarray | None = None,
+) -> ReIDResult:
+    """The metrics from the kept 1-based rank of every positive (the protocol's last step).
+
+    ``ranks`` holds, query by query, the ascending ranks of query ``i``'s ``num_positives[i]``
+    positives (queries without positives contribute none); ``max_rank`` is already clipped to
+    the gallery size. CMC counts ``cmc_ranks`` (default: each valid query's first positive;
+    the CUHK03 protocol passes its single-shot ranks).
+    """
+    valid = _valid_query_mask(num_positives)
+    offsets = np.concatenate([[0], np.cumsum(num_positives)])
     # Rank k (1-based) of each positive within its query, for AP = mean over k of k / r_k.
     within = np.arange(len(ranks)) - np.repeat(offsets[:-1], num_positives) + 1
     valid_starts = offsets[:-1][valid]
-    average_precision = np.full(len(q_pids), np.nan)
+    average_precision = np.full(len(num_positives), np.nan)
     average_precision[valid] = np.add.reduceat(within / ranks, valid_starts) / num_positives[valid]
     inverse_negative_penalty = num_positives[valid] / ranks[offsets[1:][valid] - 1]
-    if protocol == "cuhk03":
-        cmc = _cmc(np.concatenate(single_shot_ranks), max_rank)
-    else:
-        cmc = _cmc(ranks[valid_starts], max_rank)
+    first_ranks = ranks[valid_starts] if cmc_ranks is None else cmc_ranks
     return ReIDResult(
-        cmc=cmc,
+        cmc=_cmc(first_ranks, max_rank),
         mAP=float(average_precision[valid].mean()),
         mINP=float(inverse_negative_penalty.mean()),
         average_precision=average_precision,

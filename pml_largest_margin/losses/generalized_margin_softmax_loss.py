@@ -8,18 +8,11 @@ from ..margins import cosine_logits, sample_margins_from_cosines
 from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax, generalized_margin_softmax_head
 from .fused import fused_nontarget_logsumexp
-from .margin_functions import MarginFunction, combined_margin_function
-
-# name -> (defaults, the constructor argument that `margin=` sets)
-_PRESETS: dict[str, tuple[dict[str, float], str | None]] = {
-    "normface": ({"scale": 20.0}, None),
-    "sphereface": ({"scale": 64.0, "m1": 4.0}, "m1"),
-    "cosface": ({"scale": 64.0, "m3": 0.35}, "m3"),
-    "arcface": ({"scale": 64.0, "m2": 0.5}, "m2"),
-}
+from .margin_functions import MarginFunction, target_margin_function
+from .margin_presets_mixin import MarginPresetsMixin
 
 
-class GeneralizedMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
+class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
     """GM-Softmax: ``L_i = −log(e^{s·ψ(θ_iy)} / (e^{s·ψ(θ_iy)} + Σ_{j≠y} e^{s·φ(θ_ij)}))``.
 
     By default ``ψ(θ) = cos(m1·θ + m2) − m3`` (insightface's combined margin: ``m1``
@@ -62,33 +55,12 @@ class GeneralizedMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
         **kwargs,
     ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
-        if psi is not None and (m1, m2, m3) != (1.0, 0.0, 0.0):
-            raise ValueError("pass either psi or the margins m1, m2, m3, not both")
-        for name, function in (("psi", psi), ("phi", phi)):
-            if function is not None and not callable(function):
-                raise TypeError(f"{name} must be callable, got {type(function).__name__}")
+        self.psi = target_margin_function(m1, m2, m3, psi)
+        if phi is not None and not callable(phi):
+            raise TypeError(f"phi must be callable, got {type(phi).__name__}")
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
-        self.psi = combined_margin_function(m1, m2, m3) if psi is None else psi
         self.phi = phi
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
-
-    @classmethod
-    def preset(
-        cls, name: str, num_classes: int, embedding_size: int, **kwargs
-    ) -> GeneralizedMarginSoftmaxLoss:
-        """A named special case; ``margin=`` sets its margin, other arguments go to ``__init__``."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(_PRESETS)}")
-        defaults, margin_argument = _PRESETS[name]
-        if "margin" in kwargs:
-            if margin_argument is None:
-                raise ValueError(f"preset {name!r} has no margin")
-            kwargs[margin_argument] = kwargs.pop("margin")
-        return cls(num_classes, embedding_size, **{**defaults, **kwargs})
-
-    @classmethod
-    def preset_names(cls) -> list[str]:
-        return sorted(_PRESETS)
 
     def per_sample_losses(
         self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor

@@ -101,3 +101,16 @@ def combined_margin_function(m1: float = 1.0, m2: float = 0.0, m3: float = 0.0) 
     if not math.isfinite(m3):
         raise ValueError(f"m3 (additive cosine margin) must be finite, got {m3}")
     return functools.partial(combined_margin, m1=float(m1), m2=float(m2), m3=float(m3))
+
+
+def target_margin_function(
+    m1: float = 1.0, m2: float = 0.0, m3: float = 0.0, psi: MarginFunction | None = None
+) -> MarginFunction:
+    """GM-Softmax's ψ from a loss's arguments: a custom ``psi``, or the combined margin."""
+    if psi is None:
+        return combined_margin_function(m1, m2, m3)
+    if (m1, m2, m3) != (1.0, 0.0, 0.0):
+        raise ValueError("pass either psi or the margins m1, m2, m3, not both")
+    if not callable(psi):
+        raise TypeError(f"psi must be callable, got {type(psi).__name__}")
+    return psi
