@@ -17,12 +17,14 @@ import numpy as np
 
 # (module, name) pairs a .bin pickle may reference, all pure constructors of data.
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
+_NUMPY_NUMERIC_MODULES = ("numpy.core.numeric", "numpy._core.numeric")
 _ALLOWED_GLOBALS = {
     ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     *((module, "_reconstruct") for module in _NUMPY_MODULES),
     *((module, "scalar") for module in _NUMPY_MODULES),
+    *((module, "_frombuffer") for module in _NUMPY_NUMERIC_MODULES),  # protocol-5 arrays
 }
 _ALLOWED_DTYPE_KINDS = "biu"  # issame may come as bool or integer numpy values
 
