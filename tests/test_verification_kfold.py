@@ -7,9 +7,9 @@ from evaluation.verification import fuse_flip, pair_distances, verification_accu
 from evaluation.verification_kfold import fold_bounds
 
 
-def _loop_protocol(embeddings, issame, n_folds=10, far_target=1e-3):
-    """SPEC section 6 written out threshold by threshold, as the reference evaluator runs it."""
-    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+def _loop_protocol(unit, issame, n_folds=10, far_target=1e-3):
+    """SPEC section 6 written out threshold by threshold, as the reference evaluator runs it,
+    on embeddings it has already L2-normalised."""
     dist = np.sum(np.square(unit[0::2] - unit[1::2]), 1).astype(np.float64)
     issame = np.asarray(issame, dtype=bool)
     thresholds, val_grid = np.arange(0, 4, 0.01), np.arange(0, 4, 0.001)
@@ -58,13 +58,24 @@ def test_10fold_equals_loop_implementation(n_pairs, noise, dtype):
         np.random.default_rng(n_pairs), n_pairs, noise=noise, dtype=dtype
     )
     result = verification_accuracy_10fold(embeddings, issame)
-    accuracy, std, bests, val, val_std = _loop_protocol(embeddings, issame)
+    accuracy, std, bests, val, val_std = _loop_protocol(normalize(embeddings), issame)
     assert result.accuracy_mean == accuracy
     assert result.accuracy_std == std
     assert np.array_equal(result.best_thresholds, bests)
     assert result.val_mean == val
     assert result.val_std == val_std
     assert result.fold_accuracies.shape == (10,)
+
+
+def test_flip_embeddings_are_summed_then_normalised_once():
+    rng = np.random.default_rng(7)
+    raw, issame = _interleaved_pairs(rng, 500)
+    flipped = raw + 0.3 * rng.normal(size=raw.shape).astype(np.float32)
+    result = verification_accuracy_10fold(raw, issame, flipped_embeddings=flipped)
+    accuracy, std, bests, val, _ = _loop_protocol(normalize(raw + flipped), issame)
+    assert (result.accuracy_mean, result.accuracy_std, result.val_mean) == (accuracy, std, val)
+    assert np.array_equal(result.best_thresholds, bests)
+    assert np.array_equal(fuse_flip(raw, flipped), normalize(raw + flipped))
 
 
 def test_scores_and_distances_inputs_agree_with_embeddings():
@@ -93,6 +104,7 @@ def test_fuse_flip_sums_then_normalises():
     fused = fuse_flip(raw, flipped)
     expected = (raw + flipped) / np.linalg.norm(raw + flipped, axis=1, keepdims=True)
     np.testing.assert_allclose(fused, expected, rtol=1e-12)
+    assert np.array_equal(fused, normalize(raw + flipped))
     with pytest.raises(ValueError, match="shape"):
         fuse_flip(raw, flipped[:4])
 
@@ -118,6 +130,22 @@ def test_single_class_folds_give_nan_val_not_a_number_made_up():
         ({"issame": np.ones(20)}, "exactly one"),
         ({"distances": np.ones(20), "scores": np.ones(20), "issame": np.ones(20)}, "exactly one"),
         ({"distances": np.ones(20)}, "issame"),
+        (
+            {
+                "distances": np.ones(20),
+                "issame": np.ones(20),
+                "flipped_embeddings": np.ones((40, 2)),
+            },
+            "go with",
+        ),
+        (
+            {
+                "embeddings": np.ones((4, 3)),
+                "flipped_embeddings": np.ones((4, 2)),
+                "issame": [1, 0],
+            },
+            "shape",
+        ),
         ({"embeddings": np.zeros((4, 3)), "issame": [1, 0]}, "zero"),
     ],
 )
