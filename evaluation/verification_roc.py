@@ -19,27 +19,20 @@ from ._validation import check_binary_labels, check_scores, to_numpy
 
 TAR_AT_FAR_RULES = ("nearest", "threshold")
 DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-# Points per slice when finding the ROC corners, to bound temporary memory on huge curves.
-_CORNER_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
-class _RocCounts:
-    """Cumulative counts at each distinct score, highest score first (sklearn's order)."""
+class _Roc:
+    """The full ROC from one sort, plus what the other metrics reuse."""
 
     sorted_scores: np.ndarray  # all scores, ascending, input dtype
     genuine_sorted: np.ndarray  # genuine scores, ascending, input dtype
-    thresholds: np.ndarray  # float64, distinct scores in descending order
-    tps: np.ndarray  # int64, genuine pairs scoring >= threshold
-    fps: np.ndarray  # int64, impostor pairs scoring >= threshold
-
-    @property
-    def n_genuine(self) -> int:
-        return int(self.tps[-1])
-
-    @property
-    def n_impostor(self) -> int:
-        return int(self.fps[-1])
+    thresholds: np.ndarray  # float64, [+inf, distinct scores descending]
+    far: np.ndarray  # float64, [0, impostors scoring >= threshold / n_impostor]
+    tar: np.ndarray  # float64, [0, genuine scoring >= threshold / n_genuine]
+    corners: np.ndarray  # points (index into far[1:]) kept by drop_intermediate=True
+    n_genuine: int
+    n_impostor: int
 
 
 def check_pair_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -54,44 +47,15 @@ def check_pair_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return score_array, label_array
 
 
-def _roc_counts(scores: np.ndarray, labels: np.ndarray) -> _RocCounts:
+def _sorted_roc(scores: np.ndarray, labels: np.ndarray) -> _Roc:
+    from ._roc_kernel import roc_arrays
+
     sorted_scores = np.sort(scores)
-    n = sorted_scores.shape[0]
-    # First index (ascending order) of each run of equal scores, listed from the highest run:
-    # n - first is then the number of pairs scoring >= that run's value.
-    run_starts = np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1])
-    first = np.empty(run_starts.shape[0] + 1, dtype=np.int64)
-    first[:-1] = run_starts[::-1]
-    first[:-1] += 1
-    first[-1] = 0
-    del run_starts
-    thresholds = sorted_scores[first].astype(np.float64, copy=False)
     genuine_sorted = np.sort(scores[labels])
-    tps = np.searchsorted(genuine_sorted.astype(np.float64), thresholds, side="left")
-    np.subtract(genuine_sorted.shape[0], tps, out=tps)
-    fps = first
-    np.subtract(n, fps, out=fps)
-    fps -= tps
-    return _RocCounts(
-        sorted_scores, genuine_sorted, thresholds, tps.astype(np.int64, copy=False), fps
-    )
-
-
-def _rates(counts: np.ndarray, total: int) -> np.ndarray:
-    """``[0, counts / total]`` in float64, the division sklearn performs."""
-    rates = np.empty(counts.shape[0] + 1, dtype=np.float64)
-    rates[0] = 0.0
-    np.divide(counts, total, out=rates[1:])
-    return rates
-
-
-def _roc_from_counts(counts: _RocCounts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    thresholds = np.empty(counts.thresholds.shape[0] + 1, dtype=np.float64)
-    thresholds[0] = np.inf
-    thresholds[1:] = counts.thresholds
-    far = _rates(counts.fps, counts.n_impostor)
-    tar = _rates(counts.tps, counts.n_genuine)
-    return far, tar, thresholds
+    n_genuine = genuine_sorted.shape[0]
+    n_impostor = sorted_scores.shape[0] - n_genuine
+    thresholds, far, tar, corners = roc_arrays(sorted_scores, genuine_sorted, n_genuine, n_impostor)
+    return _Roc(sorted_scores, genuine_sorted, thresholds, far, tar, corners, n_genuine, n_impostor)
 
 
 def roc(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,21 +66,22 @@ def roc(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ``(0, 0)`` at threshold ``+inf``; there is one point per distinct score. The arrays equal
     ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)`` exactly.
     """
-    return _roc_from_counts(_roc_counts(*check_pair_scores(scores, labels)))
+    curve = _sorted_roc(*check_pair_scores(scores, labels))
+    return curve.far, curve.tar, curve.thresholds
 
 
-def _auc_from_counts(counts: _RocCounts) -> float:
+def _auc_of(curve: _Roc) -> float:
     # Area under the ROC = P(genuine score > impostor score) + P(tie) / 2 (Mann-Whitney),
     # counted exactly in integers for each genuine score, then divided once.
-    genuine = counts.genuine_sorted
-    all_below = np.searchsorted(counts.sorted_scores, genuine, side="left")
-    all_at_or_below = np.searchsorted(counts.sorted_scores, genuine, side="right")
+    genuine = curve.genuine_sorted
+    all_below = np.searchsorted(curve.sorted_scores, genuine, side="left")
+    all_at_or_below = np.searchsorted(curve.sorted_scores, genuine, side="right")
     genuine_below = np.searchsorted(genuine, genuine, side="left")
     genuine_at_or_below = np.searchsorted(genuine, genuine, side="right")
     impostors_below = all_below - genuine_below
     impostors_tied = (all_at_or_below - all_below) - (genuine_at_or_below - genuine_below)
     doubled_wins = 2 * int(impostors_below.sum()) + int(impostors_tied.sum())
-    return doubled_wins / (2 * counts.n_genuine * counts.n_impostor)
+    return doubled_wins / (2 * curve.n_genuine * curve.n_impostor)
 
 
 def auc(scores, labels) -> float:
@@ -125,26 +90,17 @@ def auc(scores, labels) -> float:
     Computed as the Mann-Whitney statistic: the share of (genuine, impostor) combinations where
     the genuine pair scores higher, ties counting one half.
     """
-    return _auc_from_counts(_roc_counts(*check_pair_scores(scores, labels)))
+    return _auc_of(_sorted_roc(*check_pair_scores(scores, labels)))
 
 
-def _point(counts: _RocCounts, index: int) -> tuple[float, float]:
-    """ROC point ``index`` of :func:`roc` as ``(far, tar)``, without building the arrays."""
-    if index == 0:
-        return 0.0, 0.0
-    return (
-        float(np.float64(counts.fps[index - 1]) / counts.n_impostor),
-        float(np.float64(counts.tps[index - 1]) / counts.n_genuine),
-    )
-
-
-def _eer_from_counts(counts: _RocCounts) -> float:
+def _eer_of(curve: _Roc) -> float:
+    far, tar = curve.far, curve.tar
     # far - (1 - tar) never decreases along the curve: bisect for the first point where it is >= 0.
-    def gap(index: int) -> float:
-        far, tar = _point(counts, index)
-        return far - (1.0 - tar)
+    low, high = 0, far.shape[0] - 1  # the gap is -1 at the first point and +1 at the last
 
-    low, high = 0, counts.tps.shape[0]  # gap(low) = -1 < 0, gap(high) = 1 >= 0
+    def gap(index: int) -> float:
+        return far[index] - (1.0 - tar[index])
+
     while high - low > 1:
         middle = (low + high) // 2
         if gap(middle) >= 0:
@@ -152,34 +108,15 @@ def _eer_from_counts(counts: _RocCounts) -> float:
         else:
             low = middle
     gap_low, gap_high = gap(low), gap(high)
-    far_low, _ = _point(counts, low)
-    far_high, _ = _point(counts, high)
     if gap_high == 0:
-        return far_high
-    return far_low + (-gap_low / (gap_high - gap_low)) * (far_high - far_low)
+        return float(far[high])
+    return float(far[low] + (-gap_low / (gap_high - gap_low)) * (far[high] - far[low]))
 
 
 def eer(scores, labels) -> float:
     """Equal error rate: the FAR where FAR = 1 - TAR on the ROC of :func:`roc`, interpolated
     linearly along the segment where ``FAR - (1 - TAR)`` changes sign."""
-    return _eer_from_counts(_roc_counts(*check_pair_scores(scores, labels)))
-
-
-def _corner_indices(counts: _RocCounts) -> np.ndarray:
-    """Indices (into ``counts``) of the points ``roc_curve(drop_intermediate=True)`` keeps: the
-    first, the last, and each point whose two neighbouring steps differ in fps or in tps."""
-    fps, tps = counts.fps, counts.tps
-    size = fps.shape[0]
-    if size <= 2:
-        return np.arange(size)
-    pieces = [np.zeros(1, dtype=np.int64)]
-    for start in range(1, size - 1, _CORNER_CHUNK):
-        stop = min(start + _CORNER_CHUNK, size - 1)
-        window = slice(start - 1, stop + 1)
-        bends = (np.diff(fps[window], 2) != 0) | (np.diff(tps[window], 2) != 0)
-        pieces.append(np.flatnonzero(bends) + start)
-    pieces.append(np.array([size - 1], dtype=np.int64))
-    return np.concatenate(pieces)
+    return _eer_of(_sorted_roc(*check_pair_scores(scores, labels)))
 
 
 def check_far_targets(far_targets) -> np.ndarray:
@@ -192,30 +129,38 @@ def check_far_targets(far_targets) -> np.ndarray:
     return targets
 
 
-def _tar_nearest(counts: _RocCounts, targets: np.ndarray) -> np.ndarray:
-    kept = _corner_indices(counts)
-    far = _rates(counts.fps[kept], counts.n_impostor)
-    tar = _rates(counts.tps[kept], counts.n_genuine)
+def _tar_nearest(curve: _Roc, targets: np.ndarray) -> np.ndarray:
+    # sklearn's drop_intermediate curve: (0, 0), then the corner points; FAR never decreases
+    # along it, so the nearest FAR is the last one <= target or the first one above it.
+    kept = np.concatenate([[0], curve.corners + 1])
+    far = curve.far[kept]
     result = np.empty(targets.shape[0])
     for position, target in enumerate(targets):
-        distance = np.abs(far - target)
-        # The last point at the smallest distance: ties go to the larger FAR (then larger TAR).
-        result[position] = tar[distance.shape[0] - 1 - np.argmin(distance[::-1])]
+        above = int(np.searchsorted(far, target, side="right"))
+        below = above - 1
+        if above < far.shape[0] and far[above] - target <= target - far[below]:
+            # Ties go to the larger FAR, and among equal FARs to the last (largest TAR) point.
+            chosen = int(np.searchsorted(far, far[above], side="right")) - 1
+        else:
+            chosen = below
+        result[position] = curve.tar[kept[chosen]]
     return result
 
 
-def _tar_threshold(counts: _RocCounts, targets: np.ndarray) -> np.ndarray:
-    n_impostor = counts.n_impostor
+def _tar_threshold(curve: _Roc, targets: np.ndarray) -> np.ndarray:
+    n_impostor = curve.n_impostor
     allowed = np.floor(targets * n_impostor).astype(np.int64)
-    # The (k+1)-th highest impostor score is the first threshold with at least k + 1 impostors
-    # at or above it; when k >= n_impostor every pair is accepted.
-    run = np.searchsorted(counts.fps, allowed + 1, side="left")
-    genuine_sorted = counts.genuine_sorted.astype(np.float64)
-    result = np.ones(targets.shape[0])
     inside = allowed < n_impostor
-    cut = counts.thresholds[run[inside]]
-    above = genuine_sorted.shape[0] - np.searchsorted(genuine_sorted, cut, side="right")
-    result[inside] = above / genuine_sorted.shape[0]
+    # The (k+1)-th highest impostor score is the first threshold with at least k + 1 impostors
+    # at or above it. far = count / n_impostor is strictly increasing in the count, so the
+    # search runs on far itself; when k >= n_impostor every pair is accepted.
+    point = np.searchsorted(curve.far, (allowed[inside] + 1) / n_impostor, side="left")
+    genuine_sorted = curve.genuine_sorted.astype(np.float64)
+    above = genuine_sorted.shape[0] - np.searchsorted(
+        genuine_sorted, curve.thresholds[point], side="right"
+    )
+    result = np.ones(targets.shape[0])
+    result[inside] = above / curve.n_genuine
     return result
 
 
@@ -237,7 +182,7 @@ def tar_at_far(scores, labels, far_targets=DEFAULT_FAR_TARGETS, rule: str = "nea
     score_array, label_array = check_pair_scores(scores, labels)
     if rule == "threshold":
         return _tar_threshold_by_partition(score_array, label_array, targets)
-    return _tar_nearest(_roc_counts(score_array, label_array), targets)
+    return _tar_nearest(_sorted_roc(score_array, label_array), targets)
 
 
 def _tar_threshold_by_partition(
@@ -294,30 +239,22 @@ class VerificationReport:
         }
 
 
-def verification_report(
-    scores, labels, far_targets=DEFAULT_FAR_TARGETS, *, with_curve: bool = True
-) -> VerificationReport:
+def verification_report(scores, labels, far_targets=DEFAULT_FAR_TARGETS) -> VerificationReport:
     """ROC, AUC, EER and TAR@FAR (both rules) from one sort of the scores.
 
     Each quantity is defined as in :func:`roc`, :func:`auc`, :func:`eer` and :func:`tar_at_far`.
-    ``with_curve=False`` leaves the curve arrays empty, saving three float64 arrays the size of
-    the number of distinct scores.
     """
     targets = check_far_targets(far_targets)
-    counts = _roc_counts(*check_pair_scores(scores, labels))
-    if with_curve:
-        far, tar, thresholds = _roc_from_counts(counts)
-    else:
-        far = tar = thresholds = np.empty(0)
+    curve = _sorted_roc(*check_pair_scores(scores, labels))
     return VerificationReport(
-        far=far,
-        tar=tar,
-        thresholds=thresholds,
-        auc=_auc_from_counts(counts),
-        eer=_eer_from_counts(counts),
+        far=curve.far,
+        tar=curve.tar,
+        thresholds=curve.thresholds,
+        auc=_auc_of(curve),
+        eer=_eer_of(curve),
         far_targets=targets,
-        tar_at_far_nearest=_tar_nearest(counts, targets),
-        tar_at_far_threshold=_tar_threshold(counts, targets),
-        n_genuine=counts.n_genuine,
-        n_impostor=counts.n_impostor,
+        tar_at_far_nearest=_tar_nearest(curve, targets),
+        tar_at_far_threshold=_tar_threshold(curve, targets),
+        n_genuine=curve.n_genuine,
+        n_impostor=curve.n_impostor,
     )

@@ -149,7 +149,6 @@ def test_report_shares_one_sort_and_agrees_with_each_function():
     )
     summary = report.as_dict()
     assert summary["n_genuine"] + summary["n_impostor"] == 3_000
-    assert verification_report(scores, labels, targets, with_curve=False).far.size == 0
 
 
 def test_accepts_torch_tensors_and_bool_labels():
@@ -190,3 +189,17 @@ def test_bad_far_targets_and_rule():
         tar_at_far(scores, labels, [np.nan])
     with pytest.raises(ValueError, match="rule"):
         tar_at_far(scores, labels, [0.1], rule="closest")
+
+
+@pytest.mark.parametrize(
+    ("scores", "labels"),
+    [([0.5, 0.5, 0.5], [0, 1, 1]), ([0.2, 0.7], [0, 1]), ([0.7, 0.2, 0.7, 0.2], [0, 1, 1, 0])],
+)
+def test_curves_with_one_or_two_distinct_scores(scores, labels):
+    scores, labels = np.array(scores, dtype=np.float32), np.array(labels)
+    _assert_same_curve(scores, labels)
+    targets = np.array([0.0, 0.5, 1.0])
+    assert np.array_equal(
+        tar_at_far(scores, labels, targets), _nearest_tar(scores, labels, targets)
+    )
+    assert abs(eer(scores, labels) - _brute_force_eer(scores, labels)) < 1e-12

@@ -162,7 +162,7 @@ def _plot(report, path: Path) -> None:
 def run(args) -> int:
     arrays = _load_npz(args.input)
     scores, labels, distances = _scores_and_labels(arrays, args.pairs)
-    report = verification_report(scores, labels, args.far, with_curve=args.plot is not None)
+    report = verification_report(scores, labels, args.far)
     summary = report.as_dict()
     if distances is not None:
         ten_fold = verification_accuracy_10fold(

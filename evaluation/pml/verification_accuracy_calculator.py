@@ -97,9 +97,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
                 raise ValueError("verification metrics need one label per query embedding")
             scores, issame = self._pair_scores(embeddings, labels)
             if requested - {"verification_accuracy"}:
-                kwargs[_REPORT_KEY] = verification_report(
-                    scores, issame, self.far_targets, with_curve=False
-                )
+                kwargs[_REPORT_KEY] = verification_report(scores, issame, self.far_targets)
             if "verification_accuracy" in requested:
                 kwargs[_TEN_FOLD_KEY] = verification_accuracy_10fold(
                     embeddings, issame, n_folds=self.n_folds
