@@ -2,11 +2,11 @@
 
 Scores follow "larger is more similar" (cosine similarity); labels are 1 (or True) for genuine
 pairs (same identity) and 0 for impostor pairs. Every metric starts from one ``np.sort`` of the
-scores: the ROC point at each distinct score ``v`` counts the pairs with score ``>= v`` (from the
-sorted scores) and the genuine pairs among them (a ``searchsorted`` of every threshold into the
-sorted genuine scores, which are few). No argsort of all pairs is needed, which is what makes
-this several times faster than ``sklearn.metrics.roc_curve`` on millions of pairs while giving the
-same point set bit for bit.
+scores and one of the (few) genuine scores: a compiled pass from the top score down then reads
+each run of equal scores as one ROC point, taking its genuine count from a second pointer into
+the sorted genuine scores (:mod:`evaluation._roc_kernel`). No argsort of all pairs is needed,
+which is what makes this several times faster than ``sklearn.metrics.roc_curve`` on millions of
+pairs while giving the same point set bit for bit.
 """
 
 from __future__ import annotations
