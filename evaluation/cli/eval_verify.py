@@ -1,0 +1,182 @@
+"""``pml-lm eval-verify``: 1:1 verification metrics from saved features or scores.
+
+Input (``.npz``, read without pickles), one of:
+- ``scores`` and ``labels``: one score per pair (larger = more similar), 1 for genuine;
+- ``embeddings`` (2 n, d) and ``issame`` (n): interleaved pairs as in a ``.bin`` set; the
+  10-fold accuracy is reported too;
+- ``embeddings`` and ``pairs`` (n, 2) row indices with ``labels``, or ``--pairs`` naming a text
+  file of lines ``i j label``.
+Embeddings are scored by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..knn import l2_normalize
+from ..verification import (
+    DEFAULT_FAR_TARGETS,
+    pair_distances,
+    template_pair_scores,
+    verification_accuracy_10fold,
+    verification_report,
+)
+from . import CommandError
+
+PLOT_POINTS = 2_000
+
+
+def add_subparser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval-verify",
+        help="ROC, AUC, EER, TAR@FAR (and 10-fold accuracy) from features or pair scores",
+        description=__doc__,
+    )
+    parser.add_argument("input", type=Path, help=".npz with scores+labels or embeddings")
+    parser.add_argument("--pairs", type=Path, help="text file of lines 'i j label'")
+    parser.add_argument(
+        "--far",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_FAR_TARGETS),
+        help="target FARs (default: 1e-6 ... 1e-1)",
+    )
+    parser.add_argument("--folds", type=int, default=10, help="folds of the k-fold accuracy")
+    parser.add_argument("--json", type=Path, help="write the metrics as JSON here ('-': stdout)")
+    parser.add_argument("--plot", type=Path, help="write the ROC (log-scale FAR axis) as a PNG")
+    parser.set_defaults(func=run)
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise CommandError(f"{path} is not a file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise CommandError(f"{path} cannot be read as .npz: {error}") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise CommandError(f"{path} holds a single array; expected an .npz with named arrays")
+    with archive:
+        try:
+            return {name: archive[name] for name in archive.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+            raise CommandError(f"{path} cannot be read as .npz: {error}") from error
+
+
+def _read_pair_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise CommandError(f"{path} is not a file")
+    try:
+        table = np.loadtxt(path, dtype=np.int64, ndmin=2)
+    except ValueError as error:
+        raise CommandError(f"{path}: lines must be 'i j label' integers ({error})") from error
+    if table.shape[0] == 0 or table.shape[1] != 3:
+        raise CommandError(f"{path}: expected lines 'i j label', got shape {table.shape}")
+    return table[:, :2], table[:, 2]
+
+
+def _scores_and_labels(arrays: dict[str, np.ndarray], pair_file: Path | None):
+    """``(scores, labels, distances_of_interleaved_pairs_or_None)``."""
+    if "scores" in arrays:
+        if "labels" not in arrays:
+            raise CommandError("an input with 'scores' needs 'labels'")
+        return arrays["scores"], arrays["labels"], None
+    if "embeddings" not in arrays:
+        raise CommandError(
+            f"the input needs 'scores' and 'labels', or 'embeddings'; found {sorted(arrays)}"
+        )
+    embeddings = arrays["embeddings"]
+    if pair_file is not None or "pairs" in arrays:
+        if pair_file is not None:
+            pairs, labels = _read_pair_file(pair_file)
+        elif "labels" not in arrays:
+            raise CommandError("an input with 'pairs' needs 'labels'")
+        else:
+            pairs, labels = arrays["pairs"], arrays["labels"]
+        if pairs.ndim != 2 or pairs.shape[1] != 2 or not np.issubdtype(pairs.dtype, np.integer):
+            raise CommandError(f"pairs must be (n, 2) row indices, got {pairs.shape} {pairs.dtype}")
+        if pairs.size and (pairs.min() < 0 or pairs.max() >= len(embeddings)):
+            raise CommandError(f"pair indices must lie in [0, {len(embeddings)})")
+        unit = l2_normalize(np.asarray(embeddings, dtype=np.float32))
+        rows = np.arange(unit.shape[0])
+        return template_pair_scores(unit, rows, pairs[:, 0], pairs[:, 1]), labels, None
+    if "issame" not in arrays:
+        raise CommandError("'embeddings' need 'issame' (interleaved pairs), 'pairs' or --pairs")
+    distances = pair_distances(embeddings)
+    return 1.0 - distances / 2.0, arrays["issame"], distances
+
+
+def _table(summary: dict) -> str:
+    lines = [
+        f"pairs: {summary['n_genuine']} genuine, {summary['n_impostor']} impostor",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| AUC | {summary['auc']:.6f} |",
+        f"| EER | {summary['eer']:.6f} |",
+    ]
+    if "ten_fold" in summary:
+        fold = summary["ten_fold"]
+        lines.append(
+            f"| {summary['folds']}-fold accuracy | "
+            f"{fold['accuracy_mean']:.5f} ± {fold['accuracy_std']:.5f} |"
+        )
+        lines.append(
+            f"| VAL@FAR=1e-3 | {fold['val_at_far_1e-3_mean']:.5f} ± "
+            f"{fold['val_at_far_1e-3_std']:.5f} |"
+        )
+    lines += ["", "| FAR | TAR (nearest ROC point) | TAR (threshold) |", "|---|---|---|"]
+    for row in summary["tar_at_far"]:
+        lines.append(f"| {row['far']:g} | {row['nearest']:.6f} | {row['threshold']:.6f} |")
+    return "\n".join(lines)
+
+
+def _plot(report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    positive = np.flatnonzero(report.far > 0)
+    far, tar = report.far[positive], report.tar[positive]
+    # A few thousand points, evenly spread on the log axis, draw the same picture as millions.
+    grid = np.geomspace(far[0], 1.0, PLOT_POINTS)
+    picked = np.unique(np.minimum(np.searchsorted(far, grid, side="right") - 1, far.size - 1))
+    figure, axis = plt.subplots(figsize=(5, 4))
+    axis.plot(far[picked], tar[picked], drawstyle="steps-post")
+    axis.set_xscale("log")
+    axis.set_xlabel("FAR (false accept rate)")
+    axis.set_ylabel("TAR (true accept rate)")
+    axis.set_title(f"ROC  (AUC {report.auc:.4f}, EER {report.eer:.4f})")
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(args) -> int:
+    arrays = _load_npz(args.input)
+    scores, labels, distances = _scores_and_labels(arrays, args.pairs)
+    report = verification_report(scores, labels, args.far)
+    summary = report.as_dict()
+    if distances is not None:
+        ten_fold = verification_accuracy_10fold(
+            distances=distances, issame=labels, n_folds=args.folds
+        )
+        summary["folds"] = args.folds
+        summary["ten_fold"] = ten_fold.as_dict()
+    if args.plot is not None:
+        _plot(report, args.plot)
+    if args.json is not None:
+        text = json.dumps(summary, indent=2)
+        if str(args.json) == "-":
+            print(text)
+            return 0
+        args.json.write_text(text + "\n")
+    print(_table(summary), file=sys.stdout)
+    return 0

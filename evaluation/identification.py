@@ -1,0 +1,118 @@
+"""Open-set 1:N identification: probe templates searched against gallery templates.
+
+A probe is *mated* when its subject has a template in the gallery, *non-mated* otherwise.
+At a threshold ``t`` (a candidate passes when its score is strictly above ``t``):
+FPIR = share of non-mated probes whose top-1 score passes; TPIR = share of mated probes whose
+top-1 gallery template is a mate and passes. The threshold for a target FPIR follows the
+"threshold" rule of TAR@FAR: ``t`` is the (k+1)-th highest non-mated top-1 score with
+``k = floor(FPIR * n_non_mated)``. Rank-k identification rate: share of mated probes with a
+mate among their k best gallery templates (closed-set CMC over the mated probes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._validation import check_features, check_ids
+from .knn import top_k
+from .verification_roc import check_far_targets
+
+
+@dataclass(frozen=True)
+class IdentificationResult:
+    ranks: tuple[int, ...]
+    rank_rates: np.ndarray
+    fpir_targets: np.ndarray
+    tpir: np.ndarray
+    thresholds: np.ndarray
+    n_mated: int
+    n_non_mated: int
+
+    def as_dict(self) -> dict:
+        return {
+            "n_mated": self.n_mated,
+            "n_non_mated": self.n_non_mated,
+            "rank": {
+                str(k): float(rate) for k, rate in zip(self.ranks, self.rank_rates, strict=True)
+            },
+            "tpir_at_fpir": [
+                {"fpir": float(f), "tpir": float(t), "threshold": float(s)}
+                for f, t, s in zip(self.fpir_targets, self.tpir, self.thresholds, strict=True)
+            ],
+        }
+
+
+def identification_from_top_k(
+    top_scores,
+    top_subjects,
+    probe_subjects,
+    gallery_subjects,
+    ranks=(1, 5, 10),
+    fpir_targets=(1e-2, 1e-1),
+) -> IdentificationResult:
+    """Metrics from each probe's best gallery candidates, best first: ``top_scores`` and
+    ``top_subjects`` of shape (n_probes, k); ``gallery_subjects`` lists every gallery subject
+    (it decides which probes are mated)."""
+    scores = np.asarray(top_scores, dtype=np.float64)
+    subjects = np.asarray(top_subjects)
+    probes = check_ids(probe_subjects, "probe_subjects")
+    gallery = check_ids(gallery_subjects, "gallery_subjects")
+    if scores.ndim != 2 or scores.shape != subjects.shape or scores.shape[0] != probes.shape[0]:
+        raise ValueError(
+            f"top_scores {scores.shape} and top_subjects {subjects.shape} must both be "
+            f"(n_probes={probes.shape[0]}, k)"
+        )
+    if not np.isfinite(scores).all():
+        raise ValueError("top_scores contains NaN or Inf")
+    rank_list = tuple(int(k) for k in np.atleast_1d(ranks))
+    if any(k < 1 or k > scores.shape[1] for k in rank_list):
+        raise ValueError(f"ranks must lie in [1, {scores.shape[1]}] (the k searched), got {ranks}")
+    targets = check_far_targets(fpir_targets)
+    mated = np.isin(probes, gallery)
+    n_mated, n_non_mated = int(mated.sum()), int((~mated).sum())
+    hits = subjects == probes[:, None]
+    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), scores.shape[1])
+    rank_rates = np.array(
+        [np.count_nonzero(first_hit[mated] < k) / n_mated if n_mated else np.nan for k in rank_list]
+    )
+
+    tpir = np.full(targets.shape[0], np.nan)
+    thresholds = np.full(targets.shape[0], np.nan)
+    if n_mated and n_non_mated:
+        non_mated_top = np.sort(scores[~mated, 0])[::-1]
+        allowed = np.floor(targets * n_non_mated).astype(np.int64)
+        thresholds = np.where(
+            allowed < n_non_mated, non_mated_top[np.minimum(allowed, n_non_mated - 1)], -np.inf
+        )
+        mate_first = mated & (first_hit == 0)
+        top_mated = scores[mate_first, 0]
+        tpir = np.array([np.count_nonzero(top_mated > t) / n_mated for t in thresholds])
+    return IdentificationResult(
+        rank_list, rank_rates, targets, tpir, thresholds, n_mated, n_non_mated
+    )
+
+
+def open_set_identification(
+    probe_features,
+    probe_subjects,
+    gallery_features,
+    gallery_subjects,
+    ranks=(1, 5, 10),
+    fpir_targets=(1e-2, 1e-1),
+    use_gpu: bool | None = None,
+) -> IdentificationResult:
+    """Search each probe template among the gallery templates (cosine, exact FAISS top-k with
+    ``k = max(ranks)``) and report rank-k rates and TPIR@FPIR (see the module docstring)."""
+    probes = check_features(probe_features, "probe_features")
+    gallery = check_features(gallery_features, "gallery_features")
+    probe_ids = check_ids(probe_subjects, "probe_subjects", length=probes.shape[0])
+    gallery_ids = check_ids(gallery_subjects, "gallery_subjects", length=gallery.shape[0])
+    k = max(int(r) for r in np.atleast_1d(ranks))
+    if k > gallery.shape[0]:
+        raise ValueError(f"ranks ask for {k} candidates but the gallery has {gallery.shape[0]}")
+    scores, indices = top_k(probes, gallery, k, metric="cosine", use_gpu=use_gpu)
+    return identification_from_top_k(
+        scores, gallery_ids[indices], probe_ids, gallery_ids, ranks, fpir_targets
+    )

@@ -1,0 +1,65 @@
+"""Face verification: the functional core's public names in one place.
+
+- 1:1 metrics over scored pairs (:mod:`evaluation.verification_roc`): :func:`roc`, :func:`auc`,
+  :func:`eer`, :func:`tar_at_far`, :func:`verification_report`.
+- The 10-fold protocol of LFW-style pair sets (:mod:`evaluation.verification_kfold`):
+  :func:`verification_accuracy_10fold`, :func:`fuse_flip`, :func:`pair_distances`.
+- IJB-style templates (:mod:`evaluation.verification_templates`): :func:`image_features`,
+  :func:`template_features`, :func:`template_pair_scores`.
+- Open-set 1:N identification (:mod:`evaluation.identification`).
+- Files (:mod:`evaluation.datasets.face`): :func:`load_bin` and the IJB meta readers.
+"""
+
+from .datasets.face import (
+    load_bin,
+    read_detector_scores,
+    read_template_media_list,
+    read_template_pairs,
+)
+from .identification import (
+    IdentificationResult,
+    identification_from_top_k,
+    open_set_identification,
+)
+from .verification_kfold import (
+    TenFoldResult,
+    fuse_flip,
+    pair_distances,
+    verification_accuracy_10fold,
+)
+from .verification_roc import (
+    DEFAULT_FAR_TARGETS,
+    TAR_AT_FAR_RULES,
+    VerificationReport,
+    auc,
+    eer,
+    roc,
+    tar_at_far,
+    verification_report,
+)
+from .verification_templates import image_features, template_features, template_pair_scores
+
+__all__ = [
+    "DEFAULT_FAR_TARGETS",
+    "TAR_AT_FAR_RULES",
+    "IdentificationResult",
+    "TenFoldResult",
+    "VerificationReport",
+    "auc",
+    "eer",
+    "fuse_flip",
+    "identification_from_top_k",
+    "image_features",
+    "load_bin",
+    "open_set_identification",
+    "pair_distances",
+    "read_detector_scores",
+    "read_template_media_list",
+    "read_template_pairs",
+    "roc",
+    "tar_at_far",
+    "template_features",
+    "template_pair_scores",
+    "verification_accuracy_10fold",
+    "verification_report",
+]

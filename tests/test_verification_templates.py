@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+
+from evaluation import verification_templates
+from evaluation.verification import (
+    identification_from_top_k,
+    image_features,
+    open_set_identification,
+    template_features,
+    template_pair_scores,
+)
+
+
+def _loop_templates(features, templates, medias):
+    """Template pooling written out template by template, media by media."""
+    result = {}
+    for template in sorted(set(templates.tolist())):
+        in_template = templates == template
+        media_features = []
+        for media in sorted(set(medias[in_template].tolist())):
+            frames = features[in_template & (medias == media)]
+            media_features.append(frames.mean(axis=0))
+        pooled = np.sum(media_features, axis=0)
+        result[template] = pooled / np.linalg.norm(pooled)
+    return result
+
+
+def _ijb_like(rng, n_images=300, dim=16):
+    features = rng.normal(size=(n_images, dim))
+    templates = rng.integers(100, 140, n_images)
+    medias = rng.integers(0, 12, n_images)
+    return features, templates, medias
+
+
+def test_image_features_flip_detector_and_norm():
+    rng = np.random.default_rng(0)
+    raw, flipped, weights = rng.normal(size=(6, 4)), rng.normal(size=(6, 4)), rng.random(6)
+    np.testing.assert_allclose(image_features(raw, flipped), raw + flipped)
+    np.testing.assert_allclose(
+        image_features(raw, flipped, weights), (raw + flipped) * weights[:, None]
+    )
+    unit = (raw + flipped) / np.linalg.norm(raw + flipped, axis=1, keepdims=True)
+    np.testing.assert_allclose(
+        image_features(raw, flipped, weights, normalize_images=True), unit * weights[:, None]
+    )
+    with pytest.raises(ValueError, match="detector_scores"):
+        image_features(raw, flipped, weights[:5])
+
+
+def test_template_features_equal_loop():
+    rng = np.random.default_rng(1)
+    features, templates, medias = _ijb_like(rng)
+    pooled, ids = template_features(features, templates, medias)
+    expected = _loop_templates(features, templates, medias)
+    assert ids.tolist() == sorted(expected)
+    np.testing.assert_allclose(pooled, np.stack([expected[t] for t in ids]), rtol=1e-10)
+
+
+@pytest.mark.parametrize("max_entries", [1 << 26, 0])
+def test_template_pair_scores_equal_loop(monkeypatch, max_entries):
+    # max_entries=0 forces the row-wise path, the default the matrix-product path.
+    monkeypatch.setattr(verification_templates, "MAX_MATRIX_ENTRIES", max_entries)
+    rng = np.random.default_rng(2)
+    pooled, ids = template_features(*_ijb_like(rng))
+    first, second = rng.choice(ids, 5_000), rng.choice(ids, 5_000)
+    scores = template_pair_scores(pooled, ids, first, second, block_size=777)
+    row = {template: i for i, template in enumerate(ids)}
+    expected = [pooled[row[a]] @ pooled[row[b]] for a, b in zip(first, second, strict=True)]
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
+def test_template_bad_input():
+    rng = np.random.default_rng(3)
+    features, templates, medias = _ijb_like(rng, 20)
+    with pytest.raises(ValueError, match="media_ids"):
+        template_features(features, templates, medias[:-1])
+    pooled, ids = template_features(features, templates, medias)
+    with pytest.raises(ValueError, match="without images"):
+        template_pair_scores(pooled, ids, [ids[0]], [99999])
+    with pytest.raises(ValueError, match="pairs"):
+        template_pair_scores(pooled, ids, ids[:2], ids[:3])
+    with pytest.raises(ValueError, match="sorted"):
+        template_pair_scores(pooled, ids[::-1], ids[:2], ids[:2])
+
+
+def _brute_force_identification(probes, probe_ids, gallery, gallery_ids, ranks, fpirs):
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    similarity = unit(probes) @ unit(gallery).T
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    mated = np.isin(probe_ids, gallery_ids)
+    rank_rates = []
+    for k in ranks:
+        hits = [probe_ids[p] in gallery_ids[order[p, :k]] for p in np.flatnonzero(mated)]
+        rank_rates.append(np.mean(hits))
+    top = similarity.max(axis=1)
+    non_mated_top = sorted(top[~mated], reverse=True)
+    tpirs = []
+    for fpir in fpirs:
+        k = int(np.floor(fpir * len(non_mated_top)))
+        threshold = non_mated_top[k] if k < len(non_mated_top) else -np.inf
+        passes = [
+            gallery_ids[order[p, 0]] == probe_ids[p] and top[p] > threshold
+            for p in np.flatnonzero(mated)
+        ]
+        tpirs.append(np.mean(passes))
+    return np.array(rank_rates), np.array(tpirs)
+
+
+def test_open_set_identification_equals_brute_force():
+    rng = np.random.default_rng(4)
+    gallery = rng.normal(size=(60, 12))
+    gallery_ids = np.arange(60) * 3
+    mated_rows = rng.integers(0, 60, 150)
+    probes = np.concatenate(
+        [gallery[mated_rows] + 0.9 * rng.normal(size=(150, 12)), rng.normal(size=(80, 12))]
+    )
+    probe_ids = np.concatenate([gallery_ids[mated_rows], np.full(80, 1)])  # id 1: no mate
+    ranks, fpirs = (1, 5, 10), (0.0, 0.05, 0.1, 0.5, 1.0)
+    result = open_set_identification(
+        probes, probe_ids, gallery, gallery_ids, ranks, fpirs, use_gpu=False
+    )
+    rank_rates, tpirs = _brute_force_identification(
+        probes, probe_ids, gallery, gallery_ids, ranks, fpirs
+    )
+    np.testing.assert_allclose(result.rank_rates, rank_rates)
+    np.testing.assert_allclose(result.tpir, tpirs)
+    assert (result.n_mated, result.n_non_mated) == (150, 80)
+    assert result.as_dict()["rank"]["1"] == result.rank_rates[0]
+
+
+def test_identification_bad_input():
+    scores = np.array([[0.9, 0.1], [0.5, 0.4]])
+    subjects = np.array([[1, 2], [2, 1]])
+    with pytest.raises(ValueError, match="ranks"):
+        identification_from_top_k(scores, subjects, [1, 3], [1, 2], ranks=(3,))
+    with pytest.raises(ValueError, match="n_probes"):
+        identification_from_top_k(scores, subjects[:1], [1, 3], [1, 2])
+    with pytest.raises(ValueError, match="NaN"):
+        identification_from_top_k(np.full((2, 2), np.nan), subjects, [1, 3], [1, 2])
+    with pytest.raises(ValueError, match="gallery"):
+        open_set_identification(np.ones((2, 3)), [1, 2], np.ones((2, 3)), [1, 2], ranks=(5,))
