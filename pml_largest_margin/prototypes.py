@@ -73,7 +73,7 @@ def simplex_prototypes(
 
 
 def _default_restarts(num_classes: int) -> int:
-    return max(1, min(16, 1000 // num_classes))
+    return max(1, min(16, 400 // num_classes))
 
 
 def max_separated_prototypes(
@@ -97,7 +97,7 @@ def max_separated_prototypes(
     with the temperature t annealed geometrically from ``start_temperature`` to
     ``end_temperature`` over ``steps`` Adam steps of the Riemannian gradient, each followed by
     renormalisation onto the sphere. ``restarts`` independent random starts (default: up to 16
-    for small C, one from C = 500) run as one batch and the best is kept; the iterate with the
+    for small C, one from C = 201) run as one batch and the best is kept; the iterate with the
     best margin seen is returned, so more steps never give a worse result. Seeded by ``seed``;
     ``progress`` shows a tqdm bar. Each step costs O(restarts·C²·d) time and O(restarts·C²)
     memory. The margin is measured with :func:`class_margin` on the returned tensor.
