@@ -324,3 +324,31 @@ def test_zero_centroid_bad_input():
         ZeroCentroidRegularizer()(torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="2-D"):
         ZeroCentroidRegularizer()(torch.randn(4))
+
+
+def test_generated_loss_pickles_and_copies():
+    import copy
+    import pickle
+
+    loss = with_sample_margin_regularizer(losses.SubCenterArcFaceLoss)(
+        num_classes=4, embedding_size=6, sample_margin_reg_weight=0.2
+    )
+    embeddings, labels = batch(num_classes=4, dim=6)
+    for clone in (pickle.loads(pickle.dumps(loss)), copy.deepcopy(loss)):
+        assert type(clone) is type(loss)
+        torch.testing.assert_close(clone(embeddings, labels), loss(embeddings, labels))
+
+
+def test_regularizers_under_bfloat16_autocast():
+    loss = with_sample_margin_regularizer(losses.CosFaceLoss)(
+        num_classes=5, embedding_size=8, weight_regularizer=ZeroCentroidRegularizer()
+    )
+    embeddings, labels = batch()
+    embeddings.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(embeddings, labels)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(embeddings.grad).all()
+    half = ZeroCentroidRegularizer()(loss.W.detach().t().to(torch.bfloat16))
+    reference = ZeroCentroidRegularizer()(loss.W.detach().t())
+    assert float(half) == pytest.approx(float(reference), abs=2e-2)

@@ -61,3 +61,16 @@ def with_sample_margin_regularizer(loss_class: type) -> type:
     name = f"SampleMargin{loss_class.__name__}"
     SampleMarginLoss.__name__ = SampleMarginLoss.__qualname__ = name
     return SampleMarginLoss
+
+
+def __getattr__(name: str) -> type:
+    # Lets pickle find a generated class of one of PML's losses by its name, e.g.
+    # "SampleMarginArcFaceLoss", in a process that has not called the factory yet.
+    prefix = "SampleMargin"
+    if name.startswith(prefix):
+        from pytorch_metric_learning import losses
+
+        base = getattr(losses, name[len(prefix) :], None)
+        if isinstance(base, type) and issubclass(base, BaseMetricLossFunction):
+            return with_sample_margin_regularizer(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
