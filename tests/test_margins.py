@@ -2,13 +2,18 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pml_largest_margin.margins import (
     class_margin,
     class_margin_upper_bound,
+    cosine_logits,
     sample_margin_upper_bound,
     sample_margins,
+    sample_margins_from_cosines,
 )
+from pml_largest_margin.prototypes import simplex_prototypes
 
 
 def naive_class_margin(W):
@@ -78,3 +83,159 @@ def test_class_margin_bad_input():
         class_margin(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="NaN"):
         class_margin(torch.tensor([[math.inf, 1.0], [0.0, 1.0]]))
+
+
+def naive_sample_margins(embeddings, labels, W):
+    cosines = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(
+        W, dim=0
+    )
+    margins = []
+    for i, label in enumerate(labels.tolist()):
+        others = [cosines[i, j] for j in range(W.shape[1]) if j != label]
+        margins.append(cosines[i, label] - max(others))
+    return torch.stack(margins)
+
+
+@pytest.mark.parametrize("block", [None, 1, 3])
+def test_sample_margins_match_naive(block):
+    generator = torch.Generator().manual_seed(1)
+    embeddings = torch.randn(11, 6, generator=generator, dtype=torch.float64)
+    W = torch.randn(6, 9, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, 9, (11,), generator=generator)
+    torch.testing.assert_close(
+        sample_margins(embeddings, labels, W, block_size=block),
+        naive_sample_margins(embeddings, labels, W),
+    )
+
+
+def test_sample_margins_from_cosines_agrees_with_sample_margins():
+    embeddings, W = torch.randn(7, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    torch.testing.assert_close(
+        sample_margins_from_cosines(cosine_logits(embeddings, W), labels),
+        sample_margins(embeddings, labels, W),
+    )
+
+
+def test_sample_margins_sub_centers_take_the_best_sub_center():
+    generator = torch.Generator().manual_seed(2)
+    embeddings = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    W = torch.randn(5, 4 * 3, generator=generator, dtype=torch.float64)  # 4 classes × 3
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    cosines = cosine_logits(embeddings, W).view(8, 4, 3).amax(dim=2)
+    expected = torch.stack(
+        [
+            cosines[i, y] - cosines[i, [j for j in range(4) if j != y]].max()
+            for i, y in enumerate(labels)
+        ]
+    )
+    torch.testing.assert_close(sample_margins(embeddings, labels, W, sub_centers=3), expected)
+    with pytest.raises(ValueError, match="multiple of sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=5)
+    with pytest.raises(ValueError, match="labels"):
+        sample_margins(embeddings, labels + 1, W, sub_centers=3)
+
+
+def test_sample_margins_gradcheck():
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 5, 2, 2, 1])
+    assert torch.autograd.gradcheck(lambda e, w: sample_margins(e, labels, w), (embeddings, W))
+
+
+def test_simplex_reaches_the_class_margin_bound():
+    for num_classes, dim in [(2, 1), (3, 2), (10, 9), (10, 64), (65, 64)]:
+        W = simplex_prototypes(num_classes, dim)
+        bound = class_margin_upper_bound(num_classes, dim)
+        assert class_margin(W).radians == pytest.approx(bound, abs=1e-6)
+        assert class_margin(
+            simplex_prototypes(num_classes, dim, torch.float64), block_size=4
+        ).radians == pytest.approx(bound, abs=1e-12)
+
+
+def test_simplex_with_one_sample_on_each_prototype_reaches_the_sample_margin_bound():
+    W = simplex_prototypes(7, 10, dtype=torch.float64)
+    margins = sample_margins(W.t() * 3.0, torch.arange(7), W)
+    torch.testing.assert_close(
+        margins, torch.full((7,), sample_margin_upper_bound(7), dtype=torch.float64)
+    )
+
+
+def test_class_margin_is_accurate_for_nearly_parallel_prototypes():
+    angle = 1e-5
+    W = torch.tensor(
+        [[1.0, math.cos(angle), -1.0], [0.0, math.sin(angle), 0.2]], dtype=torch.float64
+    )
+    result = class_margin(W)
+    assert result.closest_pair == (0, 1)
+    assert result.radians == pytest.approx(angle, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_class_margin_of_half_precision_prototypes(dtype):
+    W = torch.randn(16, 40, generator=torch.Generator().manual_seed(4))
+    half = W.to(dtype)
+    assert class_margin(half).radians == pytest.approx(naive_class_margin(half.double()), abs=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    num_classes=st.integers(2, 40),
+    dim=st.integers(1, 6),
+    block=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_class_margin_invariants(num_classes, dim, block, seed):
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    reference = class_margin(W).radians
+    assert reference == pytest.approx(naive_class_margin(W), abs=1e-9)
+    assert 0.0 <= reference <= class_margin_upper_bound(num_classes, dim) + 1e-12
+    scales = torch.rand(num_classes, generator=generator, dtype=torch.float64) + 0.1
+    permutation = torch.randperm(num_classes, generator=generator)
+    rotation, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    transformed = rotation @ (W * scales)[:, permutation]
+    assert class_margin(transformed, block_size=block).radians == pytest.approx(reference, abs=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 12),
+    num_classes=st.integers(2, 9),
+    dim=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_sample_margin_invariants(batch, num_classes, dim, seed):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    W = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator)
+    margins = sample_margins(embeddings, labels, W)
+    assert bool(((margins >= -2 - 1e-12) & (margins <= 2 + 1e-12)).all())
+    rescaled = sample_margins(
+        embeddings * (torch.rand(batch, 1, generator=generator, dtype=torch.float64) + 0.1),
+        labels,
+        W * (torch.rand(num_classes, generator=generator, dtype=torch.float64) + 0.1),
+    )
+    torch.testing.assert_close(rescaled, margins)
+    # Every sample's own class is at least as close as the second best only if its margin >= 0.
+    cosines = cosine_logits(embeddings, W)
+    assert torch.equal(
+        margins >= 0, cosines.gather(1, labels[:, None]).squeeze(1) >= cosines.max(1).values
+    )
+
+
+def test_zero_rows_and_columns_are_rejected():
+    with pytest.raises(ValueError, match="zero prototype"):
+        sample_margins(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="zero row"):
+        sample_margins(torch.zeros(2, 3), torch.tensor([0, 1]), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        sample_margins(torch.randn(2, 3), torch.tensor([0, 0]), torch.randn(3, 1))
+    with pytest.raises(ValueError, match="block_size"):
+        class_margin(torch.randn(3, 4), block_size=0)
+    with pytest.raises(TypeError):
+        class_margin(torch.ones(3, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="PML's layout"):
+        class_margin(torch.randn(3))

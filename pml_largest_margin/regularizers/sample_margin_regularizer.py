@@ -1,0 +1,89 @@
+"""Sample-margin regularization ``R_sm = −mean_i γ_i`` (SPEC section 4)."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils.module_with_records_and_reducer import (
+    ModuleWithRecordsAndReducer,
+)
+
+from .._validation import check_embeddings, check_labels
+from ..margins import sample_margins, sample_margins_from_cosines
+
+
+class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
+    """``R_sm = mean_i(max_{j≠y_i} cos_ij − cos_{i,y_i}) = −mean_i γ_i``.
+
+    It needs embeddings, labels and prototypes together, which PML's ``weight_regularizer`` and
+    ``embedding_regularizer`` slots do not pass: attach it to a loss through
+    :class:`SampleMarginRegularizerMixin` (our losses) or :func:`with_sample_margin_regularizer`
+    (PML's losses). Called on its own, it returns the reduced value: each sample contributes the
+    element loss ``−γ_i`` (times its miner weight, if given) and the ``reducer`` (default
+    ``MeanReducer``) reduces them.
+
+    With ``collect_stats`` it records ``mean_sample_margin`` and ``min_sample_margin`` (cosine
+    units, over the whole batch, before miner weights).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_to_recordable_attributes(
+            list_of_names=["mean_sample_margin", "min_sample_margin"], is_stat=True
+        )
+
+    def compute_loss(self, margins: torch.Tensor, miner_weights: torch.Tensor | None = None):
+        if self.collect_stats and margins.numel():
+            with torch.no_grad():
+                self.mean_sample_margin = margins.mean().item()
+                self.min_sample_margin = margins.min().item()
+        losses = -margins if miner_weights is None else -margins * miner_weights
+        return {
+            "loss": {
+                "losses": losses,
+                "indices": c_f.torch_arange_from_size(margins),
+                "reduction_type": "element",
+            }
+        }
+
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        W: torch.Tensor | None = None,
+        *,
+        cosines: torch.Tensor | None = None,
+        miner_weights: torch.Tensor | None = None,
+        sub_centers: int = 1,
+    ) -> torch.Tensor:
+        """R_sm of a batch, from the prototypes ``W`` (d, C) or from class ``cosines`` (N, C).
+
+        Give exactly one of ``W`` and ``cosines``. ``cosines`` lets a loss that already holds
+        the class cosines skip the second matrix product. ``sub_centers=k`` reads ``W`` as
+        (d, C·k) with class-major columns, each class's cosine being its best sub-centre.
+        ``miner_weights`` (N,) scale each sample's term, as PML's classification losses scale
+        theirs.
+        """
+        self.reset_stats()
+        if (W is None) == (cosines is None):
+            raise ValueError("give exactly one of W (d, C) and cosines (N, C)")
+        if W is not None:
+            margins = sample_margins(embeddings, labels, W, sub_centers=sub_centers)
+        else:
+            check_embeddings(cosines, "cosines")
+            if cosines.shape[0] != embeddings.shape[0]:
+                raise ValueError(
+                    f"cosines has {cosines.shape[0]} rows but there are "
+                    f"{embeddings.shape[0]} embeddings"
+                )
+            if cosines.shape[1] < 2:
+                raise ValueError(f"sample margins need at least 2 classes, got {cosines.shape[1]}")
+            check_labels(labels, cosines.shape[1], cosines.shape[0])
+            margins = sample_margins_from_cosines(cosines, labels)
+        if miner_weights is not None and miner_weights.shape != margins.shape:
+            raise ValueError(
+                f"miner_weights must have shape {tuple(margins.shape)}, "
+                f"got {tuple(miner_weights.shape)}"
+            )
+        loss_dict = self.compute_loss(margins, miner_weights)
+        return self.reducer(loss_dict, embeddings, labels)
