@@ -17,7 +17,7 @@ from ..training.embedding_metrics import (
     verification_metrics,
 )
 from ..training.loss_factory import build_loss
-from ..training.trainer import Schedule, build_trainer
+from ..training.trainer import Schedule, build_trainer, run_epochs
 from .data import DigitsSplit, long_tailed_subset
 from .methods import EMBEDDING_SIZE, SCALE, Method, embedding_network
 
@@ -66,7 +66,7 @@ def run_one(
     trainer = build_trainer(
         model, loss, dataset, schedule, device=device, epochs_per_trainer_epoch=schedule.epochs
     )
-    trainer.train(num_epochs=1)
+    run_epochs(trainer, 1, 1)
     embeddings = embed(model, split.test_x, device)
     metrics = classification_metrics(embeddings, split.test_y, loss)
     metrics["tail_accuracy"] = float(

@@ -73,7 +73,7 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict:
     ids = labels.numpy()
     cameras = np.arange(len(ids))
     result = evaluate_reid(features, features, ids, ids, cameras, cameras, metric="cosine")
-    return {"mAP": float(result.mAP), "rank1": float(result.cmc[0])}
+    return {"mAP": float(result.mAP), "mINP": float(result.mINP), "rank1": result.rank(1)}
 
 
 def pair_scores(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -87,15 +87,12 @@ def pair_scores(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndar
 def verification_metrics(
     embeddings: torch.Tensor, labels: torch.Tensor, far_targets=FAR_TARGETS
 ) -> tuple[dict, dict]:
-    """EER, AUC and TAR@FAR over all test pairs, and the ROC curve (FAR, TAR) for plotting."""
-    from evaluation import verification
+    """EER, AUC and TAR@FAR ("nearest ROC point" rule) over all test pairs, and the ROC curve."""
+    from evaluation.verification import verification_report
 
     scores, same = pair_scores(embeddings, labels)
-    curve = verification.roc(scores, same)
-    tars = verification.tar_at_far(scores, same, far_targets)
-    metrics = {
-        "eer": float(verification.eer(scores, same)),
-        "auc": float(verification.auc(scores, same)),
-        **{f"tar@far={far:g}": float(tar) for far, tar in zip(far_targets, tars, strict=True)},
-    }
-    return metrics, {"far": curve.far, "tar": curve.tar}
+    report = verification_report(scores, same, far_targets)
+    metrics = {"eer": float(report.eer), "auc": float(report.auc)}
+    for far, tar in zip(report.far_targets, report.tar_at_far_nearest, strict=True):
+        metrics[f"tar@far={far:g}"] = float(tar)
+    return metrics, {"far": report.far, "tar": report.tar}

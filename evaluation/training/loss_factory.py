@@ -7,7 +7,12 @@ import math
 from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin.losses import LargestMarginSoftmaxLoss
-from pml_largest_margin.regularizers import ZeroCentroidRegularizer, with_sample_margin_regularizer
+from pml_largest_margin.regularizers import (
+    SampleMarginRegularizer,
+    SampleMarginRegularizerMixin,
+    ZeroCentroidRegularizer,
+    with_sample_margin_regularizer,
+)
 
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
@@ -60,9 +65,14 @@ def build_loss(
     )
     if zero_centroid_weight > 0:
         options.update(
-            weight_regularizer=ZeroCentroidRegularizer(), weight_reg_weight=zero_centroid_weight
+            weight_regularizer=ZeroCentroidRegularizer(form="mean", record_class_margin=False),
+            weight_reg_weight=zero_centroid_weight,
         )
     if sample_margin_weight > 0:
-        loss_class = with_sample_margin_regularizer(loss_class)
-        options["sample_margin_weight"] = sample_margin_weight
+        if not issubclass(loss_class, SampleMarginRegularizerMixin):
+            loss_class = with_sample_margin_regularizer(loss_class)
+        options.update(
+            sample_margin_regularizer=SampleMarginRegularizer(),
+            sample_margin_reg_weight=sample_margin_weight,
+        )
     return loss_class(num_classes, embedding_size, **options)

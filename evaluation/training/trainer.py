@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -56,6 +57,7 @@ def build_trainer(
     *,
     device: torch.device,
     epochs_per_trainer_epoch: int = 1,
+    num_workers: int = 0,
     end_of_epoch_hook=None,
 ) -> trainers.MetricLossOnly:
     """A ``MetricLossOnly`` trainer whose ``metric_loss_optimizer`` updates the loss's ``W``.
@@ -64,7 +66,6 @@ def build_trainer(
     folds the whole schedule into one trainer epoch (one bar per run, as the demo wants: the loader
     is re-shuffled at the end of each pass over the data all the same).
     """
-    logging.getLogger("PML").setLevel(logging.WARNING)
     model.to(device)
     loss.to(device)
     batches = iterations_per_epoch(len(dataset), schedule.batch_size)
@@ -85,15 +86,29 @@ def build_trainer(
         schedulers[f"{name}_scheduler_by_iteration"] = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine
         )
-    return trainers.MetricLossOnly(
-        models={"trunk": model},
-        optimizers=optimizers,
-        lr_schedulers=schedulers,
-        batch_size=schedule.batch_size,
-        loss_funcs={"metric_loss": loss},
-        dataset=dataset,
-        iterations_per_epoch=batches * epochs_per_trainer_epoch,
-        data_device=device,
-        dataloader_num_workers=0,
-        end_of_epoch_hook=end_of_epoch_hook,
-    )
+    # PML warns about the optional keys (embedder, its optimiser) that this setup leaves out.
+    pml_logger = logging.getLogger("PML")
+    level = pml_logger.level
+    pml_logger.setLevel(logging.ERROR)
+    try:
+        return trainers.MetricLossOnly(
+            models={"trunk": model},
+            optimizers=optimizers,
+            lr_schedulers=schedulers,
+            batch_size=schedule.batch_size,
+            loss_funcs={"metric_loss": loss},
+            dataset=dataset,
+            iterations_per_epoch=batches * epochs_per_trainer_epoch,
+            data_device=device,
+            dataloader_num_workers=num_workers,
+            end_of_epoch_hook=end_of_epoch_hook,
+        )
+    finally:
+        pml_logger.setLevel(level)
+
+
+def run_epochs(trainer: trainers.MetricLossOnly, start_epoch: int, num_epochs: int) -> None:
+    """``trainer.train`` without the warning PML's progress bar triggers on every iteration."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+        trainer.train(start_epoch=start_epoch, num_epochs=num_epochs)
