@@ -23,6 +23,18 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return sizes[0], sizes[1]
 
 
+def check_images(paths: Sequence[Path]) -> None:
+    """Raise ValueError naming the first file Pillow cannot identify (headers only: fast)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read image {path}: {error}") from error
+
+
 def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """RGB image resized to ``size`` (height, width), as a (3, H, W) tensor in [-1, 1]."""
     from PIL import Image, UnidentifiedImageError

@@ -17,7 +17,7 @@ from .embedding_metrics import (
     retrieval_metrics,
     verification_metrics,
 )
-from .image_dataset import ImageDataset
+from .image_dataset import ImageDataset, check_images
 from .image_folder import read_image_folder, stratified_holdout
 from .loss_factory import build_loss
 from .market_layout import is_market_layout, read_market_layout
@@ -115,12 +115,15 @@ def run_training(
         layout = "market1501" if root.is_dir() and is_market_layout(root) else "image-folder"
     if layout == "market1501":
         train, query, gallery = read_market_layout(root)
+        evaluation_paths = query.paths + gallery.paths
     else:
         images = read_image_folder(root)
         train_indices, held_out_indices = stratified_holdout(
             images.labels, options.held_out_fraction, options.seed
         )
         train, held_out = images.subset(train_indices), images.subset(held_out_indices)
+        evaluation_paths = held_out.paths
+    check_images(train.paths + evaluation_paths)
     torch_device = resolve_device(device)
     output_dir.mkdir(parents=True, exist_ok=True)
     settings = {**options.settings(), "layout": layout, "num_classes": len(train.class_names)}
