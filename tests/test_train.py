@@ -139,7 +139,7 @@ def test_unreadable_image(image_folder, tmp_path, capsys):
 def test_market_layout_missing_folder(market, tmp_path, capsys):
     (market / "query").rename(market / "elsewhere")
     arguments = ["train", str(market), "--layout", "market1501", "--output-dir", str(tmp_path)]
-    assert "query is missing" in _error(arguments, capsys)
+    assert "query is not a directory" in _error(arguments, capsys)
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,9 @@ def add_subparser(subparsers) -> None:
         help="train an embedding network on an image folder or a Market-1501 dataset",
         description=(
             "DATA is a folder with one sub-folder of images per class (a share is held out for "
-            "accuracy, margins, retrieval and verification), or a Market-1501 layout "
-            "(bounding_box_train, query, bounding_box_test; evaluated by CMC / mAP / mINP)."
+            "accuracy, margins, retrieval and verification), or a re-ID dataset: Market-1501 / "
+            "DukeMTMC-reID folders (bounding_box_train, query, bounding_box_test) or MSMT17 list "
+            "files, evaluated by CMC / mAP / mINP on query against gallery."
         ),
     )
     parser.add_argument("data", help="dataset folder")
@@ -37,7 +38,9 @@ def add_subparser(subparsers) -> None:
         "--zero-centroid-weight", type=float, default=0.0, help="λ of R_w (mean form)"
     )
     parser.add_argument("--embedding-size", type=int, default=128)
-    parser.add_argument("--image-size", default=None, help="N or HxW (64; 256x128 for Market)")
+    parser.add_argument(
+        "--image-size", default=None, help="N or HxW (64; 256x128 for a named re-ID layout)"
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.05)
@@ -57,7 +60,6 @@ def _options(args: argparse.Namespace):
 
     if args.embedding_size < 1 or args.workers < 0:
         raise CommandError("--embedding-size must be at least 1 and --workers at least 0")
-    default_size = "256x128" if args.layout == "market1501" else "64"
     return TrainOptions(
         data=args.data,
         layout=args.layout,
@@ -69,7 +71,7 @@ def _options(args: argparse.Namespace):
         sample_margin_weight=args.sample_margin_weight,
         zero_centroid_weight=args.zero_centroid_weight,
         embedding_size=args.embedding_size,
-        image_size=parse_image_size(args.image_size or default_size),
+        image_size=parse_image_size(args.image_size) if args.image_size else None,
         held_out_fraction=args.held_out,
         seed=args.seed,
         schedule=Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,10 @@ from .embedding_metrics import (
 from .image_dataset import ImageDataset, check_images
 from .image_folder import read_image_folder, stratified_holdout
 from .loss_factory import build_loss
-from .market_layout import is_market_layout, read_market_layout
+from .market_layout import detect_reid_layout, read_reid_layout
 from .trainer import Schedule, build_trainer, run_epochs
 
-LAYOUTS = ("auto", "image-folder", "market1501")
+LAYOUTS = ("auto", "image-folder", "market1501", "msmt17")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class TrainOptions:
     sample_margin_weight: float = 0.0
     zero_centroid_weight: float = 0.0
     embedding_size: int = 128
-    image_size: tuple[int, int] = (64, 64)
+    image_size: tuple[int, int] | None = None  # (64, 64) for image folders, (256, 128) for re-ID
     held_out_fraction: float = 0.2
     seed: int = 0
     schedule: Schedule = Schedule(epochs=10, batch_size=32, lr=0.05)
@@ -50,7 +50,7 @@ class TrainOptions:
         """The checkpoint-relevant options as plain JSON-able values."""
         settings = asdict(self)
         del settings["data"]
-        settings["image_size"] = list(self.image_size)
+        settings["image_size"] = list(self.image_size) if self.image_size else None
         return settings
 
 
@@ -112,10 +112,13 @@ def run_training(
     root = Path(options.data)
     layout = options.layout
     if layout == "auto":
-        layout = "market1501" if root.is_dir() and is_market_layout(root) else "image-folder"
-    if layout == "market1501":
-        train, query, gallery = read_market_layout(root)
-        evaluation_paths = query.paths + gallery.paths
+        layout = (root.is_dir() and detect_reid_layout(root)) or "image-folder"
+    reid_layout = layout != "image-folder"
+    if options.image_size is None:
+        options = replace(options, image_size=(256, 128) if reid_layout else (64, 64))
+    if reid_layout:
+        train, query, gallery = read_reid_layout(root, layout)
+        evaluation_paths = [Path(path) for path in query.paths + gallery.paths]
     else:
         images = read_image_folder(root)
         train_indices, held_out_indices = stratified_holdout(
@@ -154,7 +157,7 @@ def run_training(
         run_epochs(trainer, start_epoch, options.schedule.epochs)
 
     loss.cpu()
-    if layout == "market1501":
+    if reid_layout:
         metrics = _evaluate_reid(model, query, gallery, options, torch_device, workers)
     else:
         metrics = _evaluate_held_out(model, loss, held_out, options, torch_device, workers)
