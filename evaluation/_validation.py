@@ -68,6 +68,13 @@ def check_ids(ids, name: str, length: int | None = None) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def check_positive_integer(value, name: str) -> int:
+    """A Python or numpy integer >= 1 (bools refused), as an int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_binary_labels(labels, name: str = "labels", length: int | None = None) -> np.ndarray:
     """A 1-D vector of 0/1 (or bool) pair labels, 1 meaning genuine (same identity)."""
     array = to_numpy(labels, name)

@@ -1,0 +1,342 @@
+"""Re-ID retrieval metrics under the camera-aware protocol: CMC, mAP and mINP.
+
+Definition (the "market1501" protocol of torchreid and fast-reid). For each query, gallery
+items are ranked by ascending distance; equal distances keep gallery-index order (a stable
+sort). Items with the query's pid *and* camid are removed; same-camera items of other pids
+stay. A query left with no positive (same pid, other camera) is skipped. With ``r_k`` the
+1-based kept rank of the k-th positive and ``npos`` the number of positives:
+
+- CMC@k: 1 if ``r_1 <= k``, averaged over valid queries (``cmc[k - 1]``);
+- AP = (1/npos) Σ_k k / r_k (non-interpolated), mAP its mean over valid queries;
+- INP = npos / r_npos, mINP its mean over valid queries.
+
+The CUHK03 single-gallery-shot protocol (``protocol="cuhk03"``) samples, per query and repeat,
+one kept gallery item of each pid and averages the CMC over the repeats; AP still uses the full
+list. Sampling is driven by ``numpy.random.default_rng(seed)``: for each valid query in order,
+one ``rng.random((num_repeats, num_gallery_pids))`` draw, the item of a pid being
+``floor(u · n)`` in gallery-index order among the n kept items of that pid.
+
+Ranks are counted, not sorted: see :mod:`evaluation._reid_ranking`. Features are turned into
+distances one block of queries at a time (torch, on the GPU when one is available), so memory
+stays bounded by ``block_bytes`` whatever the gallery size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._reid_ranking import count_positives, positive_ranks_block
+from ._validation import check_features, check_ids, check_positive_integer, to_numpy
+from .knn import l2_normalize
+
+METRICS = ("euclidean", "cosine")
+PROTOCOLS = ("market1501", "cuhk03")
+# Size of one block of the query x gallery distance matrix when evaluating from features.
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ReIDResult:
+    """Metrics of one evaluation; ``average_precision`` is per query, NaN where skipped."""
+
+    cmc: np.ndarray
+    mAP: float
+    mINP: float
+    average_precision: np.ndarray
+    num_valid_queries: int
+    num_skipped_queries: int
+
+    def rank(self, k: int) -> float:
+        """Rank-k accuracy (``cmc[k - 1]``)."""
+        return float(self.cmc[k - 1])
+
+    def to_dict(self) -> dict:
+        return {
+            "mAP": self.mAP,
+            "mINP": self.mINP,
+            "cmc": self.cmc.tolist(),
+            "num_valid_queries": self.num_valid_queries,
+            "num_skipped_queries": self.num_skipped_queries,
+        }
+
+
+def evaluate_reid(
+    query_features,
+    gallery_features,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+    *,
+    protocol: str = "market1501",
+    num_repeats: int = 10,
+    seed: int = 0,
+    device=None,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> ReIDResult:
+    """CMC, mAP and mINP of query features against gallery features (see the module docstring).
+
+    ``metric="euclidean"`` is torchreid's squared euclidean distance on the raw features,
+    ``‖q‖² + ‖g‖² − 2 q·g``; ``metric="cosine"`` is ``1 − q̂·ĝ`` on L2-normalised features.
+    Distances are computed in the features' precision (float16 is widened to float32) with
+    torch on ``device`` (default: CUDA when available, else CPU), one block of queries of at
+    most ``block_bytes`` at a time, each block counted as soon as it is computed.
+    """
+    query = check_features(query_features, "query_features")
+    gallery = check_features(gallery_features, "gallery_features")
+    if block_bytes <= 0:
+        raise ValueError(f"block_bytes must be positive, got {block_bytes}")
+    ids = _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
+    block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
+    blocks = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
+    return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+
+
+def evaluate_reid_from_distances(
+    distmat,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    max_rank: int = 50,
+    *,
+    protocol: str = "market1501",
+    num_repeats: int = 10,
+    seed: int = 0,
+) -> ReIDResult:
+    """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer."""
+    distances = to_numpy(distmat, "distmat")
+    if distances.ndim == 2 and 0 in distances.shape:
+        _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
+    distances = check_features(distances, "distmat")
+    ids = _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
+    blocks = DistanceBlocks.from_distances(distances)
+    return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+
+
+def pairwise_distances(query_features, gallery_features, metric: str = "euclidean", device=None):
+    """The full (num_query, num_gallery) distance matrix of :func:`evaluate_reid`, as numpy.
+
+    For small problems, plots and tests; the evaluator itself never holds this matrix whole.
+    """
+    query = check_features(query_features, "query_features")
+    gallery = check_features(gallery_features, "gallery_features")
+    return DistanceBlocks.from_features(query, gallery, metric, device).dense()
+
+
+@dataclass(frozen=True)
+class DistanceBlocks:
+    """Query x gallery distances, block by block, as offsets plus a scaled product.
+
+    The distance of query ``i`` to gallery item ``j`` is
+    ``(query_offsets[i] + gallery_offsets[j]) + scale * products[i, j]``, with ``blocks``
+    yielding ``(first_query_row, products, query_offsets)``. The counting pass adds the offsets
+    as it reads the products, which saves a pass over each block.
+    """
+
+    gallery_offsets: np.ndarray
+    scale: np.floating
+    blocks: Iterable[tuple[int, np.ndarray, np.ndarray]]
+
+    @classmethod
+    def from_distances(cls, distances: np.ndarray) -> DistanceBlocks:
+        zero_offsets = np.zeros(len(distances), dtype=distances.dtype)
+        return cls(
+            np.zeros(distances.shape[1], dtype=distances.dtype),
+            distances.dtype.type(1),
+            [(0, distances, zero_offsets)],
+        )
+
+    @classmethod
+    def from_features(
+        cls, query, gallery, metric: str, device=None, block_rows: int | None = None
+    ) -> DistanceBlocks:
+        """ "euclidean": squared norms and ``-2`` times the inner product (torchreid's formula);
+        "cosine": ``1 -`` the inner product of L2-normalised features. Products by torch on
+        ``device`` (default CUDA when available, else CPU)."""
+        import torch
+
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if query.shape[1] != gallery.shape[1]:
+            raise ValueError(
+                f"query_features have dimension {query.shape[1]} but gallery_features have "
+                f"{gallery.shape[1]}"
+            )
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if metric == "cosine":
+            query, gallery = l2_normalize(query), l2_normalize(gallery)
+        gallery_t = torch.from_numpy(np.ascontiguousarray(gallery)).to(device)
+        dtype = gallery.dtype.type
+        if metric == "euclidean":
+            gallery_offsets = (gallery_t * gallery_t).sum(1).cpu().numpy()
+        else:
+            gallery_offsets = np.zeros(len(gallery), dtype=dtype)
+        block_rows = len(query) if block_rows is None else block_rows
+
+        def blocks():
+            for first in range(0, len(query), block_rows):
+                block = np.ascontiguousarray(query[first : first + block_rows])
+                block_t = torch.from_numpy(block).to(device)
+                if metric == "euclidean":
+                    offsets = (block_t * block_t).sum(1).cpu().numpy()
+                else:
+                    offsets = np.ones(len(block), dtype=dtype)
+                yield first, (block_t @ gallery_t.T).cpu().numpy(), offsets
+
+        return cls(gallery_offsets, dtype(-2 if metric == "euclidean" else -1), blocks())
+
+    def row(self, products_row: np.ndarray, query_offset) -> np.ndarray:
+        """One query's distances, by the formula the counting pass uses."""
+        return (query_offset + self.gallery_offsets) + self.scale * products_row
+
+    def dense(self) -> np.ndarray:
+        """The whole distance matrix (consumes ``blocks``)."""
+        return np.concatenate(
+            [
+                (offsets[:, None] + self.gallery_offsets) + self.scale * products
+                for _, products, offsets in self.blocks
+            ]
+        )
+
+
+def _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, num_query, num_gallery):
+    if num_query == 0:
+        raise ValueError("the query set is empty")
+    if num_gallery == 0:
+        raise ValueError("the gallery is empty")
+    return (
+        check_ids(q_pids, "q_pids", num_query),
+        check_ids(g_pids, "g_pids", num_gallery),
+        check_ids(q_camids, "q_camids", num_query),
+        check_ids(g_camids, "g_camids", num_gallery),
+    )
+
+
+def _evaluate_blocks(
+    blocks, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, num_repeats, seed
+) -> ReIDResult:
+    max_rank = min(check_positive_integer(max_rank, "max_rank"), len(g_pids))
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "cuhk03":
+        check_positive_integer(num_repeats, "num_repeats")
+
+    pid_order = np.argsort(g_pids, kind="stable")
+    sorted_pids = g_pids[pid_order]
+    group_starts = np.searchsorted(sorted_pids, q_pids, side="left")
+    group_ends = np.searchsorted(sorted_pids, q_pids, side="right")
+    num_positives = count_positives(group_starts, group_ends, q_camids, pid_order, g_camids)
+    valid = _valid_query_mask(num_positives)
+    offsets = np.concatenate([[0], np.cumsum(num_positives)])
+    ranks = np.empty(offsets[-1], dtype=np.int64)
+    sampler = _SingleShotSampler(sorted_pids, pid_order, g_camids, num_repeats, seed)
+    single_shot_ranks = []
+
+    for first, products, query_offsets in blocks.blocks:
+        rows = slice(first, first + len(products))
+        block_offsets = offsets[first : first + len(products) + 1]
+        positive_ranks_block(
+            products,
+            query_offsets,
+            blocks.gallery_offsets,
+            blocks.scale,
+            group_starts[rows],
+            group_ends[rows],
+            q_camids[rows],
+            pid_order,
+            g_camids,
+            ranks[block_offsets[0] : block_offsets[-1]],
+            block_offsets - block_offsets[0],
+        )
+        if protocol == "cuhk03":
+            for query in np.flatnonzero(valid[rows]):
+                distances = blocks.row(products[query], query_offsets[query])
+                single_shot_ranks.append(
+                    sampler.ranks(distances, q_pids[first + query], q_camids[first + query])
+                )
+
+    cmc_ranks = np.concatenate(single_shot_ranks) if protocol == "cuhk03" else None
+    return result_from_positive_ranks(ranks, num_positives, max_rank, cmc_ranks)
+
+
+def _valid_query_mask(num_positives: np.ndarray) -> np.ndarray:
+    """The queries with at least one positive; a ValueError when there is none."""
+    valid = num_positives > 0
+    if not valid.any():
+        raise ValueError(
+            "no query has a positive: no gallery item shares a query's pid under another camera"
+        )
+    return valid
+
+
+def result_from_positive_ranks(
+    ranks: np.ndarray,
+    num_positives: np.ndarray,
+    max_rank: int,
+    cmc_ranks: np.ndarray | None = None,
+) -> ReIDResult:
+    """The metrics from the kept 1-based rank of every positive (the protocol's last step).
+
+    ``ranks`` holds, query by query, the ascending ranks of query ``i``'s ``num_positives[i]``
+    positives (queries without positives contribute none); ``max_rank`` is already clipped to
+    the gallery size. CMC counts ``cmc_ranks`` (default: each valid query's first positive;
+    the CUHK03 protocol passes its single-shot ranks).
+    """
+    valid = _valid_query_mask(num_positives)
+    offsets = np.concatenate([[0], np.cumsum(num_positives)])
+    # Rank k (1-based) of each positive within its query, for AP = mean over k of k / r_k.
+    within = np.arange(len(ranks)) - np.repeat(offsets[:-1], num_positives) + 1
+    valid_starts = offsets[:-1][valid]
+    average_precision = np.full(len(num_positives), np.nan)
+    average_precision[valid] = np.add.reduceat(within / ranks, valid_starts) / num_positives[valid]
+    inverse_negative_penalty = num_positives[valid] / ranks[offsets[1:][valid] - 1]
+    first_ranks = ranks[valid_starts] if cmc_ranks is None else cmc_ranks
+    return ReIDResult(
+        cmc=_cmc(first_ranks, max_rank),
+        mAP=float(average_precision[valid].mean()),
+        mINP=float(inverse_negative_penalty.mean()),
+        average_precision=average_precision,
+        num_valid_queries=int(valid.sum()),
+        num_skipped_queries=int((~valid).sum()),
+    )
+
+
+def _cmc(first_ranks: np.ndarray, max_rank: int) -> np.ndarray:
+    """Fraction of first-positive ranks within k, for k = 1..max_rank."""
+    hits = np.bincount(np.minimum(first_ranks, max_rank + 1) - 1, minlength=max_rank + 1)
+    return np.cumsum(hits[:max_rank]) / len(first_ranks)
+
+
+class _SingleShotSampler:
+    """CUHK03 single-gallery-shot ranks: one kept item per gallery pid, per repeat."""
+
+    def __init__(self, sorted_pids, pid_order, g_camids, num_repeats, seed):
+        self.unique_pids, self.group_starts, self.group_sizes = np.unique(
+            sorted_pids, return_index=True, return_counts=True
+        )
+        self.pid_order, self.g_camids = pid_order, g_camids
+        self.num_repeats = num_repeats
+        self.rng = np.random.default_rng(seed)
+
+    def ranks(self, row: np.ndarray, pid: int, camid: int) -> np.ndarray:
+        """Rank of the sampled positive among the sampled items, one per repeat."""
+        draws = self.rng.random((self.num_repeats, len(self.unique_pids)))
+        own = np.searchsorted(self.unique_pids, pid)
+        start = self.group_starts[own]
+        group = self.pid_order[start : start + self.group_sizes[own]]
+        positives = group[self.g_camids[group] != camid]
+        sampled = self.pid_order[self.group_starts + (draws * self.group_sizes).astype(np.int64)]
+        positive = positives[(draws[:, own] * len(positives)).astype(np.int64)]
+        sampled_distances, positive_distances = row[sampled], row[positive][:, None]
+        before = (sampled_distances < positive_distances) | (
+            (sampled_distances == positive_distances) & (sampled < positive[:, None])
+        )
+        before[:, own] = False
+        return before.sum(1) + 1

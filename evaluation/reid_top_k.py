@@ -1,0 +1,85 @@
+"""CMC from a FAISS top-k search, and what top-k cannot give.
+
+CMC@k only needs the first positive among the first ``max_rank`` kept items, so an exact flat
+FAISS search (:func:`evaluation.knn.top_k`, on a GPU when faiss-gpu and a GPU are present) for
+``max_rank`` plus the largest number of junk items of any query is enough: junk removal can
+push at most that many items out of the way. AP and INP are different: they need the rank of
+*every* positive, and the last positive can sit anywhere in the gallery (mINP is exactly about
+that one), so a top-k list would truncate them; GPU FAISS also caps k at 2048.
+:func:`evaluation.reid.evaluate_reid` therefore stays exact for mAP and mINP by counting, for
+every positive, the kept items before it over whole distance rows (one compiled pass per row),
+never by top-k. The same :func:`evaluation.knn.top_k` lists serve as re-ranking candidates.
+
+FAISS computes its own distances (its L2 formula differs from torch's in the last bits) and
+orders equal scores its own way, so near-ties can rank differently from ``evaluate_reid``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import check_features, check_ids
+from .knn import GPU_MAX_K, gpu_available, top_k
+
+_FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
+
+
+def cmc_from_top_k(
+    query_features,
+    gallery_features,
+    q_pids,
+    g_pids,
+    q_camids,
+    g_camids,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, int]:
+    """``(cmc, num_valid_queries)`` of the camera-aware protocol from exact FAISS top-k lists."""
+    if metric not in _FAISS_METRICS:
+        raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
+    query = check_features(query_features, "query_features")
+    gallery = check_features(gallery_features, "gallery_features")
+    q_pids, q_camids = (
+        check_ids(q_pids, "q_pids", len(query)),
+        check_ids(q_camids, "q_camids", len(query)),
+    )
+    g_pids = check_ids(g_pids, "g_pids", len(gallery))
+    g_camids = check_ids(g_camids, "g_camids", len(gallery))
+    if not isinstance(max_rank, int) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
+    max_rank = min(max_rank, len(gallery))
+
+    junk_counts = _matching_counts(q_pids, q_camids, g_pids, g_camids)
+    valid = _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) > junk_counts
+    if not valid.any():
+        raise ValueError(
+            "no query has a positive: no gallery item shares a query's pid under another camera"
+        )
+    k = min(len(gallery), max_rank + int(junk_counts.max()))
+    if use_gpu is None:
+        use_gpu = k <= GPU_MAX_K and gpu_available()
+    _, indices = top_k(query, gallery, k, metric=_FAISS_METRICS[metric], use_gpu=use_gpu)
+
+    hits = np.zeros(max_rank)
+    for query_index in np.flatnonzero(valid):
+        neighbours = indices[query_index]
+        neighbours = neighbours[neighbours >= 0]
+        junk = (g_pids[neighbours] == q_pids[query_index]) & (
+            g_camids[neighbours] == q_camids[query_index]
+        )
+        matches = (g_pids[neighbours] == q_pids[query_index])[~junk][:max_rank]
+        if matches.any():
+            hits[np.argmax(matches) :] += 1
+    return hits / valid.sum(), int(valid.sum())
+
+
+def _matching_counts(q_pids, q_camids, g_pids, g_camids) -> np.ndarray:
+    """Per query, the gallery items with its pid and camid (no query x gallery matrix)."""
+    low = min(q_camids.min(), g_camids.min())
+    span = max(q_camids.max(), g_camids.max()) - low + 1
+    gallery_keys = np.sort(g_pids * span + (g_camids - low))
+    query_keys = q_pids * span + (q_camids - low)
+    return np.searchsorted(gallery_keys, query_keys, "right") - np.searchsorted(
+        gallery_keys, query_keys, "left"
+    )

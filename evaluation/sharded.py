@@ -1,0 +1,151 @@
+"""Evaluation with the gallery split across the ranks of a torch.distributed process group.
+
+Every rank holds all queries and its own contiguous slice of the gallery, in rank order (rank 0
+holds gallery items 0..n_0-1, and so on); results are identical on every rank.
+
+- :func:`sharded_top_k`: the k closest gallery items of each query over all shards (1:N
+  identification, CMC from retrieval lists): local exact search, then a merge of the ranks'
+  candidates, ties broken by the global gallery index.
+- :func:`sharded_reid_from_distances`: exact re-ID CMC / mAP / mINP (market1501 protocol) by
+  counting. The positives of each query (same pid, other camera; few) are gathered from all
+  shards; each rank counts, per positive, its kept negatives that come before it (smaller
+  distance, or equal distance and smaller global index), and one all-reduce sums the counts.
+  The kept rank of positive k is then ``negatives before + k + 1``: no rank ever holds the
+  whole distance row, and the result equals single-process evaluation on the full matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from numba import njit, prange
+
+from ._reid_ranking import positives_before
+from ._validation import check_features, check_ids, check_positive_integer
+from .knn import top_k
+from .reid import ReIDResult, result_from_positive_ranks
+
+
+def _collective_device(group):
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_array(array: np.ndarray, group) -> list[np.ndarray]:
+    """Every rank's array of the same shape and dtype, in rank order."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(_collective_device(group))
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, tensor, group=group)
+    return [piece.cpu().numpy() for piece in pieces]
+
+
+def _all_reduce_array(array: np.ndarray, op, group) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(array)).to(_collective_device(group))
+    dist.all_reduce(tensor, op=op, group=group)
+    return tensor.cpu().numpy()
+
+
+def _shard_offset(local_size: int, group) -> tuple[int, int]:
+    """(global index of this rank's first gallery item, total gallery size)."""
+    sizes = np.concatenate(_all_gather_array(np.array([local_size], dtype=np.int64), group))
+    return int(sizes[: dist.get_rank(group)].sum()), int(sizes.sum())
+
+
+def sharded_top_k(
+    queries, local_gallery, k: int, metric: str = "cosine", group=None, use_gpu: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` gallery items closest to each query over all shards: ``(scores, indices)``.
+
+    Scores follow :func:`evaluation.knn.top_k` (larger is closer); indices are global gallery
+    indices. Equal scores are ordered by global index. Same result on every rank.
+    """
+    query_array = check_features(queries, "queries")
+    gallery = check_features(local_gallery, "local_gallery", allow_empty=True)
+    offset, total = _shard_offset(gallery.shape[0], group)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must lie in [1, {total}] (the whole gallery), got {k}")
+    scores = np.full((query_array.shape[0], k), -np.inf, dtype=np.float32)
+    indices = np.full((query_array.shape[0], k), np.iinfo(np.int64).max, dtype=np.int64)
+    local_k = min(k, gallery.shape[0])
+    if local_k:
+        local_scores, local_indices = top_k(query_array, gallery, local_k, metric, use_gpu)
+        scores[:, :local_k] = local_scores
+        indices[:, :local_k] = local_indices + offset
+    all_scores = np.concatenate(_all_gather_array(scores, group), axis=1)
+    all_indices = np.concatenate(_all_gather_array(indices, group), axis=1)
+    order = np.lexsort((all_indices, -all_scores), axis=-1)[:, :k]
+    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_indices, order, 1)
+
+
+@njit(cache=True, parallel=True)
+def _negatives_before_positives(
+    distances, gallery_pids, index_offset, query_pids, positive_distances, positive_indices,
+    num_positives, counts,
+):  # fmt: skip
+    """counts[q, k] = this shard's negatives (other pid) before query q's k-th sorted positive."""
+    for query in prange(distances.shape[0]):
+        count = num_positives[query]
+        if count == 0:
+            continue
+        query_distances = positive_distances[query, :count]
+        query_indices = positive_indices[query, :count]
+        bins = np.zeros(count + 1, dtype=np.int64)
+        for item in range(distances.shape[1]):
+            if gallery_pids[item] != query_pids[query]:
+                distance, index = distances[query, item], item + index_offset
+                bins[positives_before(distance, index, query_distances, query_indices)] += 1
+        running = 0
+        for k in range(count):
+            running += bins[k]
+            counts[query, k] = running
+
+
+def sharded_reid_from_distances(
+    local_distances, q_pids, local_g_pids, q_camids, local_g_camids, max_rank: int = 50, group=None
+) -> ReIDResult:
+    """Exact CMC, mAP and mINP (market1501 protocol, SPEC section 5) with the gallery sharded.
+
+    ``local_distances`` (num_query, n_local): this rank's columns of the distance matrix, smaller
+    is closer; ``local_g_pids`` / ``local_g_camids`` its gallery ids. Returns, on every rank, the
+    :class:`evaluation.reid.ReIDResult` that :func:`evaluation.reid.evaluate_reid_from_distances`
+    gives for the whole matrix (the same ranks go through the same final step).
+    """
+    distances = check_features(local_distances, "local_distances", allow_empty=True)
+    num_query, num_local = distances.shape
+    q_pids = check_ids(q_pids, "q_pids", num_query)
+    q_camids = check_ids(q_camids, "q_camids", num_query)
+    g_pids = check_ids(local_g_pids, "local_g_pids", num_local)
+    g_camids = check_ids(local_g_camids, "local_g_camids", num_local)
+    max_rank = check_positive_integer(max_rank, "max_rank")
+    offset, total = _shard_offset(num_local, group)
+
+    is_positive = (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] != g_camids[None, :])
+    local_counts = is_positive.sum(axis=1)
+    width = int(
+        _all_reduce_array(np.array([local_counts.max(initial=0)]), dist.ReduceOp.MAX, group)[0]
+    )
+    positive_distances = np.full((num_query, width), np.inf, dtype=distances.dtype)
+    positive_indices = np.full((num_query, width), np.iinfo(np.int64).max, dtype=np.int64)
+    rows, columns = np.nonzero(is_positive)
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(local_counts) - local_counts, local_counts)
+    positive_distances[rows, slots] = distances[rows, columns]
+    positive_indices[rows, slots] = columns + offset
+    positive_distances = np.concatenate(_all_gather_array(positive_distances, group), axis=1)
+    positive_indices = np.concatenate(_all_gather_array(positive_indices, group), axis=1)
+    order = np.lexsort((positive_indices, positive_distances), axis=-1)
+    positive_distances = np.take_along_axis(positive_distances, order, 1)
+    positive_indices = np.take_along_axis(positive_indices, order, 1)
+    num_positives = _all_reduce_array(local_counts.astype(np.int64), dist.ReduceOp.SUM, group)
+
+    counts = np.zeros(positive_distances.shape, dtype=np.int64)
+    _negatives_before_positives(
+        distances, g_pids, offset, q_pids,
+        positive_distances, positive_indices, num_positives, counts,
+    )  # fmt: skip
+    counts = _all_reduce_array(counts, dist.ReduceOp.SUM, group)
+    # Kept 1-based rank of each positive: the negatives before it plus the positives up to it.
+    positions = np.arange(1, counts.shape[1] + 1)
+    ranks = (counts + positions)[positions[None, :] <= num_positives[:, None]]
+    return result_from_positive_ranks(ranks, num_positives, min(max_rank, total))

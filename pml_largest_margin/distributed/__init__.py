@@ -1,0 +1,15 @@
+"""Class-parallel largest-margin losses over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
+
+from .class_parallel_generalized_margin_softmax_loss import (
+    ClassParallelGeneralizedMarginSoftmaxLoss,
+)
+from .class_parallel_largest_margin_softmax_loss import ClassParallelLargestMarginSoftmaxLoss
+from .class_parallel_zero_centroid_regularizer import ClassParallelZeroCentroidRegularizer
+from .sharding import shard_bounds
+
+__all__ = [
+    "ClassParallelGeneralizedMarginSoftmaxLoss",
+    "ClassParallelLargestMarginSoftmaxLoss",
+    "ClassParallelZeroCentroidRegularizer",
+    "shard_bounds",
+]

@@ -1,0 +1,130 @@
+"""PML plumbing shared by the margin-softmax losses: prototypes, checks, dtypes, reducers, stats."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pytorch_metric_learning.distances import CosineSimilarity
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from .._validation import check_embeddings, check_labels
+from ..margins import cosine_logits
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class BaseMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """A classification loss that owns its prototypes ``W`` (embedding_size, num_classes).
+
+    Subclasses implement :meth:`per_sample_losses`. This class follows PML's ``ArcFaceLoss``:
+    ``W`` is initialised by ``weight_init_func``, handed to ``weight_regularizer`` as ``W.t()``,
+    a miner's ``indices_tuple`` becomes per-sample weights (``lmu.convert_to_weights``), and the
+    per-sample losses go to the reducer with ``reduction_type="element"``.
+
+    Unlike PML, ``W`` keeps its dtype: half-precision embeddings and autocast are computed in
+    float32 (autocast disabled inside the loss), and the loss comes back in float32; float64
+    embeddings are computed in float64. ``W`` is moved to the embeddings' device if needed.
+
+    Args:
+        validate_inputs: check embeddings for NaN/Inf (a ValueError). The check reads the
+            embeddings once; turn it off in hot loops whose inputs are known to be finite.
+            Labels are always checked.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float,
+        validate_inputs: bool = True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        c_f.assert_distance_type(self, CosineSimilarity)
+        if int(num_classes) != num_classes or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
+        if int(embedding_size) != embedding_size or embedding_size < 1:
+            raise ValueError(f"embedding_size must be an integer >= 1, got {embedding_size}")
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale}")
+        self.num_classes = int(num_classes)
+        self.embedding_size = int(embedding_size)
+        self.scale = float(scale)
+        self.validate_inputs = bool(validate_inputs)
+        self.W = torch.nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
+        self.weight_init_func(self.W)
+        self.add_to_recordable_attributes(
+            list_of_names=["num_classes", "embedding_size", "scale"], is_stat=False
+        )
+        self.add_to_recordable_attributes(
+            list_of_names=["mean_sample_margin", "min_sample_margin"], is_stat=True
+        )
+
+    def per_sample_losses(
+        self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Losses of shape (N,) for a non-empty batch, in the dtype of ``weights``."""
+        raise NotImplementedError
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        self._check_inputs(embeddings, labels)
+        weights = self._compute_weights(embeddings)
+        if embeddings.shape[0] == 0:
+            # No samples: a zero on the graph of both inputs, so backward() gives zero gradients.
+            zero = embeddings.sum().to(weights.dtype) * 0 + weights[:, :0].sum()
+            loss = {"losses": zero, "indices": None, "reduction_type": "already_reduced"}
+        else:
+            with torch.autocast(device_type=embeddings.device.type, enabled=False):
+                losses = self.per_sample_losses(embeddings.to(weights.dtype), weights, labels)
+            miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
+            loss = {
+                "losses": losses * miner_weights,
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            }
+        loss_dict = {"loss": loss}
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``s · cos θ_ij`` for inference (no margin), shape (N, num_classes), float32 or wider."""
+        self._check_embeddings(embeddings)
+        weights = self._compute_weights(embeddings)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self.scale * cosine_logits(embeddings.to(weights.dtype), weights)
+
+    def get_default_distance(self):
+        return CosineSimilarity()
+
+    def record_sample_margins(self, margins: torch.Tensor | None) -> None:
+        """Store the batch's mean and minimum sample margin as stats (``collect_stats=True``)."""
+        if margins is not None and margins.numel():
+            self.mean_sample_margin = float(margins.mean())
+            self.min_sample_margin = float(margins.min())
+
+    def _check_embeddings(self, embeddings):
+        check_embeddings(embeddings, finite=self.validate_inputs)
+        if embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings have dimension {embeddings.shape[1]} but the loss was built with "
+                f"embedding_size={self.embedding_size}"
+            )
+
+    def _check_inputs(self, embeddings, labels):
+        self._check_embeddings(embeddings)
+        check_labels(labels, self.num_classes, embeddings.shape[0])
+
+    def _compute_weights(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``W`` on the embeddings' device, in the compute dtype (at least float32)."""
+        if self.W.device != embeddings.device:
+            self.W.data = self.W.data.to(embeddings.device)
+        dtype = torch.promote_types(self.W.dtype, embeddings.dtype)
+        if dtype in _HALF_DTYPES:
+            dtype = torch.float32
+        return self.W if self.W.dtype == dtype else self.W.to(dtype)

@@ -1,0 +1,78 @@
+"""GM-Softmax, the generalized margin softmax family (NormFace, SphereFace, CosFace, ArcFace)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..margins import cosine_logits, sample_margins_from_cosines
+from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
+from .functional import generalized_margin_softmax, generalized_margin_softmax_head
+from .fused import fused_nontarget_logsumexp
+from .margin_functions import MarginFunction, target_margin_function
+from .margin_presets_mixin import MarginPresetsMixin
+
+
+class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
+    """GM-Softmax: ``L_i = −log(e^{s·ψ(θ_iy)} / (e^{s·ψ(θ_iy)} + Σ_{j≠y} e^{s·φ(θ_ij)}))``.
+
+    By default ``ψ(θ) = cos(m1·θ + m2) − m3`` (insightface's combined margin: ``m1``
+    multiplicative angular, ``m2`` additive angular in radians, ``m3`` additive cosine; see
+    :mod:`pml_largest_margin.losses.margin_functions` for the continuation past ``π``, which for
+    ``m2 > 0`` is PML's ``ArcFaceLoss`` fallback) and ``φ(θ) = cos θ``.
+
+    Presets (``GeneralizedMarginSoftmaxLoss.preset(name, num_classes, embedding_size, ...)``):
+
+    ========== ============================ ============ ===========================================
+    name       ψ(θ)                          default s    agrees with (same W and inputs)
+    ========== ============================ ============ ===========================================
+    normface   cos θ                        20           ``NormalizedSoftmaxLoss(temperature=1/s)``
+    sphereface (−1)^k cos(mθ) − 2k, m=4     64           ``SphereFaceLoss(margin=m, scale=s)`` on
+                                                         unit-norm embeddings (PML scales by ‖x‖)
+    cosface    cos θ − m, m=0.35            64           ``CosFaceLoss(margin=m, scale=s)``
+    arcface    cos(θ + m), m=0.5 rad        64           ``ArcFaceLoss(margin=degrees(m), scale=s)``
+    ========== ============================ ============ ===========================================
+
+    Args:
+        psi, phi: your own target and non-target functions of the cosine (elementwise, tensors
+            in and out). ``psi`` replaces m1, m2, m3 (pass one or the other); it may be an
+            ``nn.Module`` with parameters. ``phi=None`` is ``cos θ`` and runs the fused kernel
+            (:mod:`pml_largest_margin.losses.fused`); a custom ``phi`` goes through autograd
+            on the full batch × classes matrix.
+        validate_inputs, **kwargs: as for :class:`LargestMarginSoftmaxLoss` (the note on
+            ``DistributedLossWrapper`` there applies here too).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.0,
+        m3: float = 0.0,
+        psi: MarginFunction | None = None,
+        phi: MarginFunction | None = None,
+        **kwargs,
+    ):
+        super().__init__(num_classes, embedding_size, scale, **kwargs)
+        self.psi = target_margin_function(m1, m2, m3, psi)
+        if phi is not None and not callable(phi):
+            raise TypeError(f"phi must be callable, got {type(phi).__name__}")
+        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        self.phi = phi
+        self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
+
+    def per_sample_losses(
+        self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        if self.phi is None:
+            nontarget_lse, target, margins = fused_nontarget_logsumexp(
+                embeddings, weights, labels, self.scale, with_margins=self.collect_stats
+            )
+            self.record_sample_margins(margins)
+            return generalized_margin_softmax_head(nontarget_lse, self.psi(target), self.scale)
+        cosines = cosine_logits(embeddings, weights)
+        if self.collect_stats:
+            with torch.no_grad():
+                self.record_sample_margins(sample_margins_from_cosines(cosines, labels))
+        return generalized_margin_softmax(cosines, labels, self.scale, self.psi, self.phi)

@@ -1,0 +1,568 @@
+"""Class-parallel losses on 2 gloo processes against single-process references (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from _distributed_harness import run_in_workers
+
+from evaluation.knn import top_k
+from evaluation.reid import ReIDResult, evaluate_reid_from_distances
+from evaluation.sharded import sharded_reid_from_distances, sharded_top_k
+from pml_largest_margin.distributed import (
+    ClassParallelGeneralizedMarginSoftmaxLoss,
+    ClassParallelLargestMarginSoftmaxLoss,
+    ClassParallelZeroCentroidRegularizer,
+    shard_bounds,
+)
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+
+NUM_CLASSES, EMBEDDING_SIZE, INPUT_SIZE, SCALE = 7, 6, 4, 3.0
+# Uneven on purpose: 5 samples on rank 0 and 3 on rank 1, classes split 4 / 3.
+BATCH_SIZES = (5, 3)
+
+
+def _problem(tied_prototypes=False):
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(sum(BATCH_SIZES), INPUT_SIZE, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 6, 3, 4, 3, 1, 5, 2])
+    W = torch.randn(EMBEDDING_SIZE, NUM_CLASSES, generator=generator, dtype=torch.float64)
+    if tied_prototypes:
+        # Classes 1 (rank 0) and 5 (rank 1) share a direction: the non-target max is tied
+        # across ranks for samples of other classes.
+        W[:, 5] = 2 * W[:, 1]
+    backbone = torch.nn.Linear(INPUT_SIZE, EMBEDDING_SIZE).double()
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(backbone.weight.shape, generator=generator))
+        backbone.bias.copy_(torch.randn(backbone.bias.shape, generator=generator))
+    return inputs, labels, W, backbone
+
+
+def _local_rows(tensor, rank):
+    start = sum(BATCH_SIZES[:rank])
+    return tensor[start : start + BATCH_SIZES[rank]]
+
+
+def _numpy_grads(module):
+    return [parameter.grad.detach().numpy().copy() for parameter in module.parameters()]
+
+
+def _class_parallel_step(rank, loss_fn, tied_prototypes=False, indices_tuple=None):
+    inputs, labels, W, backbone = _problem(tied_prototypes)
+    loss_fn.load_full_W(W)
+    model = torch.nn.parallel.DistributedDataParallel(backbone)
+    loss = loss_fn(model(_local_rows(inputs, rank)), _local_rows(labels, rank), indices_tuple)
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "W_grad": loss_fn.W.grad.numpy().copy(),
+        "class_range": loss_fn.class_range,
+        "backbone_grads": _numpy_grads(model.module),
+    }
+
+
+def _reference_step(
+    sample_margin_weight=0.0,
+    centroid_weight=0.0,
+    tied_prototypes=False,
+    labels=None,
+    sample_weights=None,
+):
+    """Straightforward single-process LM-Softmax on the full batch with the full W, by autograd,
+    each sample's terms scaled by ``sample_weights`` (a miner's weights)."""
+    inputs, problem_labels, W, backbone = _problem(tied_prototypes)
+    labels = problem_labels if labels is None else labels
+    W.requires_grad_(True)
+    embeddings = torch.nn.functional.normalize(backbone(inputs), dim=1)
+    cosines = embeddings @ torch.nn.functional.normalize(W, dim=0)
+    target = cosines.gather(1, labels[:, None]).squeeze(1)
+    is_target = torch.nn.functional.one_hot(labels, NUM_CLASSES).bool()
+    non_target = cosines.masked_fill(is_target, -torch.inf)
+    weights = 1.0 if sample_weights is None else sample_weights
+    losses = torch.logsumexp(SCALE * (non_target - target[:, None]), dim=1) / SCALE
+    loss = (losses * weights).mean()
+    loss = loss + sample_margin_weight * ((non_target.amax(dim=1) - target) * weights).mean()
+    centroid = torch.nn.functional.normalize(W, dim=0).mean(dim=1)
+    loss = loss + centroid_weight * centroid.square().sum()
+    loss.backward()
+    return {"loss": loss.item(), "W_grad": W.grad.numpy(), "backbone_grads": _numpy_grads(backbone)}
+
+
+def _single_process_class_step(loss_fn, indices_tuple=None):
+    """The single-process loss class on the full batch with the full W."""
+    inputs, labels, W, backbone = _problem()
+    loss_fn = loss_fn.double()
+    with torch.no_grad():
+        loss_fn.W.copy_(W)
+    loss = loss_fn(backbone(inputs), labels, indices_tuple)
+    loss.backward()
+    return {
+        "loss": loss.item(),
+        "W_grad": loss_fn.W.grad.numpy(),
+        "backbone_grads": _numpy_grads(backbone),
+    }
+
+
+# Triplets mined on each rank's own batch (positions 0..4 on rank 0, 0..2 on rank 1).
+MINED_TRIPLETS = (
+    (torch.tensor([0, 1, 1, 3]), torch.tensor([2, 3, 4, 3]), torch.tensor([4, 0, 1, 1])),
+    (torch.tensor([0, 2]), torch.tensor([1, 1]), torch.tensor([2, 0])),
+)
+
+
+def _concatenated_triplets(per_rank):
+    """The ranks' tuples as one tuple over the concatenated batch (None: no triplets)."""
+    shifted = [
+        [indices + sum(BATCH_SIZES[:rank]) for indices in triplets]
+        for rank, triplets in enumerate(per_rank)
+        if triplets is not None
+    ]
+    return tuple(torch.cat(parts) for parts in zip(*shifted, strict=True))
+
+
+GM_SCALE = 4.0
+ARCFACE_MARGIN = 0.5
+GM_CASES = ("arcface", "cosface", "sphereface", "normface", "combined")
+
+
+def _gm_loss(loss_class, case):
+    if case == "combined":
+        return loss_class(NUM_CLASSES, EMBEDDING_SIZE, scale=GM_SCALE, m1=2.0, m2=0.1, m3=0.2)
+    margin = {"margin": ARCFACE_MARGIN} if case == "arcface" else {}
+    return loss_class.preset(case, NUM_CLASSES, EMBEDDING_SIZE, scale=GM_SCALE, **margin)
+
+
+# --- checks run inside the workers -------------------------------------------------------------
+
+
+def check_lm_softmax(rank, world_size):
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    return _class_parallel_step(rank, loss_fn.double())
+
+
+def check_lm_softmax_with_regularizers(rank, world_size):
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+        sample_margin_weight=0.3,
+        weight_regularizer=ClassParallelZeroCentroidRegularizer(),
+        weight_reg_weight=0.7,
+    )
+    return _class_parallel_step(rank, loss_fn.double(), tied_prototypes=True)
+
+
+def check_gm_softmax(rank, world_size):
+    return {
+        case: _class_parallel_step(
+            rank, _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, case).double()
+        )
+        for case in GM_CASES
+    }
+
+
+def check_mined_triplets(rank, world_size):
+    lm = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    arcface = _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, "arcface")
+    inputs, labels, _, backbone = _problem()
+    out_of_range = tuple(indices.clone() for indices in MINED_TRIPLETS[rank])
+    out_of_range[1][0] = BATCH_SIZES[rank] if rank == 1 else 0
+    embeddings = backbone(_local_rows(inputs, rank)).detach()
+    return {
+        "lm": _class_parallel_step(rank, lm.double(), indices_tuple=MINED_TRIPLETS[rank]),
+        # Rank 1 mined nothing.
+        "arcface": _class_parallel_step(
+            rank, arcface.double(), indices_tuple=MINED_TRIPLETS[0] if rank == 0 else None
+        ),
+        "lm with sample margin": _class_parallel_step(
+            rank,
+            ClassParallelLargestMarginSoftmaxLoss(
+                NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, sample_margin_weight=0.3
+            ).double(),
+            indices_tuple=MINED_TRIPLETS[rank],
+        ),
+        "index out of range on rank 1": _error_text(
+            lambda: lm.double()(embeddings, _local_rows(labels, rank), out_of_range)
+        ),
+        "float indices": _error_text(
+            lambda: lm(embeddings, _local_rows(labels, rank), (torch.zeros(1),) * 3)
+        ),
+    }
+
+
+def check_half_precision_embeddings(rank, world_size):
+    """float32 W with bfloat16 / float16 embeddings (and under autocast): computed in float32."""
+    inputs, labels, W, backbone = _problem()
+    loss_fn = _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, "arcface")
+    loss_fn.load_full_W(W.float())
+    embeddings = backbone(_local_rows(inputs, rank)).detach().float()
+    local_labels = _local_rows(labels, rank)
+    results = {"float32": loss_fn(embeddings, local_labels).item()}
+    for dtype in (torch.bfloat16, torch.float16):
+        half = embeddings.to(dtype).requires_grad_(True)
+        loss = loss_fn(half, local_labels)
+        loss.backward()
+        results[str(dtype)] = (loss.item(), str(loss.dtype), str(half.grad.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        results["autocast"] = loss_fn(embeddings, local_labels).item()
+    return results
+
+
+def check_gm_constructor_errors(rank, world_size):
+    loss_class = ClassParallelGeneralizedMarginSoftmaxLoss
+    return {
+        "unknown preset": _error_text(lambda: loss_class.preset("circleface", 4, 3)),
+        "psi and margins": _error_text(lambda: loss_class(4, 3, m2=0.3, psi=torch.cos)),
+        "psi not callable": _error_text(lambda: loss_class(4, 3, psi=0.5)),
+        "m2 out of range": _error_text(lambda: loss_class(4, 3, m2=4.0)),
+        "preset arguments": loss_class.preset("cosface", 4, 3, margin=0.2).m3,
+    }
+
+
+def check_zero_centroid_forms(rank, world_size):
+    _, _, W, _ = _problem()
+    results = {}
+    for form in ("mean", "sum"):
+        slice_ = W[:, slice(*shard_bounds(NUM_CLASSES, world_size, rank))].clone()
+        slice_.requires_grad_(True)
+        value = ClassParallelZeroCentroidRegularizer(form=form)(slice_.t())
+        value.backward()
+        results[form] = (value.item(), slice_.grad.numpy().copy())
+    results["bad form"] = _error_text(lambda: ClassParallelZeroCentroidRegularizer(form="avg"))
+    return results
+
+
+# Two classes in the batch, one per rank, so that sampling has negatives to drop.
+SAMPLING_LABELS = torch.tensor([0, 4, 4, 0, 0, 4, 0, 4])
+
+
+def check_class_sampling(rank, world_size):
+    inputs, _, W, backbone = _problem()
+    labels = SAMPLING_LABELS
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+        sample_rate=0.5,
+        generator=torch.Generator().manual_seed(rank),
+    ).double()
+    loss_fn.load_full_W(W)
+    embeddings = backbone(_local_rows(inputs, rank))
+    sampled = loss_fn(embeddings, _local_rows(labels, rank))
+    sampled.backward()
+    gradient_columns = loss_fn.W.grad.abs().sum(dim=0) > 0
+    loss_fn.eval()
+    exact = loss_fn(embeddings.detach(), _local_rows(labels, rank)).item()
+    return {
+        "sampled": sampled.item(),
+        "exact_in_eval_mode": exact,
+        "columns_with_gradient": gradient_columns.nonzero().squeeze(1).tolist(),
+        "class_range": loss_fn.class_range,
+        "batch_classes": sorted(set(labels.tolist())),
+    }
+
+
+def _error_text(call):
+    try:
+        call()
+    except (ValueError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check_bad_inputs(rank, world_size):
+    inputs, labels, W, backbone = _problem()
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE).double()
+    embeddings = backbone(_local_rows(inputs, rank)).detach()
+    good_labels = _local_rows(labels, rank)
+    out_of_range = good_labels.clone()
+    out_of_range[0] = NUM_CLASSES if rank == 1 else out_of_range[0]
+    with_nan = embeddings.clone()
+    with_nan[0, 0] = torch.nan if rank == 0 else with_nan[0, 0]
+    wrong_width = embeddings[:, :-1] if rank == 1 else embeddings
+    mixed_dtype = embeddings.float() if rank == 0 else embeddings
+    errors = {
+        "label out of range on rank 1": _error_text(lambda: loss_fn(embeddings, out_of_range)),
+        "NaN on rank 0": _error_text(lambda: loss_fn(with_nan, good_labels)),
+        "wrong dimension on rank 1": _error_text(lambda: loss_fn(wrong_width, good_labels)),
+        "dtypes differ across ranks": _error_text(lambda: loss_fn(mixed_dtype, good_labels)),
+        "float labels": _error_text(lambda: loss_fn(embeddings, good_labels.double())),
+    }
+    # The group must still be usable after the errors: every rank took part in each exchange.
+    errors["valid call afterwards"] = _error_text(lambda: loss_fn(embeddings, good_labels))
+    return errors
+
+
+def _reid_problem():
+    rng = np.random.default_rng(3)
+    num_query, num_gallery = 20, 53
+    # Distances on a coarse grid: many ties, which must be broken by global gallery index.
+    distances = np.round(rng.random((num_query, num_gallery)), 1)
+    q_pids, g_pids = rng.integers(0, 8, num_query), rng.integers(0, 8, num_gallery)
+    q_camids, g_camids = rng.integers(0, 3, num_query), rng.integers(0, 3, num_gallery)
+    q_pids[0] = 8  # in no shard of the gallery: a skipped query
+    queries = rng.standard_normal((num_query, 8)).astype(np.float32)
+    gallery = rng.standard_normal((num_gallery, 8)).astype(np.float32)
+    return distances, q_pids, g_pids, q_camids, g_camids, queries, gallery
+
+
+def check_sharded_evaluation(rank, world_size):
+    distances, q_pids, g_pids, q_camids, g_camids, queries, gallery = _reid_problem()
+    start, stop = shard_bounds(distances.shape[1], world_size, rank)
+    results = {
+        "reid": sharded_reid_from_distances(
+            distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop],
+            max_rank=10,
+        )
+    }  # fmt: skip
+    for k in (5, 40):  # 40 exceeds each shard's size
+        results[f"top_{k}"] = sharded_top_k(queries, gallery[start:stop], k, metric="l2")
+    results["k too large"] = _error_text(lambda: sharded_top_k(queries, gallery[start:stop], 54))
+    return results
+
+
+CHECKS = [
+    check_sharded_evaluation,
+    check_lm_softmax,
+    check_lm_softmax_with_regularizers,
+    check_gm_softmax,
+    check_gm_constructor_errors,
+    check_mined_triplets,
+    check_half_precision_embeddings,
+    check_zero_centroid_forms,
+    check_class_sampling,
+    check_bad_inputs,
+]
+
+
+@pytest.fixture(scope="module")
+def worker_results():
+    return run_in_workers(CHECKS)
+
+
+def _results(worker_results, check):
+    per_rank = [worker_results[rank][check.__name__] for rank in sorted(worker_results)]
+    for result in per_rank:
+        if isinstance(result, Exception):
+            raise result
+    return per_rank
+
+
+# --- tests ------------------------------------------------------------------------------------
+
+
+def test_shard_bounds_cover_every_class_once():
+    for num_items in range(0, 12):
+        for world_size in range(1, 5):
+            bounds = [shard_bounds(num_items, world_size, rank) for rank in range(world_size)]
+            covered = [item for start, stop in bounds for item in range(start, stop)]
+            assert covered == list(range(num_items))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        shard_bounds(5, 2, 2)
+
+
+def test_loss_requires_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE)
+
+
+def _assert_matches_single_process(per_rank, reference):
+    for result in per_rank:
+        assert result["loss"] == pytest.approx(reference["loss"], abs=1e-6, rel=1e-6)
+    assert [result["class_range"] for result in per_rank] == [(0, 4), (4, 7)]
+    for result in per_rank:
+        start, stop = result["class_range"]
+        np.testing.assert_allclose(
+            result["W_grad"], reference["W_grad"][:, start:stop], rtol=1e-6, atol=1e-9
+        )
+        # DDP has averaged over the ranks: every rank holds the single-process gradient.
+        for got, expected in zip(
+            result["backbone_grads"], reference["backbone_grads"], strict=True
+        ):
+            np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_lm_softmax_matches_single_process(worker_results):
+    _assert_matches_single_process(_results(worker_results, check_lm_softmax), _reference_step())
+
+
+def test_lm_softmax_matches_single_process_loss_class(worker_results):
+    reference = _single_process_class_step(
+        LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    )
+    _assert_matches_single_process(_results(worker_results, check_lm_softmax), reference)
+
+
+def test_arcface_case_covers_the_fallback_region():
+    inputs, labels, W, backbone = _problem()
+    unit = torch.nn.functional.normalize(backbone(inputs), dim=1)
+    cosines = unit @ torch.nn.functional.normalize(W, dim=0)
+    angles = torch.acos(cosines.gather(1, labels[:, None]).squeeze(1))
+    beyond = angles > torch.pi - ARCFACE_MARGIN
+    assert beyond.any() and not beyond.all()
+
+
+@pytest.mark.parametrize("case", GM_CASES)
+def test_gm_softmax_matches_single_process_loss_class(worker_results, case):
+    reference = _single_process_class_step(_gm_loss(GeneralizedMarginSoftmaxLoss, case))
+    per_rank = [result[case] for result in _results(worker_results, check_gm_softmax)]
+    _assert_matches_single_process(per_rank, reference)
+
+
+def test_mined_triplets_weight_samples_as_in_single_process(worker_results):
+    per_rank = _results(worker_results, check_mined_triplets)
+    lm_reference = _single_process_class_step(
+        LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE),
+        _concatenated_triplets(MINED_TRIPLETS),
+    )
+    _assert_matches_single_process([result["lm"] for result in per_rank], lm_reference)
+    arcface_reference = _single_process_class_step(
+        _gm_loss(GeneralizedMarginSoftmaxLoss, "arcface"),
+        _concatenated_triplets((MINED_TRIPLETS[0], None)),
+    )
+    _assert_matches_single_process([result["arcface"] for result in per_rank], arcface_reference)
+    # Mined-sample counts over the concatenated triplets, divided by the largest count.
+    counts = torch.bincount(torch.cat(_concatenated_triplets(MINED_TRIPLETS)), minlength=8)
+    with_margin = _reference_step(
+        sample_margin_weight=0.3, sample_weights=counts.double() / counts.max()
+    )
+    _assert_matches_single_process(
+        [result["lm with sample margin"] for result in per_rank], with_margin
+    )
+    # The weights matter: without them the loss differs.
+    unweighted = _single_process_class_step(
+        LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    )
+    assert abs(unweighted["loss"] - lm_reference["loss"]) > 1e-3
+    for result in per_rank:
+        assert "ValueError" in result["index out of range on rank 1"]
+        assert result["float indices"].startswith("TypeError")
+    assert "[0, 2]" in per_rank[1]["index out of range on rank 1"]
+
+
+def test_half_precision_embeddings_are_computed_in_float32(worker_results):
+    for result in _results(worker_results, check_half_precision_embeddings):
+        exact = result["float32"]
+        for dtype, tolerance in (("torch.bfloat16", 2e-2), ("torch.float16", 2e-3)):
+            value, loss_dtype, grad_dtype = result[dtype]
+            assert value == pytest.approx(exact, rel=tolerance)
+            assert (loss_dtype, grad_dtype) == ("torch.float32", dtype)
+        # Autocast leaves the loss alone: the float32 embeddings give the float32 value.
+        assert result["autocast"] == pytest.approx(exact, rel=1e-6)
+
+
+def test_gm_softmax_constructor_errors(worker_results):
+    for errors in _results(worker_results, check_gm_constructor_errors):
+        assert errors.pop("preset arguments") == 0.2
+        assert "unknown preset" in errors.pop("unknown preset")
+        assert errors.pop("psi not callable").startswith("TypeError: psi must be callable")
+        for case, error in errors.items():
+            assert error is not None and error.startswith("ValueError"), (case, error)
+
+
+def test_regularizers_match_single_process_with_tied_maxima(worker_results):
+    reference = _reference_step(sample_margin_weight=0.3, centroid_weight=0.7, tied_prototypes=True)
+    per_rank = _results(worker_results, check_lm_softmax_with_regularizers)
+    _assert_matches_single_process(per_rank, reference)
+
+
+def test_zero_centroid_forms_match_single_process(worker_results):
+    _, _, W, _ = _problem()
+    W.requires_grad_(True)
+    centroid_sum = torch.nn.functional.normalize(W, dim=0).sum(dim=1)
+    for result in _results(worker_results, check_zero_centroid_forms):
+        assert result["bad form"].startswith("ValueError: form must be one of")
+    for form, divisor in (("mean", NUM_CLASSES**2), ("sum", 1)):
+        W.grad = None
+        expected = centroid_sum.square().sum() / divisor
+        expected.backward(retain_graph=True)
+        for rank, result in enumerate(_results(worker_results, check_zero_centroid_forms)):
+            value, grad = result[form]
+            assert value == pytest.approx(expected.item(), rel=1e-12)
+            columns = slice(*shard_bounds(NUM_CLASSES, 2, rank))
+            np.testing.assert_allclose(grad, W.grad[:, columns].numpy(), rtol=1e-10)
+
+
+def test_class_sampling_keeps_batch_classes_and_drops_others(worker_results):
+    per_rank = _results(worker_results, check_class_sampling)
+    assert per_rank[0]["sampled"] == per_rank[1]["sampled"]
+    exact = _reference_step(labels=SAMPLING_LABELS)["loss"]
+    assert per_rank[0]["exact_in_eval_mode"] == pytest.approx(exact, rel=1e-9)
+    for result in per_rank:
+        start, stop = result["class_range"]
+        columns = [start + column for column in result["columns_with_gradient"]]
+        positives = [label for label in result["batch_classes"] if start <= label < stop]
+        # Half of each rank's classes are kept (rounded up), the batch's classes always among them.
+        assert set(positives) <= set(columns)
+        assert len(columns) == max(len(positives), -(-(stop - start) // 2))
+    # Dropping negatives from the denominator can only lower LM-Softmax.
+    assert per_rank[0]["sampled"] < per_rank[0]["exact_in_eval_mode"]
+
+
+def test_bad_inputs_raise_on_every_rank(worker_results):
+    per_rank = _results(worker_results, check_bad_inputs)
+    for errors in per_rank:
+        assert errors.pop("valid call afterwards") is None
+        for case, error in errors.items():
+            assert error is not None, case
+            assert error.startswith(("ValueError", "TypeError")), (case, error)
+    assert "labels must lie in [0, 6]" in per_rank[1]["label out of range on rank 1"]
+    assert "rank(s) [1]" in per_rank[0]["label out of range on rank 1"]
+    assert "NaN" in per_rank[0]["NaN on rank 0"]
+    assert "different dtypes" in per_rank[1]["dtypes differ across ranks"]
+
+
+def _reference_reid(distances, q_pids, g_pids, q_camids, g_camids, max_rank):
+    """Straightforward protocol: stable sort of each row, drop same-pid-same-camera items."""
+    average_precisions, inverse_penalties, first_hits = [], [], []
+    for row, pid, camid in zip(distances, q_pids, q_camids, strict=True):
+        order = np.argsort(row, kind="stable")
+        kept = order[~((g_pids[order] == pid) & (g_camids[order] == camid))]
+        matches = g_pids[kept] == pid
+        if not matches.any():
+            continue
+        positive_ranks = np.flatnonzero(matches) + 1
+        average_precisions.append(np.mean(np.arange(1, len(positive_ranks) + 1) / positive_ranks))
+        inverse_penalties.append(len(positive_ranks) / positive_ranks[-1])
+        first_hits.append(positive_ranks[0] <= np.arange(1, max_rank + 1))
+    return np.mean(average_precisions), np.mean(inverse_penalties), np.mean(first_hits, axis=0)
+
+
+def test_sharded_reid_equals_single_process(worker_results):
+    per_rank = _results(worker_results, check_sharded_evaluation)
+    distances, q_pids, g_pids, q_camids, g_camids, _, _ = _reid_problem()
+    mean_ap, mean_inp, cmc = _reference_reid(distances, q_pids, g_pids, q_camids, g_camids, 10)
+    single = evaluate_reid_from_distances(
+        distances, q_pids, g_pids, q_camids, g_camids, max_rank=10
+    )
+    assert single.num_skipped_queries > 0  # skipped queries are part of the check
+    for result in per_rank:
+        reid = result["reid"]
+        assert isinstance(reid, ReIDResult)
+        assert reid.mAP == pytest.approx(mean_ap, rel=1e-12)
+        assert reid.mINP == pytest.approx(mean_inp, rel=1e-12)
+        np.testing.assert_allclose(reid.cmc, cmc, rtol=1e-12)
+        # Bit-identical to the single-process evaluator on the whole matrix.
+        np.testing.assert_array_equal(reid.average_precision, single.average_precision)
+        np.testing.assert_array_equal(reid.cmc, single.cmc)
+        assert (reid.mAP, reid.mINP) == (single.mAP, single.mINP)
+        assert reid.num_valid_queries == single.num_valid_queries
+        assert reid.num_skipped_queries == single.num_skipped_queries
+
+
+def test_sharded_top_k_equals_single_process(worker_results):
+    per_rank = _results(worker_results, check_sharded_evaluation)
+    _, _, _, _, _, queries, gallery = _reid_problem()
+    for k in (5, 40):
+        scores, indices = top_k(queries, gallery, k, metric="l2")
+        for result in per_rank:
+            merged_scores, merged_indices = result[f"top_{k}"]
+            np.testing.assert_array_equal(merged_indices, indices)
+            np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
+    for result in per_rank:
+        assert result["k too large"].startswith("ValueError: k must lie in [1, 53]")

@@ -1,0 +1,218 @@
+import math
+
+import pytest
+import torch
+from loss_utils import per_sample_losses, reference_gm_softmax
+from pytorch_metric_learning import losses as pml_losses
+
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss
+from pml_largest_margin.losses.margin_functions import combined_margin
+
+NUM_CLASSES, DIM, BATCH, SCALE = 10, 6, 24, 16.0
+PML_TWINS = {
+    "normface": (lambda: pml_losses.NormalizedSoftmaxLoss(NUM_CLASSES, DIM, 1 / SCALE), {}),
+    "cosface": (
+        lambda: pml_losses.CosFaceLoss(NUM_CLASSES, DIM, margin=0.3, scale=SCALE),
+        {"margin": 0.3},
+    ),
+    "arcface": (
+        lambda: pml_losses.ArcFaceLoss(NUM_CLASSES, DIM, margin=math.degrees(0.6), scale=SCALE),
+        {"margin": 0.6},
+    ),
+    "sphereface": (
+        lambda: pml_losses.SphereFaceLoss(NUM_CLASSES, DIM, margin=3, scale=SCALE),
+        {"margin": 3},
+    ),
+}
+
+
+def twin_losses(name, dtype):
+    make_pml, margin = PML_TWINS[name]
+    torch.manual_seed(0)
+    pml_loss = make_pml().to(dtype)
+    ours = GeneralizedMarginSoftmaxLoss.preset(name, NUM_CLASSES, DIM, scale=SCALE, **margin)
+    ours = ours.to(dtype)
+    with torch.no_grad():
+        ours.W.copy_(pml_loss.W)
+    return ours, pml_loss
+
+
+def batch_with_wide_angles(W, dtype, unit_norm=False):
+    """Random embeddings, a third of them pointing away from their class (θ near π)."""
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator)
+    embeddings = torch.randn(BATCH, DIM, generator=generator, dtype=dtype) * 2
+    away = slice(0, BATCH // 3)
+    embeddings[away] = -W.detach()[:, labels[away]].t() + 0.05 * embeddings[away]
+    if unit_norm:
+        embeddings = torch.nn.functional.normalize(embeddings, dim=1)
+    return embeddings, labels
+
+
+def loss_and_grads(loss_fn, embeddings, labels):
+    z = embeddings.clone().requires_grad_(True)
+    loss = loss_fn(z, labels)
+    grad_z, grad_w = torch.autograd.grad(loss, [z, loss_fn.W])
+    return loss.detach(), grad_z, grad_w
+
+
+@pytest.mark.parametrize("name", ["normface", "cosface", "arcface"])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_presets_match_pml(name, dtype, tolerance):
+    ours, pml_loss = twin_losses(name, dtype)
+    embeddings, labels = batch_with_wide_angles(ours.W, dtype)
+    for mine, theirs in zip(
+        loss_and_grads(ours, embeddings, labels),
+        loss_and_grads(pml_loss, embeddings, labels),
+        strict=True,
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=tolerance, atol=tolerance)
+
+
+def test_arcface_fallback_region_is_exercised():
+    ours, _ = twin_losses("arcface", torch.float64)
+    embeddings, labels = batch_with_wide_angles(ours.W, torch.float64)
+    cosines = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(
+        ours.W.detach(), dim=0
+    )
+    angles = torch.acos(cosines.gather(1, labels[:, None]))
+    assert bool((angles > math.pi - 0.6).any()) and bool((angles < math.pi - 0.6).any())
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+def test_sphereface_matches_pml_on_unit_norm_embeddings(dtype, tolerance):
+    """PML's SphereFaceLoss scales the logits by s·‖x‖, the preset by s: they agree where
+    ‖x‖ = 1, in the loss, W's gradient and the embeddings' gradient tangent to the sphere.
+    PML's gradient also has a radial part (from ‖x‖), which the normalised loss does not."""
+    ours, pml_loss = twin_losses("sphereface", dtype)
+    embeddings, labels = batch_with_wide_angles(ours.W, dtype, unit_norm=True)
+    loss, grad_z, grad_w = loss_and_grads(ours, embeddings, labels)
+    pml_value, pml_grad_z, pml_grad_w = loss_and_grads(pml_loss, embeddings, labels)
+    tangent = pml_grad_z - embeddings * (embeddings * pml_grad_z).sum(1, keepdim=True)
+    torch.testing.assert_close(loss, pml_value, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grad_w, pml_grad_w, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(grad_z, tangent, rtol=tolerance, atol=tolerance)
+    assert float((pml_grad_z - tangent).abs().max()) > 1e-3  # where the definitions differ
+    scaled = embeddings * 3
+    assert not torch.allclose(ours(scaled, labels), pml_loss(scaled, labels))
+
+
+@pytest.mark.parametrize(("m1", "m2", "m3"), [(1.0, 0.3, 0.2), (2.0, 0.0, 0.1), (1.5, 0.4, 0.0)])
+def test_combined_margin_matches_the_formula_written_out(m1, m2, m3):
+    def psi(theta):
+        if m1 == 1.0:
+            if theta <= math.pi - m2:
+                return math.cos(theta + m2) - m3
+            return math.cos(theta) - m2 * math.sin(m2) - m3
+        k = math.floor((m1 * theta + m2) / math.pi)
+        return (-1) ** k * math.cos(m1 * theta + m2) - 2 * k - m3
+
+    loss_fn = GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, scale=SCALE, m1=m1, m2=m2, m3=m3)
+    embeddings, labels = batch_with_wide_angles(loss_fn.W, torch.float32)
+    expected = reference_gm_softmax(embeddings, loss_fn.W.detach(), labels, SCALE, psi)
+    losses = per_sample_losses(loss_fn, embeddings, labels)
+    assert losses.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_combined_margin_is_decreasing_in_the_angle():
+    angles = torch.linspace(0, math.pi, 2001, dtype=torch.float64)
+    for m1, m2, m3 in [(1.0, 0.5, 0.0), (4.0, 0.0, 0.0), (1.7, 0.3, 0.1)]:
+        values = combined_margin(torch.cos(angles), m1, m2, m3)
+        assert bool((values.diff() <= 1e-12).all()), (m1, m2, m3)
+
+
+@pytest.mark.parametrize("name", ["arcface", "sphereface", "cosface"])
+def test_gradcheck_float64(name):
+    loss_fn = GeneralizedMarginSoftmaxLoss.preset(name, 7, 5, scale=4.0).double()
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.randn(6, 5, dtype=torch.float64, generator=generator)
+    labels = torch.randint(0, 7, (6,), generator=generator)
+    W = loss_fn.W.detach().clone().requires_grad_(True)
+
+    def loss_of(z, weights):
+        return torch.func.functional_call(loss_fn, {"W": weights}, (z, labels))
+
+    assert torch.autograd.gradcheck(loss_of, (embeddings.requires_grad_(True), W))
+
+
+def test_custom_phi_takes_the_autograd_path_and_agrees():
+    fused = GeneralizedMarginSoftmaxLoss.preset("arcface", NUM_CLASSES, DIM, scale=SCALE).double()
+    plain = GeneralizedMarginSoftmaxLoss.preset(
+        "arcface", NUM_CLASSES, DIM, scale=SCALE, phi=lambda cosines: cosines
+    ).double()
+    plain.W.data.copy_(fused.W.data)
+    embeddings, labels = batch_with_wide_angles(fused.W, torch.float64)
+    for a, b in zip(
+        loss_and_grads(fused, embeddings, labels),
+        loss_and_grads(plain, embeddings, labels),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    shifted = GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, scale=SCALE, phi=lambda c: c + 0.1)
+    shifted = shifted.double()
+    shifted.W.data.copy_(fused.W.data)
+    normface = GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, scale=SCALE).double()
+    normface.W.data.copy_(fused.W.data)
+    assert shifted(embeddings, labels).item() > normface(embeddings, labels).item()
+
+
+def test_learnable_psi_gets_a_gradient():
+    class LearnedShift(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.margin = torch.nn.Parameter(torch.tensor(0.2))
+
+        def forward(self, cosines):
+            return cosines - self.margin
+
+    loss_fn = GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, psi=LearnedShift())
+    assert any(p is loss_fn.psi.margin for p in loss_fn.parameters())
+    embeddings, labels = batch_with_wide_angles(loss_fn.W, torch.float32)
+    loss_fn(embeddings, labels).backward()
+    assert loss_fn.psi.margin.grad is not None and float(loss_fn.psi.margin.grad) > 0
+
+
+def test_collect_stats_on_both_paths():
+    for phi in (None, lambda c: c):
+        loss_fn = GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, phi=phi, collect_stats=True)
+        embeddings, labels = batch_with_wide_angles(loss_fn.W, torch.float32)
+        loss_fn(embeddings, labels)
+        assert -2 <= loss_fn.min_sample_margin <= loss_fn.mean_sample_margin <= 2
+        assert loss_fn.min_sample_margin < 0  # the samples pointing away
+
+
+def test_preset_and_argument_errors():
+    assert GeneralizedMarginSoftmaxLoss.preset_names() == [
+        "arcface",
+        "cosface",
+        "normface",
+        "sphereface",
+    ]
+    with pytest.raises(ValueError, match="unknown preset"):
+        GeneralizedMarginSoftmaxLoss.preset("circleface", 4, 3)
+    with pytest.raises(ValueError, match="no margin"):
+        GeneralizedMarginSoftmaxLoss.preset("normface", 4, 3, margin=0.1)
+    with pytest.raises(ValueError, match="either psi"):
+        GeneralizedMarginSoftmaxLoss(4, 3, m2=0.5, psi=lambda c: c)
+    with pytest.raises(ValueError, match="m2"):
+        GeneralizedMarginSoftmaxLoss(4, 3, m2=4.0)
+    with pytest.raises(ValueError, match="m1"):
+        GeneralizedMarginSoftmaxLoss(4, 3, m1=0.0)
+    with pytest.raises(TypeError, match="phi"):
+        GeneralizedMarginSoftmaxLoss(4, 3, phi=3)
+    loss_fn = GeneralizedMarginSoftmaxLoss.preset("arcface", 4, 3)
+    assert (loss_fn.scale, loss_fn.m2) == (64.0, 0.5)
+    with pytest.raises(ValueError, match=r"\[0, 3\]"):
+        loss_fn(torch.randn(2, 3), torch.tensor([0, 4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    loss_fn = GeneralizedMarginSoftmaxLoss.preset("cosface", 20, 8, scale=16.0)
+    generator = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(64, 8, generator=generator)
+    labels = torch.randint(0, 20, (64,), generator=generator)
+    loss = loss_fn(embeddings.to(dtype), labels)
+    assert loss.dtype == torch.float32 and loss_fn.W.dtype == torch.float32
+    assert math.isfinite(float(loss))
+    assert abs(float(loss) - loss_fn(embeddings, labels).item()) < 1e-2

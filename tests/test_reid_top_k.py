@@ -1,0 +1,32 @@
+import numpy as np
+import pytest
+
+from evaluation.reid import evaluate_reid
+from evaluation.reid_top_k import cmc_from_top_k
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_top_k_cmc_equals_exact_cmc(metric):
+    # Continuous features: no near-ties, so FAISS's distances rank like torch's.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 8))
+    q_pids, g_pids = rng.integers(0, 10, 40), rng.integers(0, 10, 200)
+    q_camids, g_camids = rng.integers(0, 2, 40), rng.integers(0, 2, 200)
+    query = (centres[q_pids] + rng.normal(size=(40, 8))).astype(np.float32)
+    gallery = (centres[g_pids] + rng.normal(size=(200, 8))).astype(np.float32)
+    ids = (q_pids, g_pids, q_camids, g_camids)
+    cmc, num_valid = cmc_from_top_k(query, gallery, *ids, metric=metric, max_rank=15)
+    exact = evaluate_reid(query, gallery, *ids, metric=metric, max_rank=15, device="cpu")
+    np.testing.assert_array_equal(cmc, exact.cmc)
+    assert num_valid == exact.num_valid_queries
+
+
+def test_top_k_cmc_bad_input():
+    good = np.ones((2, 3), dtype=np.float32)
+    ids = (np.array([0, 1]), np.array([0, 1]), np.array([0, 0]), np.array([1, 1]))
+    with pytest.raises(ValueError, match="metric"):
+        cmc_from_top_k(good, good, *ids, metric="ip")
+    with pytest.raises(ValueError, match="no query has a positive"):
+        cmc_from_top_k(good, good, ids[0], ids[1], ids[2], ids[2])
+    with pytest.raises(ValueError, match="g_pids has 1 entries"):
+        cmc_from_top_k(good, good, ids[0], ids[1][:1], ids[2], ids[3])
