@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines ``add_subparser(subparsers)``, which registers its parser and sets ``func``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("eval_reid", "eval_verify")
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "train", "eval_reid", "eval_verify")
 
 
 class CommandError(Exception):

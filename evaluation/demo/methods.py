@@ -1,0 +1,72 @@
+"""The demo's experiment table: which loss and regularizers, on which training distribution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Shared by every method, so that only the loss differs between rows of the table.
+SCALE = 10.0
+SAMPLE_MARGIN_WEIGHT = 0.5
+# λ of the zero-centroid regularizer in its mean form λ·‖(1/C) Σ_j ŵ_j‖²; the authors' sum form
+# ‖Σ_j ŵ_j‖² is C² = 100 times larger, so this λ equals 0.01 in the sum form.
+ZERO_CENTROID_WEIGHT = 1.0
+IMBALANCE_RATIOS = (10, 100)
+EMBEDDING_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: a loss, its regularizer weights, and the training set's imbalance."""
+
+    label: str
+    loss: str
+    sample_margin_weight: float = 0.0
+    zero_centroid_weight: float = 0.0
+    imbalance_ratio: int = 1
+
+    @property
+    def key(self) -> str:
+        return self.label.lower().replace(" + ", "+").replace(" ", "-")
+
+
+def _long_tailed(ratio: int) -> list[Method]:
+    zc = ZERO_CENTROID_WEIGHT
+    return [
+        Method(f"NormFace LT{ratio}", "normface", imbalance_ratio=ratio),
+        Method(
+            f"NormFace + ZC LT{ratio}", "normface", zero_centroid_weight=zc, imbalance_ratio=ratio
+        ),
+        Method(f"LM-Softmax LT{ratio}", "lm-softmax", imbalance_ratio=ratio),
+        Method(
+            f"LM-Softmax + ZC LT{ratio}",
+            "lm-softmax",
+            zero_centroid_weight=zc,
+            imbalance_ratio=ratio,
+        ),
+    ]
+
+
+BALANCED_METHODS = (
+    Method("Softmax CE", "softmax"),
+    Method("NormFace", "normface"),
+    Method("CosFace", "cosface"),
+    Method("ArcFace", "arcface"),
+    Method("LM-Softmax", "lm-softmax"),
+    Method("NormFace + R_sm", "normface", sample_margin_weight=SAMPLE_MARGIN_WEIGHT),
+    Method("LM-Softmax + R_sm", "lm-softmax", sample_margin_weight=SAMPLE_MARGIN_WEIGHT),
+)
+LONG_TAILED_METHODS = tuple(m for ratio in IMBALANCE_RATIOS for m in _long_tailed(ratio))
+ALL_METHODS = BALANCED_METHODS + LONG_TAILED_METHODS
+
+
+def embedding_network(embedding_size: int = EMBEDDING_SIZE) -> torch.nn.Sequential:
+    """MLP 64-128-128-d with ReLU: small enough for CPU, deep enough to shape the embedding."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, embedding_size),
+    )

@@ -1,0 +1,78 @@
+"""Classification losses by name, with the paper's regularizers attached: one place for demo and train."""
+
+from __future__ import annotations
+
+import math
+
+from pytorch_metric_learning import losses as pml_losses
+
+from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+from pml_largest_margin.regularizers import (
+    SampleMarginRegularizer,
+    SampleMarginRegularizerMixin,
+    ZeroCentroidRegularizer,
+    with_sample_margin_regularizer,
+)
+
+from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
+
+# Margins where a loss has one, in the units its class takes (PML's ArcFace margin is in degrees).
+DEFAULT_MARGINS = {"cosface": 0.35, "arcface": math.degrees(0.5), "sphereface": 4}
+
+
+def _loss_class_and_options(name: str, scale: float, margin: float | None) -> tuple[type, dict]:
+    if name == "softmax":
+        return SoftmaxCrossEntropyLoss, {}
+    if name == "normface":
+        return pml_losses.NormalizedSoftmaxLoss, {"temperature": 1.0 / scale}
+    if name == "cosface":
+        return pml_losses.CosFaceLoss, {"margin": margin, "scale": scale}
+    if name == "arcface":
+        return pml_losses.ArcFaceLoss, {"margin": margin, "scale": scale}
+    if name == "sphereface":
+        # PML's SphereFace multiplies the logits by ‖x‖ itself; its ``scale`` stays 1 as in PML.
+        return pml_losses.SphereFaceLoss, {"margin": margin}
+    return LargestMarginSoftmaxLoss, {"scale": scale}
+
+
+LOSS_NAMES = ("softmax", "normface", "cosface", "arcface", "sphereface", "lm-softmax")
+
+
+def build_loss(
+    name: str,
+    num_classes: int,
+    embedding_size: int,
+    *,
+    scale: float = 10.0,
+    margin: float | None = None,
+    sample_margin_weight: float = 0.0,
+    zero_centroid_weight: float = 0.0,
+):
+    """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
+
+    ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
+    ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form) as PML's
+    ``weight_reg_loss``.
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    if sample_margin_weight < 0 or zero_centroid_weight < 0:
+        raise ValueError("regularizer weights must be non-negative")
+    loss_class, options = _loss_class_and_options(
+        name, scale, DEFAULT_MARGINS.get(name) if margin is None else margin
+    )
+    if zero_centroid_weight > 0:
+        options.update(
+            weight_regularizer=ZeroCentroidRegularizer(form="mean", record_class_margin=False),
+            weight_reg_weight=zero_centroid_weight,
+        )
+    if sample_margin_weight > 0:
+        if not issubclass(loss_class, SampleMarginRegularizerMixin):
+            loss_class = with_sample_margin_regularizer(loss_class)
+        options.update(
+            sample_margin_regularizer=SampleMarginRegularizer(),
+            sample_margin_reg_weight=sample_margin_weight,
+        )
+    return loss_class(num_classes, embedding_size, **options)

@@ -1,0 +1,51 @@
+"""Plain softmax cross-entropy on a linear classifier, in PML's layout so its margins can be measured."""
+
+from __future__ import annotations
+
+import torch
+from pytorch_metric_learning.losses import BaseMetricLossFunction
+from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
+from pytorch_metric_learning.utils import common_functions as c_f
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+
+class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+    """``CE(z @ W, y)`` with prototypes ``W`` of shape (embedding_size, num_classes), no bias.
+
+    Nothing is normalised: this is the unnormalised baseline the cosine losses are compared with.
+    There is no bias so that the decision rule depends on the prototypes alone, whose class
+    margin is then what ``margins.class_margin(W)`` measures.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.W = torch.nn.Parameter(torch.empty(embedding_size, num_classes))
+        self.weight_init_func(self.W)
+        self.add_to_recordable_attributes(
+            list_of_names=["embedding_size", "num_classes"], is_stat=False
+        )
+
+    def get_default_weight_init_func(self):
+        return c_f.TorchInitWrapper(torch.nn.init.xavier_uniform_)
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        c_f.labels_required(labels)
+        c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
+        losses = torch.nn.functional.cross_entropy(
+            self.get_logits(embeddings), labels, reduction="none"
+        )
+        loss_dict = {
+            "loss": {
+                "losses": losses * miner_weights,
+                "indices": c_f.torch_arange_from_size(embeddings),
+                "reduction_type": "element",
+            }
+        }
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings @ self.W.to(embeddings.dtype)

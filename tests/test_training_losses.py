@@ -1,0 +1,70 @@
+"""The demo's plain softmax baseline and the loss factory shared by ``demo`` and ``train``."""
+
+import pytest
+import torch
+from pytorch_metric_learning import losses as pml_losses
+
+from evaluation.training.loss_factory import LOSS_NAMES, build_loss
+from evaluation.training.softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
+from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+
+
+def test_softmax_cross_entropy_matches_torch_with_gradients():
+    torch.manual_seed(0)
+    loss_func = SoftmaxCrossEntropyLoss(num_classes=5, embedding_size=4).double()
+    embeddings = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (12,))
+    loss = loss_func(embeddings, labels)
+    W = loss_func.W.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(embeddings @ W, labels)
+    assert torch.allclose(loss, reference)
+    grad_embeddings, grad_W = torch.autograd.grad(loss, (embeddings, loss_func.W))
+    ref_embeddings, ref_W = torch.autograd.grad(reference, (embeddings, W))
+    assert torch.allclose(grad_embeddings, ref_embeddings) and torch.allclose(grad_W, ref_W)
+    assert loss_func.W.shape == (4, 5)
+    assert torch.equal(loss_func.get_logits(embeddings), embeddings @ loss_func.W)
+
+
+def test_softmax_cross_entropy_gradcheck():
+    torch.manual_seed(1)
+    loss_func = SoftmaxCrossEntropyLoss(num_classes=3, embedding_size=2).double()
+    embeddings = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 1, 0])
+    assert torch.autograd.gradcheck(lambda e: loss_func(e, labels), (embeddings,))
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_loss_owns_prototypes_in_pml_layout(name):
+    torch.manual_seed(0)
+    loss = build_loss(name, 6, 8, scale=10.0)
+    assert loss.W.shape == (8, 6)
+    value = loss(torch.randn(10, 8), torch.randint(0, 6, (10,)))
+    assert torch.isfinite(value)
+    assert loss.get_logits(torch.randn(3, 8)).shape == (3, 6)
+
+
+def test_names_map_to_the_expected_classes():
+    assert isinstance(build_loss("lm-softmax", 4, 3), LargestMarginSoftmaxLoss)
+    normface = build_loss("normface", 4, 3, scale=8.0)
+    assert isinstance(normface, pml_losses.NormalizedSoftmaxLoss)
+    assert normface.temperature == pytest.approx(1 / 8)
+    assert isinstance(build_loss("arcface", 4, 3), pml_losses.ArcFaceLoss)
+    assert build_loss("cosface", 4, 3, margin=0.2).margin == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("name", ["normface", "lm-softmax", "softmax"])
+def test_regularizers_appear_as_sub_losses(name):
+    loss = build_loss(name, 4, 3, sample_margin_weight=0.5, zero_centroid_weight=1.0)
+    names = loss.sub_loss_names()
+    assert "sample_margin_loss" in names and "weight_reg_loss" in names
+    assert loss.sample_margin_reg_weight == 0.5 and loss.weight_reg_weight == 1.0
+    assert isinstance(loss, type(build_loss(name, 4, 3)))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown loss 'foo'"):
+        build_loss("foo", 4, 3)
+    with pytest.raises(ValueError, match="scale"):
+        build_loss("normface", 4, 3, scale=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        build_loss("normface", 4, 3, sample_margin_weight=-1)
