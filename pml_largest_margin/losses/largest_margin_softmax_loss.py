@@ -45,10 +45,13 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
 
     def per_sample_losses(
-        self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         nontarget_lse, target, margins = fused_nontarget_logsumexp(
-            embeddings, weights, labels, self.scale, with_margins=self.collect_stats
+            embeddings, weights, labels, self.scale, with_margins=with_margins
         )
-        self.record_sample_margins(margins)
-        return largest_margin_softmax_head(nontarget_lse, target, self.scale)
+        return largest_margin_softmax_head(nontarget_lse, target, self.scale), margins
