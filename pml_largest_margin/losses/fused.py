@@ -168,7 +168,8 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                 grad_unit.addcmul_(target_units, grad_target[:, None])
                 if grad_nearest is not None:
                     nearest_units = (
-                        weights[:, nearest_columns].t() * inverse_weight_norms[nearest_columns, None]
+                        weights[:, nearest_columns].t()
+                        * inverse_weight_norms[nearest_columns, None]
                     )
                     grad_unit.index_add_(0, nearest_rows, nearest_units * grad_nearest[:, None])
                 grad_embeddings = _normalisation_backward(
