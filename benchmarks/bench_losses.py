@@ -39,8 +39,15 @@ CASES = {
     "pml-cosface": ("PML CosFaceLoss", None),
     "pml-arcface": ("PML ArcFaceLoss", None),
     "pml-sphereface": ("PML SphereFaceLoss", None),
+    # With λ·R_sm: ours from the margins the fused kernel already holds, PML's through
+    # with_sample_margin_regularizer (one more N × d × C product and (N, C) buffer).
+    "lm-rsm": ("LM-Softmax + R_sm", "pml-arcface-rsm"),
+    "pml-arcface-rsm": ("PML ArcFaceLoss + R_sm (with_sample_margin_regularizer)", None),
 }
 SCALE, ARC_MARGIN, COS_MARGIN, SPHERE_MARGIN = 64.0, 0.5, 0.35, 4
+SAMPLE_MARGIN_WEIGHT = 0.1
+# Cases not run unless asked for with --cases (the default set is the original table).
+EXTRA_CASES = ("lm-rsm", "pml-arcface-rsm")
 
 
 def _current_rss_bytes() -> int:
@@ -52,8 +59,16 @@ def _build_loss(case: str, num_classes: int, embedding_size: int):
     from pytorch_metric_learning import losses as pml_losses
 
     from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+    from pml_largest_margin.regularizers import (
+        SampleMarginRegularizer,
+        with_sample_margin_regularizer,
+    )
 
     args = (num_classes, embedding_size)
+    sample_margin = {
+        "sample_margin_regularizer": SampleMarginRegularizer(),
+        "sample_margin_reg_weight": SAMPLE_MARGIN_WEIGHT,
+    }
     ours = {
         "lm": lambda: LargestMarginSoftmaxLoss(*args, scale=SCALE, validate_inputs=False),
         "gm-normface": lambda: GeneralizedMarginSoftmaxLoss.preset("normface", *args, scale=SCALE),
@@ -74,6 +89,12 @@ def _build_loss(case: str, num_classes: int, embedding_size: int):
             *args, margin=math.degrees(ARC_MARGIN), scale=SCALE
         ),
         "pml-sphereface": lambda: pml_losses.SphereFaceLoss(*args, margin=SPHERE_MARGIN, scale=1.0),
+        "lm-rsm": lambda: LargestMarginSoftmaxLoss(
+            *args, scale=SCALE, validate_inputs=False, **sample_margin
+        ),
+        "pml-arcface-rsm": lambda: with_sample_margin_regularizer(pml_losses.ArcFaceLoss)(
+            *args, margin=math.degrees(ARC_MARGIN), scale=SCALE, **sample_margin
+        ),
     }
     loss = ours[case]()
     if case.startswith("gm-"):
@@ -192,7 +213,13 @@ def main(argv=None) -> None:
         default=0,
         help="torch CPU threads per case (0: torch's default); 1 is robust on a busy shared machine",
     )
-    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=[case for case in CASES if case not in EXTRA_CASES],
+        help=f"cases to run; {', '.join(EXTRA_CASES)} (with λ·R_sm) only when named here",
+    )
     parser.add_argument("--run-case", choices=list(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 

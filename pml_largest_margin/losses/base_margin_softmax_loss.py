@@ -13,17 +13,27 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from .._validation import check_embeddings, check_labels
 from ..margins import cosine_logits
+from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class BaseMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
+class BaseMarginSoftmaxLoss(
+    SampleMarginRegularizerMixin, WeightRegularizerMixin, BaseMetricLossFunction
+):
     """A classification loss that owns its prototypes ``W`` (embedding_size, num_classes).
 
     Subclasses implement :meth:`per_sample_losses`. This class follows PML's ``ArcFaceLoss``:
     ``W`` is initialised by ``weight_init_func``, handed to ``weight_regularizer`` as ``W.t()``,
     a miner's ``indices_tuple`` becomes per-sample weights (``lmu.convert_to_weights``), and the
     per-sample losses go to the reducer with ``reduction_type="element"``.
+
+    ``sample_margin_regularizer=SampleMarginRegularizer(...)`` and ``sample_margin_reg_weight=λ``
+    add ``λ·R_sm`` as the sub-loss ``sample_margin_loss`` (see
+    :class:`~pml_largest_margin.regularizers.SampleMarginRegularizerMixin`), from the sample
+    margins that :meth:`per_sample_losses` computes alongside the losses: no second matrix
+    product and no second batch × classes buffer. The regularizer's reducer, the miner weights
+    and its stats apply as for PML's losses.
 
     Unlike PML, ``W`` keeps its dtype: half-precision embeddings and autocast are computed in
     float32 (autocast disabled inside the loss), and the loss comes back in float32; float64
@@ -65,10 +75,35 @@ class BaseMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
         )
 
     def per_sample_losses(
-        self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Losses of shape (N,) for a non-empty batch, in the dtype of ``weights``."""
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Losses (N,) of a non-empty batch, in the dtype of ``weights``, and the sample margins.
+
+        The margins ``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` (N,), differentiable, are computed
+        from the same cosines when ``with_margins`` is true; otherwise ``None``.
+        """
         raise NotImplementedError
+
+    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+        """PML's ``forward``, except that the reducer sees half-precision embeddings in float32.
+
+        PML's ``MultipleReducers`` (built as soon as a regularizer adds a sub-loss) sums the
+        sub-losses in the embeddings' dtype, which would round the float32 loss to bfloat16.
+        """
+        self.reset_stats()
+        c_f.check_shapes(embeddings, labels)
+        if labels is not None:
+            labels = c_f.to_device(labels, embeddings)
+        ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
+        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
+        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
+        if embeddings.dtype in _HALF_DTYPES:
+            embeddings = embeddings.float()
+        return self.reducer(loss_dict, embeddings, labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)
@@ -79,16 +114,27 @@ class BaseMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             # No samples: a zero on the graph of both inputs, so backward() gives zero gradients.
             zero = embeddings.sum().to(weights.dtype) * 0 + weights[:, :0].sum()
             loss = {"losses": zero, "indices": None, "reduction_type": "already_reduced"}
+            loss_dict = {"loss": loss}
+            if self.sample_margin_regularizer is not None:
+                loss_dict["sample_margin_loss"] = dict(loss)
         else:
+            with_margins = self.collect_stats or self.sample_margin_regularizer is not None
             with torch.autocast(device_type=embeddings.device.type, enabled=False):
-                losses = self.per_sample_losses(embeddings.to(weights.dtype), weights, labels)
+                losses, margins = self.per_sample_losses(
+                    embeddings.to(weights.dtype), weights, labels, with_margins
+                )
+            if self.collect_stats:
+                self.record_sample_margins(margins.detach())
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
             loss = {
                 "losses": losses * miner_weights,
                 "indices": c_f.torch_arange_from_size(embeddings),
                 "reduction_type": "element",
             }
-        loss_dict = {"loss": loss}
+            loss_dict = {"loss": loss}
+            self.add_sample_margin_regularization_to_loss_dict(
+                loss_dict, embeddings, labels, indices_tuple, margins=margins
+            )
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
@@ -102,9 +148,9 @@ class BaseMarginSoftmaxLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     def get_default_distance(self):
         return CosineSimilarity()
 
-    def record_sample_margins(self, margins: torch.Tensor | None) -> None:
+    def record_sample_margins(self, margins: torch.Tensor) -> None:
         """Store the batch's mean and minimum sample margin as stats (``collect_stats=True``)."""
-        if margins is not None and margins.numel():
+        if margins.numel():
             self.mean_sample_margin = float(margins.mean())
             self.min_sample_margin = float(margins.min())
 

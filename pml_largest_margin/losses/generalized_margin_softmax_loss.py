@@ -63,16 +63,18 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
     def per_sample_losses(
-        self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.phi is None:
             nontarget_lse, target, margins = fused_nontarget_logsumexp(
-                embeddings, weights, labels, self.scale, with_margins=self.collect_stats
+                embeddings, weights, labels, self.scale, with_margins=with_margins
             )
-            self.record_sample_margins(margins)
-            return generalized_margin_softmax_head(nontarget_lse, self.psi(target), self.scale)
+            losses = generalized_margin_softmax_head(nontarget_lse, self.psi(target), self.scale)
+            return losses, margins
         cosines = cosine_logits(embeddings, weights)
-        if self.collect_stats:
-            with torch.no_grad():
-                self.record_sample_margins(sample_margins_from_cosines(cosines, labels))
-        return generalized_margin_softmax(cosines, labels, self.scale, self.psi, self.phi)
+        margins = sample_margins_from_cosines(cosines, labels) if with_margins else None
+        return generalized_margin_softmax(cosines, labels, self.scale, self.psi, self.phi), margins

@@ -25,7 +25,9 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
             softmax over non-target classes still spreads the gradient over the nearest few
             competitors instead of the single closest one, which is what a very large ``s`` does.
         validate_inputs: check embeddings for NaN/Inf (see :class:`BaseMarginSoftmaxLoss`).
-        **kwargs: PML's ``weight_regularizer``, ``weight_reg_weight``, ``weight_init_func``,
+        **kwargs: ``sample_margin_regularizer`` and ``sample_margin_reg_weight`` (λ·R_sm from the
+            kernel's own margins, see :class:`BaseMarginSoftmaxLoss`), PML's
+            ``weight_regularizer``, ``weight_reg_weight``, ``weight_init_func``,
             ``embedding_regularizer``, ``reducer``, ``collect_stats``...
 
     ``W`` has shape (embedding_size, num_classes). With ``collect_stats=True`` the loss records
@@ -45,10 +47,13 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
 
     def per_sample_losses(
-        self, embeddings: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         nontarget_lse, target, margins = fused_nontarget_logsumexp(
-            embeddings, weights, labels, self.scale, with_margins=self.collect_stats
+            embeddings, weights, labels, self.scale, with_margins=with_margins
         )
-        self.record_sample_margins(margins)
-        return largest_margin_softmax_head(nontarget_lse, target, self.scale)
+        return largest_margin_softmax_head(nontarget_lse, target, self.scale), margins

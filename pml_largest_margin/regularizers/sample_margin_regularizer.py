@@ -53,21 +53,30 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
         W: torch.Tensor | None = None,
         *,
         cosines: torch.Tensor | None = None,
+        margins: torch.Tensor | None = None,
         miner_weights: torch.Tensor | None = None,
         sub_centers: int = 1,
     ) -> torch.Tensor:
-        """R_sm of a batch, from the prototypes ``W`` (d, C) or from class ``cosines`` (N, C).
+        """R_sm of a batch, from the prototypes ``W`` (d, C), class ``cosines`` (N, C) or ``margins``.
 
-        Give exactly one of ``W`` and ``cosines``. ``cosines`` lets a loss that already holds
-        the class cosines skip the second matrix product. ``sub_centers=k`` reads ``W`` as
+        Give exactly one of ``W``, ``cosines`` and ``margins``. ``cosines`` lets a loss that
+        already holds the class cosines skip the second matrix product; ``margins`` (N,) are the
+        sample margins ``γ_i`` a loss computed itself (differentiable, in cosine units, e.g. the
+        fused kernel's), used as given. ``sub_centers=k`` reads ``W`` as
         (d, C·k) with class-major columns, each class's cosine being its best sub-centre.
         ``miner_weights`` (N,) scale each sample's term, as PML's classification losses scale
         theirs.
         """
         self.reset_stats()
-        if (W is None) == (cosines is None):
-            raise ValueError("give exactly one of W (d, C) and cosines (N, C)")
-        if W is not None:
+        if sum(source is not None for source in (W, cosines, margins)) != 1:
+            raise ValueError("give exactly one of W (d, C), cosines (N, C) and margins (N,)")
+        if margins is not None:
+            if margins.shape != (embeddings.shape[0],):
+                raise ValueError(
+                    f"margins must have shape ({embeddings.shape[0]},), one per embedding, "
+                    f"got {tuple(margins.shape)}"
+                )
+        elif W is not None:
             margins = sample_margins(embeddings, labels, W, sub_centers=sub_centers)
         else:
             check_embeddings(cosines, "cosines")

@@ -19,8 +19,9 @@ def with_sample_margin_regularizer(loss_class: type) -> type:
     The new class takes the base's arguments plus ``sample_margin_regularizer`` (default a new
     :class:`SampleMarginRegularizer`) and ``sample_margin_reg_weight`` (λ, default 1). R_sm is
     computed from the cosines of the embeddings with ``W`` after the base loss, which costs one
-    more N × d × C matrix product; our losses pass their cosines instead. The same class is
-    returned for the same ``loss_class``.
+    more N × d × C matrix product. Our losses take the regularizer natively (and are refused
+    here): they pass the sample margins computed from the cosines they already hold. The same
+    class is returned for the same ``loss_class``.
 
     Example: ``SampleMarginArcFaceLoss = with_sample_margin_regularizer(ArcFaceLoss)``.
     """
