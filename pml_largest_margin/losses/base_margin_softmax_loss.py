@@ -89,21 +89,15 @@ class BaseMarginSoftmaxLoss(
         raise NotImplementedError
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
-        """PML's ``forward``, except that the reducer sees half-precision embeddings in float32.
+        """PML's ``forward`` on float32 copies of half-precision embeddings.
 
         PML's ``MultipleReducers`` (built as soon as a regularizer adds a sub-loss) sums the
-        sub-losses in the embeddings' dtype, which would round the float32 loss to bfloat16.
+        sub-losses in the embeddings' dtype, which would round the float32 loss to bfloat16;
+        the cast is differentiable, so gradients still reach the caller in its own dtype.
         """
-        self.reset_stats()
-        c_f.check_shapes(embeddings, labels)
-        if labels is not None:
-            labels = c_f.to_device(labels, embeddings)
-        ref_emb, ref_labels = c_f.set_ref_emb(embeddings, labels, ref_emb, ref_labels)
-        loss_dict = self.compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
-        self.add_embedding_regularization_to_loss_dict(loss_dict, embeddings)
         if embeddings.dtype in _HALF_DTYPES:
             embeddings = embeddings.float()
-        return self.reducer(loss_dict, embeddings, labels)
+        return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
         c_f.labels_required(labels)
