@@ -128,6 +128,19 @@ def max_separated_prototypes(
     optimizer = torch.optim.Adam([points], lr=learning_rate)
     diagonal = torch.eye(num_classes, dtype=torch.bool, device=points.device)
     best_cosine, best_points = math.inf, points.detach()[0].clone()
+
+    def masked_cosines_keeping_best() -> torch.Tensor:
+        # Pairwise cosines of every restart (self-pairs masked); remembers the best restart so far.
+        nonlocal best_cosine, best_points
+        cosines = points @ points.transpose(1, 2)
+        cosines.masked_fill_(diagonal, -math.inf)
+        worst, _ = cosines.flatten(1).max(dim=1)
+        restart = int(torch.argmin(worst))
+        if float(worst[restart]) < best_cosine:
+            best_cosine = float(worst[restart])
+            best_points = points[restart].clone()
+        return cosines
+
     decay = math.log(end_temperature / start_temperature) / max(1, steps - 1)
     with tqdm(total=steps, desc="prototypes", disable=not progress) as bar:
         for step in range(steps):
@@ -135,13 +148,7 @@ def max_separated_prototypes(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate * (1.0 - step / steps)
             with torch.no_grad():
-                cosines = points @ points.transpose(1, 2)
-                cosines.masked_fill_(diagonal, -math.inf)
-                worst, _ = cosines.flatten(1).max(dim=1)
-                restart = int(torch.argmin(worst))
-                if float(worst[restart]) < best_cosine:
-                    best_cosine = float(worst[restart])
-                    best_points = points[restart].clone()
+                cosines = masked_cosines_keeping_best()
                 weights = torch.softmax(cosines.flatten(1) / temperature, dim=1).view_as(cosines)
                 # d/dx_j of t·logsumexp over ordered pairs: 2 Σ_k p_jk x_k (p is symmetric);
                 # the radial part is removed so the step is tangent to the sphere.
@@ -155,12 +162,7 @@ def max_separated_prototypes(
                 bar.set_postfix(degrees=f"{math.degrees(math.acos(min(1.0, best_cosine))):.3f}")
             bar.update(1)
     with torch.no_grad():
-        cosines = points @ points.transpose(1, 2)
-        cosines.masked_fill_(diagonal, -math.inf)
-        worst, _ = cosines.flatten(1).max(dim=1)
-        restart = int(torch.argmin(worst))
-        if float(worst[restart]) < best_cosine:
-            best_points = points[restart].clone()
+        masked_cosines_keeping_best()
     prototypes = torch.nn.functional.normalize(best_points.detach(), dim=1).t().contiguous()
     return SeparatedPrototypes(prototypes, class_margin(prototypes).radians, bound, steps)
 
