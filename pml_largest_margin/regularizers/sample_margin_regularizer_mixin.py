@@ -17,7 +17,7 @@ class SampleMarginRegularizerMixin:
     sample_margin_reg_weight`` (λ), passed on already reduced, like PML's weight regularization.
 
     A loss's ``compute_loss`` calls :meth:`add_sample_margin_regularization_to_loss_dict`,
-    optionally with the class cosines it already computed. The margin follows the loss's own
+    optionally with the class cosines or the sample margins it already computed. The margin follows the loss's own
     miner weights (``lmu.convert_to_weights`` of ``indices_tuple``) and its sub-centres
     (attribute ``sub_centers``, as in PML's ``SubCenterArcFaceLoss``).
     """
@@ -60,9 +60,14 @@ class SampleMarginRegularizerMixin:
         labels: torch.Tensor,
         indices_tuple=None,
         cosines: torch.Tensor | None = None,
+        margins: torch.Tensor | None = None,
     ) -> dict:
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
-        if cosines is None:
+        if margins is not None:
+            value = self.sample_margin_regularizer(
+                embeddings, labels, margins=margins, miner_weights=miner_weights
+            )
+        elif cosines is None:
             value = self.sample_margin_regularizer(
                 embeddings,
                 labels,
@@ -87,8 +92,9 @@ class SampleMarginRegularizerMixin:
         labels: torch.Tensor,
         indices_tuple=None,
         cosines: torch.Tensor | None = None,
+        margins: torch.Tensor | None = None,
     ) -> None:
         if self.sample_margin_regularizer is not None and "sample_margin_loss" not in loss_dict:
             loss_dict["sample_margin_loss"] = self.sample_margin_regularization_loss(
-                embeddings, labels, indices_tuple, cosines
+                embeddings, labels, indices_tuple, cosines, margins
             )
