@@ -101,8 +101,6 @@ def test_sample_margin_regularizer_gradcheck():
         ({"W": torch.randn(8, 5), "margins": torch.zeros(12)}, ValueError, "exactly one"),
         ({"margins": torch.zeros(11)}, ValueError, r"shape \(12,\)"),
         ({"margins": torch.zeros(12, 1)}, ValueError, r"shape \(12,\)"),
-        ({"margins": torch.zeros(12, dtype=torch.int64)}, TypeError, "floating-point"),
-        ({"margins": torch.full((12,), math.inf)}, ValueError, "NaN or Inf"),
     ],
 )
 def test_sample_margin_regularizer_bad_input(kwargs, error, match):

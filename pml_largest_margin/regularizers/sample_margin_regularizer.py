@@ -57,13 +57,12 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
         miner_weights: torch.Tensor | None = None,
         sub_centers: int = 1,
     ) -> torch.Tensor:
-        """R_sm of a batch, from the prototypes ``W`` (d, C), the class ``cosines`` (N, C) or
-        the sample ``margins`` γ (N,) themselves.
+        """R_sm of a batch, from the prototypes ``W`` (d, C), class ``cosines`` (N, C) or ``margins``.
 
         Give exactly one of ``W``, ``cosines`` and ``margins``. ``cosines`` lets a loss that
-        already holds the class cosines skip the second matrix product; ``margins`` lets one that
-        already has the margins (a class-parallel loss, whose cosines are split over ranks) reuse
-        the stats, miner weights and reducer here. ``sub_centers=k`` reads ``W`` as
+        already holds the class cosines skip the second matrix product; ``margins`` (N,) are the
+        sample margins ``γ_i`` a loss computed itself (differentiable, in cosine units, e.g. the
+        fused kernel's), used as given. ``sub_centers=k`` reads ``W`` as
         (d, C·k) with class-major columns, each class's cosine being its best sub-centre.
         ``miner_weights`` (N,) scale each sample's term, as PML's classification losses scale
         theirs.
@@ -72,7 +71,11 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
         if sum(source is not None for source in (W, cosines, margins)) != 1:
             raise ValueError("give exactly one of W (d, C), cosines (N, C) and margins (N,)")
         if margins is not None:
-            _check_margins(margins, embeddings.shape[0])
+            if margins.shape != (embeddings.shape[0],):
+                raise ValueError(
+                    f"margins must have shape ({embeddings.shape[0]},), one per embedding, "
+                    f"got {tuple(margins.shape)}"
+                )
         elif W is not None:
             margins = sample_margins(embeddings, labels, W, sub_centers=sub_centers)
         else:
@@ -93,16 +96,3 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
             )
         loss_dict = self.compute_loss(margins, miner_weights)
         return self.reducer(loss_dict, embeddings, labels)
-
-
-def _check_margins(margins: torch.Tensor, num_samples: int) -> None:
-    if not isinstance(margins, torch.Tensor) or not margins.is_floating_point():
-        kind = margins.dtype if isinstance(margins, torch.Tensor) else type(margins).__name__
-        raise TypeError(f"margins must be a floating-point tensor, got {kind}")
-    if margins.shape != (num_samples,):
-        raise ValueError(
-            f"margins must have shape ({num_samples},), one per embedding, "
-            f"got {tuple(margins.shape)}"
-        )
-    if not bool(torch.isfinite(margins).all()):
-        raise ValueError("margins contains NaN or Inf")

@@ -17,7 +17,8 @@ class SampleMarginRegularizerMixin:
     sample_margin_reg_weight`` (λ), passed on already reduced, like PML's weight regularization.
 
     A loss's ``compute_loss`` calls :meth:`add_sample_margin_regularization_to_loss_dict`,
-    optionally with the class cosines or the sample margins it already computed. The margin follows the loss's own
+    optionally with the class cosines or the sample margins it already computed (without
+    either, the margins are computed from ``W``: one more N × d × C product). The margin follows the loss's own
     miner weights (``lmu.convert_to_weights`` of ``indices_tuple``) and its sub-centres
     (attribute ``sub_centers``, as in PML's ``SubCenterArcFaceLoss``).
     """
@@ -62,12 +63,10 @@ class SampleMarginRegularizerMixin:
         cosines: torch.Tensor | None = None,
         margins: torch.Tensor | None = None,
     ) -> dict:
-        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)
-        if margins is not None:
-            value = self.sample_margin_regularizer(
-                embeddings, labels, margins=margins, miner_weights=miner_weights
-            )
-        elif cosines is None:
+        given = margins if margins is not None else cosines
+        dtype = embeddings.dtype if given is None else given.dtype
+        miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=dtype)
+        if given is None:
             value = self.sample_margin_regularizer(
                 embeddings,
                 labels,
@@ -77,7 +76,7 @@ class SampleMarginRegularizerMixin:
             )
         else:
             value = self.sample_margin_regularizer(
-                embeddings, labels, cosines=cosines, miner_weights=miner_weights
+                embeddings, labels, cosines=cosines, margins=margins, miner_weights=miner_weights
             )
         return {
             "losses": value * self.sample_margin_reg_weight,
