@@ -21,6 +21,7 @@ from pml_largest_margin.distributed import (
     ClassParallelLargestMarginSoftmaxLoss,
     ClassParallelZeroCentroidRegularizer,
 )
+from pml_largest_margin.regularizers import SampleMarginRegularizer
 
 
 def main():
@@ -61,7 +62,8 @@ def train(args, device):
     model = torch.nn.parallel.DistributedDataParallel(backbone)
     shared = {
         "sample_rate": args.sample_rate,
-        "sample_margin_weight": 0.1,
+        "sample_margin_regularizer": SampleMarginRegularizer(),
+        "sample_margin_reg_weight": 0.1,
         "weight_regularizer": ClassParallelZeroCentroidRegularizer(),
     }
     if args.loss == "lm":

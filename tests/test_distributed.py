@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,11 @@ from pml_largest_margin.distributed import (
     shard_bounds,
 )
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+from pml_largest_margin.regularizers import (
+    SampleMarginRegularizer,
+    ZeroCentroidRegularizer,
+    with_sample_margin_regularizer,
+)
 
 NUM_CLASSES, EMBEDDING_SIZE, INPUT_SIZE, SCALE = 7, 6, 4, 3.0
 # Uneven on purpose: 5 samples on rank 0 and 3 on rank 1, classes split 4 / 3.
@@ -60,6 +67,22 @@ def _class_parallel_step(rank, loss_fn, tied_prototypes=False, indices_tuple=Non
         "W_grad": loss_fn.W.grad.numpy().copy(),
         "class_range": loss_fn.class_range,
         "backbone_grads": _numpy_grads(model.module),
+        "stats": _stats(loss_fn),
+    }
+
+
+def _stats(loss_fn):
+    """The recorded stats of a loss and of its regularizers (empty without collect_stats)."""
+    modules = {
+        "loss": loss_fn,
+        "sample margin": getattr(loss_fn, "sample_margin_regularizer", None),
+        "weight": loss_fn.weight_regularizer,
+    }
+    return {
+        (owner, name): getattr(module, name)
+        for owner, module in modules.items()
+        if module is not None and module.collect_stats
+        for name in getattr(module, "_record_these_stats", [])
     }
 
 
@@ -90,9 +113,9 @@ def _reference_step(
     return {"loss": loss.item(), "W_grad": W.grad.numpy(), "backbone_grads": _numpy_grads(backbone)}
 
 
-def _single_process_class_step(loss_fn, indices_tuple=None):
+def _single_process_class_step(loss_fn, indices_tuple=None, tied_prototypes=False):
     """The single-process loss class on the full batch with the full W."""
-    inputs, labels, W, backbone = _problem()
+    inputs, labels, W, backbone = _problem(tied_prototypes)
     loss_fn = loss_fn.double()
     with torch.no_grad():
         loss_fn.W.copy_(W)
@@ -102,7 +125,29 @@ def _single_process_class_step(loss_fn, indices_tuple=None):
         "loss": loss.item(),
         "W_grad": loss_fn.W.grad.numpy(),
         "backbone_grads": _numpy_grads(backbone),
+        "stats": _stats(loss_fn),
     }
+
+
+SAMPLE_MARGIN_WEIGHT, CENTROID_WEIGHT = 0.3, 0.7
+
+
+def _regularized(loss_class, weight_regularizer, *args, preset=None, collect_stats=False, **kw):
+    """``loss_class`` (or its ``preset``) with both regularizers and the test's weights."""
+    build = loss_class if preset is None else functools.partial(loss_class.preset, preset)
+    return build(
+        *args,
+        sample_margin_regularizer=SampleMarginRegularizer(collect_stats=collect_stats),
+        sample_margin_reg_weight=SAMPLE_MARGIN_WEIGHT,
+        weight_regularizer=weight_regularizer,
+        weight_reg_weight=CENTROID_WEIGHT,
+        collect_stats=collect_stats,
+        **kw,
+    )
+
+
+def _single_process_zero_centroid(collect_stats=False):
+    return ZeroCentroidRegularizer(record_class_margin=False, collect_stats=collect_stats)
 
 
 # Triplets mined on each rank's own batch (positions 0..4 on rank 0, 0..2 on rank 1).
@@ -143,15 +188,28 @@ def check_lm_softmax(rank, world_size):
 
 
 def check_lm_softmax_with_regularizers(rank, world_size):
-    loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+    loss_fn = _regularized(
+        ClassParallelLargestMarginSoftmaxLoss,
+        ClassParallelZeroCentroidRegularizer(collect_stats=True),
         NUM_CLASSES,
         EMBEDDING_SIZE,
         scale=SCALE,
-        sample_margin_weight=0.3,
-        weight_regularizer=ClassParallelZeroCentroidRegularizer(),
-        weight_reg_weight=0.7,
+        collect_stats=True,
     )
     return _class_parallel_step(rank, loss_fn.double(), tied_prototypes=True)
+
+
+def check_gm_softmax_with_regularizers(rank, world_size):
+    loss_fn = _regularized(
+        ClassParallelGeneralizedMarginSoftmaxLoss,
+        ClassParallelZeroCentroidRegularizer(form="sum"),
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        preset="arcface",
+        scale=GM_SCALE,
+        margin=ARCFACE_MARGIN,
+    )
+    return _class_parallel_step(rank, loss_fn.double())
 
 
 def check_gm_softmax(rank, world_size):
@@ -179,7 +237,11 @@ def check_mined_triplets(rank, world_size):
         "lm with sample margin": _class_parallel_step(
             rank,
             ClassParallelLargestMarginSoftmaxLoss(
-                NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, sample_margin_weight=0.3
+                NUM_CLASSES,
+                EMBEDDING_SIZE,
+                scale=SCALE,
+                sample_margin_regularizer=SampleMarginRegularizer(),
+                sample_margin_reg_weight=SAMPLE_MARGIN_WEIGHT,
             ).double(),
             indices_tuple=MINED_TRIPLETS[rank],
         ),
@@ -217,6 +279,14 @@ def check_gm_constructor_errors(rank, world_size):
         "psi and margins": _error_text(lambda: loss_class(4, 3, m2=0.3, psi=torch.cos)),
         "psi not callable": _error_text(lambda: loss_class(4, 3, psi=0.5)),
         "m2 out of range": _error_text(lambda: loss_class(4, 3, m2=4.0)),
+        "infinite sample-margin weight": _error_text(
+            lambda: loss_class(
+                4,
+                3,
+                sample_margin_regularizer=SampleMarginRegularizer(),
+                sample_margin_reg_weight=float("inf"),
+            )
+        ),
         "preset arguments": loss_class.preset("cosface", 4, 3, margin=0.2).m3,
     }
 
@@ -231,6 +301,20 @@ def check_zero_centroid_forms(rank, world_size):
         value.backward()
         results[form] = (value.item(), slice_.grad.numpy().copy())
     results["bad form"] = _error_text(lambda: ClassParallelZeroCentroidRegularizer(form="avg"))
+    regularizer = ClassParallelZeroCentroidRegularizer()
+    local = W[:, slice(*shard_bounds(NUM_CLASSES, world_size, rank))]
+    with_zero_column, with_nan = local.clone(), local.clone()
+    with_zero_column[:, 0] = 0 if rank == 1 else with_zero_column[:, 0]
+    with_nan[0, 0] = torch.nan if rank == 0 else with_nan[0, 0]
+    one_class_in_all = W[:, :1] if rank == 0 else W[:, :0]
+    results["zero prototype on rank 1"] = _error_text(lambda: regularizer(with_zero_column.t()))
+    results["NaN on rank 0"] = _error_text(lambda: regularizer(with_nan.t()))
+    results["one class in all"] = _error_text(lambda: regularizer(one_class_in_all.t()))
+    results["1-D weights on rank 0"] = _error_text(
+        lambda: regularizer(W[0] if rank == 0 else W.t())
+    )
+    # The group must still be usable after the errors: every rank took part in each exchange.
+    results["valid call afterwards"] = _error_text(lambda: regularizer(W.t()))
     return results
 
 
@@ -327,6 +411,7 @@ CHECKS = [
     check_sharded_evaluation,
     check_lm_softmax,
     check_lm_softmax_with_regularizers,
+    check_gm_softmax_with_regularizers,
     check_gm_softmax,
     check_gm_constructor_errors,
     check_mined_triplets,
@@ -429,10 +514,19 @@ def test_mined_triplets_weight_samples_as_in_single_process(worker_results):
     # Mined-sample counts over the concatenated triplets, divided by the largest count.
     counts = torch.bincount(torch.cat(_concatenated_triplets(MINED_TRIPLETS)), minlength=8)
     with_margin = _reference_step(
-        sample_margin_weight=0.3, sample_weights=counts.double() / counts.max()
+        sample_margin_weight=SAMPLE_MARGIN_WEIGHT, sample_weights=counts.double() / counts.max()
     )
     _assert_matches_single_process(
         [result["lm with sample margin"] for result in per_rank], with_margin
+    )
+    with_margin_class = _single_process_class_step(
+        with_sample_margin_regularizer(LargestMarginSoftmaxLoss)(
+            NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, sample_margin_reg_weight=SAMPLE_MARGIN_WEIGHT
+        ),
+        _concatenated_triplets(MINED_TRIPLETS),
+    )
+    _assert_matches_single_process(
+        [result["lm with sample margin"] for result in per_rank], with_margin_class
     )
     # The weights matter: without them the loss differs.
     unweighted = _single_process_class_step(
@@ -466,26 +560,97 @@ def test_gm_softmax_constructor_errors(worker_results):
 
 
 def test_regularizers_match_single_process_with_tied_maxima(worker_results):
-    reference = _reference_step(sample_margin_weight=0.3, centroid_weight=0.7, tied_prototypes=True)
+    reference = _reference_step(
+        sample_margin_weight=SAMPLE_MARGIN_WEIGHT,
+        centroid_weight=CENTROID_WEIGHT,
+        tied_prototypes=True,
+    )
     per_rank = _results(worker_results, check_lm_softmax_with_regularizers)
     _assert_matches_single_process(per_rank, reference)
+
+
+def test_regularizers_match_single_process_regularizers_and_stats(worker_results):
+    """Against the single-process loss carrying SampleMarginRegularizer and
+    ZeroCentroidRegularizer: values, gradients and the recorded stats of the global batch."""
+    single = _single_process_class_step(
+        _regularized(
+            with_sample_margin_regularizer(LargestMarginSoftmaxLoss),
+            _single_process_zero_centroid(collect_stats=True),
+            NUM_CLASSES,
+            EMBEDDING_SIZE,
+            scale=SCALE,
+            collect_stats=True,
+        ),
+        tied_prototypes=True,
+    )
+    expected_stats = single["stats"]
+    assert set(expected_stats) == {
+        ("loss", "mean_sample_margin"),
+        ("loss", "min_sample_margin"),
+        ("sample margin", "mean_sample_margin"),
+        ("sample margin", "min_sample_margin"),
+        ("weight", "centroid_norm"),
+    }
+    per_rank = _results(worker_results, check_lm_softmax_with_regularizers)
+    _assert_matches_single_process(per_rank, single)
+    for result in per_rank:
+        assert set(result["stats"]) == set(expected_stats)
+        for key, value in expected_stats.items():
+            assert result["stats"][key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_gm_softmax_with_regularizers_matches_single_process(worker_results):
+    single = _single_process_class_step(
+        _regularized(
+            with_sample_margin_regularizer(GeneralizedMarginSoftmaxLoss),
+            ZeroCentroidRegularizer(form="sum", record_class_margin=False),
+            NUM_CLASSES,
+            EMBEDDING_SIZE,
+            preset="arcface",
+            scale=GM_SCALE,
+            margin=ARCFACE_MARGIN,
+        )
+    )
+    per_rank = _results(worker_results, check_gm_softmax_with_regularizers)
+    _assert_matches_single_process(per_rank, single)
 
 
 def test_zero_centroid_forms_match_single_process(worker_results):
     _, _, W, _ = _problem()
     W.requires_grad_(True)
     centroid_sum = torch.nn.functional.normalize(W, dim=0).sum(dim=1)
-    for result in _results(worker_results, check_zero_centroid_forms):
-        assert result["bad form"].startswith("ValueError: form must be one of")
+    per_rank = _results(worker_results, check_zero_centroid_forms)
     for form, divisor in (("mean", NUM_CLASSES**2), ("sum", 1)):
         W.grad = None
-        expected = centroid_sum.square().sum() / divisor
-        expected.backward(retain_graph=True)
-        for rank, result in enumerate(_results(worker_results, check_zero_centroid_forms)):
+        single = ZeroCentroidRegularizer(form=form, record_class_margin=False)(W.t())
+        assert single.item() == pytest.approx((centroid_sum.square().sum() / divisor).item())
+        single.backward()
+        for rank, result in enumerate(per_rank):
             value, grad = result[form]
-            assert value == pytest.approx(expected.item(), rel=1e-12)
+            assert value == pytest.approx(single.item(), rel=1e-12)
             columns = slice(*shard_bounds(NUM_CLASSES, 2, rank))
             np.testing.assert_allclose(grad, W.grad[:, columns].numpy(), rtol=1e-10)
+
+
+def test_zero_centroid_bad_prototypes_raise_on_every_rank(worker_results):
+    per_rank = _results(worker_results, check_zero_centroid_forms)
+    for result in per_rank:
+        assert result.pop("valid call afterwards") is None
+        assert result["bad form"].startswith("ValueError: form must be one of")
+        assert "at least 2 classes, got 1" in result["one class in all"]
+    assert "zero prototype row" in per_rank[1]["zero prototype on rank 1"]
+    assert "rank(s) [1]" in per_rank[0]["zero prototype on rank 1"]
+    assert "NaN or Inf" in per_rank[0]["NaN on rank 0"]
+    assert "rank(s) [0]" in per_rank[1]["NaN on rank 0"]
+    assert "2-D floating-point" in per_rank[0]["1-D weights on rank 0"]
+    assert "rank(s) [0]" in per_rank[1]["1-D weights on rank 0"]
+    # The single-process regularizer rejects the same prototypes.
+    _, _, W, _ = _problem()
+    W[:, 5] = 0
+    with pytest.raises(ValueError, match="zero prototype row"):
+        ZeroCentroidRegularizer()(W.t())
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        ZeroCentroidRegularizer()(W[:, :1].t())
 
 
 def test_class_sampling_keeps_batch_classes_and_drops_others(worker_results):

@@ -64,6 +64,22 @@ def test_sample_margin_regularizer_cosine_path_and_stats():
     assert "mean_sample_margin" not in getattr(SampleMarginRegularizer(), "_record_these_stats", [])
 
 
+def test_sample_margin_regularizer_from_margins_matches_w_path():
+    embeddings, labels = batch(dtype=torch.float64)
+    W = torch.randn(8, 5, dtype=torch.float64)
+    weights = torch.linspace(0.2, 1.0, 12, dtype=torch.float64)
+    margins = sample_margins(embeddings, labels, W).requires_grad_(True)
+    regularizer = SampleMarginRegularizer(collect_stats=True, reducer=reducers.SumReducer())
+    value = regularizer(embeddings, labels, margins=margins, miner_weights=weights)
+    expected = SampleMarginRegularizer(reducer=reducers.SumReducer())(
+        embeddings, labels, W, miner_weights=weights
+    )
+    assert float(value) == pytest.approx(float(expected), rel=1e-12)
+    assert regularizer.min_sample_margin == pytest.approx(float(margins.min()))
+    value.backward()
+    torch.testing.assert_close(margins.grad, -weights)
+
+
 def test_sample_margin_regularizer_gradcheck():
     embeddings, labels = batch(num_classes=4, dim=3, size=6, seed=1, dtype=torch.float64)
     embeddings.requires_grad_(True)
@@ -82,6 +98,9 @@ def test_sample_margin_regularizer_gradcheck():
         ({"W": torch.randn(7, 5)}, ValueError, "rows"),
         ({"W": torch.randn(8, 3)}, ValueError, "labels"),
         ({"W": torch.randn(8, 5), "miner_weights": torch.ones(3)}, ValueError, "miner_weights"),
+        ({"W": torch.randn(8, 5), "margins": torch.zeros(12)}, ValueError, "exactly one"),
+        ({"margins": torch.zeros(11)}, ValueError, r"shape \(12,\)"),
+        ({"margins": torch.zeros(12, 1)}, ValueError, r"shape \(12,\)"),
     ],
 )
 def test_sample_margin_regularizer_bad_input(kwargs, error, match):

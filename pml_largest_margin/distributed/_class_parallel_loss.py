@@ -11,6 +11,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..regularizers import SampleMarginRegularizerMixin
 from ._collectives import (
     all_gather_rows,
     check_and_exchange_batch,
@@ -23,7 +24,9 @@ from ._sharded_cosine_statistics import ShardedCosineStatistics, sharded_cosine_
 from .sharding import shard_bounds
 
 
-class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
+class ClassParallelLossBase(
+    SampleMarginRegularizerMixin, WeightRegularizerMixin, BaseMetricLossFunction
+):
     """A PML loss whose prototypes W (d, C) are split by columns over the ranks of a process group.
 
     Every rank calls ``loss(embeddings, labels)`` with its own part of the batch (sizes may
@@ -40,10 +43,17 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
     scheme). This is an approximation: the dropped classes leave the softmax denominator, and
     their prototypes get no gradient in that step.
 
-    ``sample_margin_weight`` λ adds the sample-margin regularization ``λ · mean_i(max_{j≠y_i}
-    cos_ij − cos_{i,y_i})`` as the sub-loss ``sample_margin_loss``, computed over all classes
-    with an all-reduced maximum. A ``weight_regularizer`` receives this rank's ``W.t()`` slice
-    only: use a sharded one such as ``ClassParallelZeroCentroidRegularizer``.
+    ``sample_margin_regularizer=SampleMarginRegularizer()`` with ``sample_margin_reg_weight``
+    λ adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``, exactly as the single-process
+    losses do through ``SampleMarginRegularizerMixin``: the regularizer gets the exact sample
+    margins ``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` (the maximum all-reduced over ranks) and
+    applies its own miner weighting, reducer and stats. A ``weight_regularizer`` receives this
+    rank's ``W.t()`` slice only: use a sharded one such as
+    ``ClassParallelZeroCentroidRegularizer``.
+
+    With ``collect_stats=True`` the loss records ``mean_sample_margin`` and
+    ``min_sample_margin`` over the whole gathered batch (the same on every rank). Under class
+    sampling the margins, like the loss, only see the kept classes.
 
     A miner's ``indices_tuple`` weights the per-sample terms of both sub-losses as in PML's
     ``ArcFaceLoss``; see :meth:`forward`.
@@ -56,12 +66,9 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
         scale: float,
         process_group=None,
         sample_rate: float = 1.0,
-        sample_margin_weight: float = 0.0,
         generator: torch.Generator | None = None,
         **kwargs,
     ):
-        # Set before PML's constructor, which asks for the sub-loss names to build the reducers.
-        self.sample_margin_weight = float(sample_margin_weight)
         super().__init__(**kwargs)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("class-parallel losses need torch.distributed to be initialised")
@@ -76,8 +83,10 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
             raise ValueError(f"scale must be positive and finite, got {scale}")
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-        if not math.isfinite(self.sample_margin_weight):
-            raise ValueError(f"sample_margin_weight must be finite, got {sample_margin_weight}")
+        if not math.isfinite(self.sample_margin_reg_weight):
+            raise ValueError(
+                f"sample_margin_reg_weight must be finite, got {self.sample_margin_reg_weight}"
+            )
         self.num_classes = num_classes
         self.embedding_size = embedding_size
         self.scale = float(scale)
@@ -88,8 +97,10 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
         self.W = torch.nn.Parameter(torch.empty(embedding_size, self.num_local_classes))
         self.weight_init_func(self.W)
         self.add_to_recordable_attributes(
-            list_of_names=["num_classes", "scale", "sample_rate", "sample_margin_weight"],
-            is_stat=False,
+            list_of_names=["num_classes", "scale", "sample_rate"], is_stat=False
+        )
+        self.add_to_recordable_attributes(
+            list_of_names=["mean_sample_margin", "min_sample_margin"], is_stat=True
         )
 
     @property
@@ -103,9 +114,6 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
         if tuple(full_W.shape) != expected:
             raise ValueError(f"full_W must have shape {expected}, got {tuple(full_W.shape)}")
         self.W.copy_(full_W[:, self.class_range[0] : self.class_range[1]])
-
-    def _sub_loss_names(self):
-        return ["loss", "sample_margin_loss"] if self.sample_margin_weight else ["loss"]
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
         """``indices_tuple``: a miner's output on this rank's batch (ranks may pass ``None``).
@@ -153,25 +161,24 @@ class ClassParallelLossBase(WeightRegularizerMixin, BaseMetricLossFunction):
             local_targets,
             self.scale,
             self.process_group,
-            track_max=bool(self.sample_margin_weight),
+            track_max=self.sample_margin_regularizer is not None,
         )
-        indices = c_f.torch_arange_from_size(embeddings)
+        margins = statistics.target_cosine - statistics.non_target_max
+        if self.collect_stats:
+            self.mean_sample_margin = float(margins.detach().mean())
+            self.min_sample_margin = float(margins.detach().min())
         losses = self.per_sample_losses(statistics)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
             "loss": {
                 "losses": losses * miner_weights,
-                "indices": indices,
+                "indices": c_f.torch_arange_from_size(embeddings),
                 "reduction_type": "element",
             }
         }
-        if self.sample_margin_weight:
-            negative_margins = statistics.non_target_max - statistics.target_cosine
-            loss_dict["sample_margin_loss"] = {
-                "losses": self.sample_margin_weight * negative_margins * miner_weights,
-                "indices": indices,
-                "reduction_type": "element",
-            }
+        self.add_sample_margin_regularization_to_loss_dict(
+            loss_dict, embeddings, labels, indices_tuple, margins=margins
+        )
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
