@@ -23,7 +23,6 @@ from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMargi
 from pml_largest_margin.regularizers import (
     SampleMarginRegularizer,
     ZeroCentroidRegularizer,
-    with_sample_margin_regularizer,
 )
 
 NUM_CLASSES, EMBEDDING_SIZE, INPUT_SIZE, SCALE = 7, 6, 4, 3.0
@@ -520,8 +519,12 @@ def test_mined_triplets_weight_samples_as_in_single_process(worker_results):
         [result["lm with sample margin"] for result in per_rank], with_margin
     )
     with_margin_class = _single_process_class_step(
-        with_sample_margin_regularizer(LargestMarginSoftmaxLoss)(
-            NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, sample_margin_reg_weight=SAMPLE_MARGIN_WEIGHT
+        LargestMarginSoftmaxLoss(
+            NUM_CLASSES,
+            EMBEDDING_SIZE,
+            scale=SCALE,
+            sample_margin_regularizer=SampleMarginRegularizer(),
+            sample_margin_reg_weight=SAMPLE_MARGIN_WEIGHT,
         ),
         _concatenated_triplets(MINED_TRIPLETS),
     )
@@ -574,7 +577,7 @@ def test_regularizers_match_single_process_regularizers_and_stats(worker_results
     ZeroCentroidRegularizer: values, gradients and the recorded stats of the global batch."""
     single = _single_process_class_step(
         _regularized(
-            with_sample_margin_regularizer(LargestMarginSoftmaxLoss),
+            LargestMarginSoftmaxLoss,
             _single_process_zero_centroid(collect_stats=True),
             NUM_CLASSES,
             EMBEDDING_SIZE,
@@ -602,7 +605,7 @@ def test_regularizers_match_single_process_regularizers_and_stats(worker_results
 def test_gm_softmax_with_regularizers_matches_single_process(worker_results):
     single = _single_process_class_step(
         _regularized(
-            with_sample_margin_regularizer(GeneralizedMarginSoftmaxLoss),
+            GeneralizedMarginSoftmaxLoss,
             ZeroCentroidRegularizer(form="sum", record_class_margin=False),
             NUM_CLASSES,
             EMBEDDING_SIZE,
