@@ -63,19 +63,23 @@ def _walk(sorted_scores, genuine_sorted, n_genuine, n_impostor, thresholds, far,
     return point, max(n_corners, 1)
 
 
-def roc_arrays(
-    sorted_scores: np.ndarray, genuine_sorted: np.ndarray, n_genuine: int, n_impostor: int
-):
-    """``(thresholds, far, tar, corners)`` with ``[+inf, 0, 0]`` at index 0 of the curve."""
-    empty = np.empty(0)
+@njit(cache=True, nogil=True)
+def roc_arrays(sorted_scores, genuine_sorted, n_genuine, n_impostor):
+    """``(thresholds, far, tar, corners)`` with ``[+inf, 0, 0]`` at index 0 of the curve.
+
+    The outputs are allocated here, by numba's allocator, rather than by numpy: numpy advises the
+    kernel to back large arrays with transparent huge pages, and where huge pages are compacted on
+    demand, touching hundreds of MB of them for the first time was measured 2 to 5 times slower.
+    """
+    no_floats = np.empty(0)
     n_points, n_corners = _walk(
         sorted_scores,
         genuine_sorted,
         n_genuine,
         n_impostor,
-        empty,
-        empty,
-        empty,
+        no_floats,
+        no_floats,
+        no_floats,
         np.empty(0, dtype=np.int64),
     )
     thresholds = np.empty(n_points + 1)
@@ -85,3 +89,11 @@ def roc_arrays(
     thresholds[0], far[0], tar[0] = np.inf, 0.0, 0.0
     _walk(sorted_scores, genuine_sorted, n_genuine, n_impostor, thresholds, far, tar, corners)
     return thresholds, far, tar, corners
+
+
+@njit(cache=True, nogil=True)
+def fresh_copy(array):
+    """A copy of a 1-D array in memory from numba's allocator (see :func:`roc_arrays`)."""
+    copy = np.empty(array.shape[0], dtype=array.dtype)
+    copy[:] = array
+    return copy

@@ -48,9 +48,10 @@ def check_pair_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sorted_roc(scores: np.ndarray, labels: np.ndarray) -> _Roc:
-    from ._roc_kernel import roc_arrays
+    from ._roc_kernel import fresh_copy, roc_arrays
 
-    sorted_scores = np.sort(scores)
+    sorted_scores = fresh_copy(scores)
+    sorted_scores.sort()
     genuine_sorted = np.sort(scores[labels])
     n_genuine = genuine_sorted.shape[0]
     n_impostor = sorted_scores.shape[0] - n_genuine

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import pyplot
 from . import CommandError
 
 ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
@@ -91,11 +92,7 @@ def format_table(result) -> str:
 
 
 def plot_cmc(cmc: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(5, 4))
     axes.plot(np.arange(1, len(cmc) + 1), 100 * cmc, marker=".")
     axes.set(xlabel="rank", ylabel="matching rate (%)", title="CMC", ylim=(0, 100.5))

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..knn import l2_normalize
+from ..plotting import pyplot
 from ..verification import (
     DEFAULT_FAR_TARGETS,
     pair_distances,
@@ -137,11 +138,7 @@ def _table(summary: dict) -> str:
 
 
 def _plot(report, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     positive = np.flatnonzero(report.far > 0)
     far, tar = report.far[positive], report.tar[positive]
     # A few thousand points, evenly spread on the log axis, draw the same picture as millions.

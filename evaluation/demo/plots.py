@@ -1,7 +1,7 @@
 """The demo's figures: margins against their bounds, prototype geometry, ROC curves.
 
-matplotlib is imported here only, with the non-interactive Agg back end, so the rest of the
-package works without it.
+matplotlib is imported only when a figure is drawn (``evaluation.plotting``), so the rest of
+the package works without it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..plotting import pyplot
 from .run import RunResult
 
 # Prototype heatmaps drawn, when these methods were run.
@@ -24,22 +25,9 @@ GEOMETRY_METHODS = (
 )
 
 
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError(
-            'the figures need matplotlib: python3 -m pip install -e ".[plot]"'
-        ) from error
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_margins(summary: Sequence[dict], path: Path) -> None:
     """Class margin and sample margins (mean ± std over seeds) per method, with their bounds."""
-    plt = _pyplot()
+    plt = pyplot()
     labels = [entry["method"] for entry in summary]
     positions = np.arange(len(labels))
 
@@ -77,7 +65,7 @@ def plot_margins(summary: Sequence[dict], path: Path) -> None:
 
 def plot_prototype_geometry(results: Sequence[RunResult], path: Path) -> None:
     """Cosines between the learned prototypes (first seed); a simplex has −1/(C−1) off-diagonal."""
-    plt = _pyplot()
+    plt = pyplot()
     chosen = {r.method.label: r for r in results if r.prototype_cosines is not None}
     labels = [label for label in GEOMETRY_METHODS if label in chosen]
     if not labels:
@@ -102,7 +90,7 @@ def plot_prototype_geometry(results: Sequence[RunResult], path: Path) -> None:
 
 def plot_roc(results: Sequence[RunResult], path: Path) -> None:
     """ROC of all test pairs (first seed) for the methods trained on the balanced set."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
     for result in results:
         if result.roc and result.method.imbalance_ratio == 1:
