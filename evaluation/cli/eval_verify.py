@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..datasets.face import read_template_pairs
 from ..knn import l2_normalize
 from ..plotting import pyplot
 from ..verification import (
@@ -70,15 +71,11 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_pair_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # Same layout as an IJB pair list: "i j label" per line, here with embedding row indices.
     if not path.is_file():
         raise CommandError(f"{path} is not a file")
-    try:
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2)
-    except ValueError as error:
-        raise CommandError(f"{path}: lines must be 'i j label' integers ({error})") from error
-    if table.shape[0] == 0 or table.shape[1] != 3:
-        raise CommandError(f"{path}: expected lines 'i j label', got shape {table.shape}")
-    return table[:, :2], table[:, 2]
+    first, second, labels = read_template_pairs(path)
+    return np.stack([first, second], axis=1), labels
 
 
 def _scores_and_labels(arrays: dict[str, np.ndarray], pair_file: Path | None):
