@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features, check_ids
+from ._validation import check_features, check_positive_integer
 from .knn import GPU_MAX_K, gpu_available, top_k
+from .reid import _check_protocol_ids, _valid_query_mask
 
 _FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
 
@@ -40,22 +41,15 @@ def cmc_from_top_k(
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
-    q_pids, q_camids = (
-        check_ids(q_pids, "q_pids", len(query)),
-        check_ids(q_camids, "q_camids", len(query)),
+    q_pids, g_pids, q_camids, g_camids = _check_protocol_ids(
+        q_pids, g_pids, q_camids, g_camids, len(query), len(gallery)
     )
-    g_pids = check_ids(g_pids, "g_pids", len(gallery))
-    g_camids = check_ids(g_camids, "g_camids", len(gallery))
-    if not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
-    max_rank = min(max_rank, len(gallery))
+    max_rank = min(check_positive_integer(max_rank, "max_rank"), len(gallery))
 
     junk_counts = _matching_counts(q_pids, q_camids, g_pids, g_camids)
-    valid = _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) > junk_counts
-    if not valid.any():
-        raise ValueError(
-            "no query has a positive: no gallery item shares a query's pid under another camera"
-        )
+    valid = _valid_query_mask(
+        _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) - junk_counts
+    )
     k = min(len(gallery), max_rank + int(junk_counts.max()))
     if use_gpu is None:
         use_gpu = k <= GPU_MAX_K and gpu_available()

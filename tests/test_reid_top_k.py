@@ -30,3 +30,19 @@ def test_top_k_cmc_bad_input():
         cmc_from_top_k(good, good, ids[0], ids[1], ids[2], ids[2])
     with pytest.raises(ValueError, match="g_pids has 1 entries"):
         cmc_from_top_k(good, good, ids[0], ids[1][:1], ids[2], ids[3])
+    with pytest.raises(ValueError, match="max_rank"):
+        cmc_from_top_k(good, good, *ids, max_rank=0)
+    with pytest.raises(ValueError, match="max_rank"):
+        cmc_from_top_k(good, good, *ids, max_rank=True)
+    with pytest.raises(ValueError, match="query set is empty|query_features is empty"):
+        cmc_from_top_k(good[:0], good, ids[0][:0], ids[1], ids[2][:0], ids[3])
+
+
+def test_top_k_cmc_clips_max_rank_to_the_gallery():
+    rng = np.random.default_rng(3)
+    query, gallery = rng.normal(size=(6, 4)), rng.normal(size=(9, 4))
+    ids = (rng.integers(0, 3, 6), rng.integers(0, 3, 9), np.zeros(6, int), np.ones(9, int))
+    cmc, _ = cmc_from_top_k(query, gallery, *ids, max_rank=np.int64(50))
+    exact = evaluate_reid(query, gallery, *ids, max_rank=50, device="cpu")
+    assert cmc.shape == (9,)
+    np.testing.assert_array_equal(cmc, exact.cmc)
