@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -171,10 +172,15 @@ def read_template_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     """IJB ``*_template_pair_label.txt``: lines ``template_1 template_2 label`` (label 1 for
     genuine); returns ``(template_1, template_2, labels as bool)``."""
     try:
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2)
+        with warnings.catch_warnings():
+            # An empty file is reported below as a ValueError, not as numpy's warning.
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as error:
         raise ValueError(f"{path}: pair lines must be three integers ({error})") from error
-    if table.shape[0] == 0 or table.shape[1] != 3:
+    if table.shape[0] == 0:
+        raise ValueError(f"{path}: empty template pair file")
+    if table.shape[1] != 3:
         raise ValueError(f"{path}: expected lines 'template_1 template_2 label', got {table.shape}")
     if not np.isin(table[:, 2], (0, 1)).all():
         raise ValueError(f"{path}: labels must be 0 or 1")
