@@ -119,7 +119,9 @@ def evaluate_reid_from_distances(
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
 
 
-def pairwise_distances(query_features, gallery_features, metric: str = "euclidean", device=None):
+def pairwise_distances(
+    query_features, gallery_features, metric: str = "euclidean", device=None
+) -> np.ndarray:
     """The full (num_query, num_gallery) distance matrix of :func:`evaluate_reid`, as numpy.
 
     For small problems, plots and tests; the evaluator itself never holds this matrix whole.

@@ -8,7 +8,8 @@ push at most that many items out of the way. AP and INP are different: they need
 that one), so a top-k list would truncate them; GPU FAISS also caps k at 2048.
 :func:`evaluation.reid.evaluate_reid` therefore stays exact for mAP and mINP by counting, for
 every positive, the kept items before it over whole distance rows (one compiled pass per row),
-never by top-k. The same :func:`evaluation.knn.top_k` lists serve as re-ranking candidates.
+never by top-k. :func:`reranking_candidates` gives the neighbour lists that k-reciprocal
+re-ranking starts from, by the same exact search.
 
 FAISS computes its own distances (its L2 formula differs from torch's in the last bits) and
 orders equal scores its own way, so near-ties can rank differently from ``evaluate_reid``.
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features, check_ids
+from ._validation import check_features, check_positive_integer
 from .knn import GPU_MAX_K, gpu_available, top_k
+from .reid import _check_protocol_ids, _valid_query_mask
 
 _FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
 
@@ -40,22 +42,15 @@ def cmc_from_top_k(
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
-    q_pids, q_camids = (
-        check_ids(q_pids, "q_pids", len(query)),
-        check_ids(q_camids, "q_camids", len(query)),
+    q_pids, g_pids, q_camids, g_camids = _check_protocol_ids(
+        q_pids, g_pids, q_camids, g_camids, len(query), len(gallery)
     )
-    g_pids = check_ids(g_pids, "g_pids", len(gallery))
-    g_camids = check_ids(g_camids, "g_camids", len(gallery))
-    if not isinstance(max_rank, int) or max_rank < 1:
-        raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
-    max_rank = min(max_rank, len(gallery))
+    max_rank = min(check_positive_integer(max_rank, "max_rank"), len(gallery))
 
     junk_counts = _matching_counts(q_pids, q_camids, g_pids, g_camids)
-    valid = _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) > junk_counts
-    if not valid.any():
-        raise ValueError(
-            "no query has a positive: no gallery item shares a query's pid under another camera"
-        )
+    valid = _valid_query_mask(
+        _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) - junk_counts
+    )
     k = min(len(gallery), max_rank + int(junk_counts.max()))
     if use_gpu is None:
         use_gpu = k <= GPU_MAX_K and gpu_available()
@@ -72,6 +67,36 @@ def cmc_from_top_k(
         if matches.any():
             hits[np.argmax(matches) :] += 1
     return hits / valid.sum(), int(valid.sum())
+
+
+def reranking_candidates(
+    query_features,
+    gallery_features,
+    k: int,
+    metric: str = "euclidean",
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-ranking candidates: ``(distances, indices)``, each of shape (num_query + num_gallery, k).
+
+    Row ``i`` lists the ``k`` items of the joint set (queries first, then gallery items, so
+    gallery item ``j`` is ``num_query + j``) nearest to item ``i`` of that set, nearest first,
+    the item itself included: the k-nearest-neighbour lists that k-reciprocal re-ranking
+    (and query expansion) start from. Distances are the evaluator's (``"euclidean"``: squared
+    euclidean on raw features; ``"cosine"``: ``1 - cos``) as FAISS computes them in float32.
+    """
+    if metric not in _FAISS_METRICS:
+        raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
+    query = check_features(query_features, "query_features")
+    gallery = check_features(gallery_features, "gallery_features")
+    if query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"query_features have dimension {query.shape[1]} but gallery_features have "
+            f"{gallery.shape[1]}"
+        )
+    joint = np.concatenate([query, gallery]).astype(np.float32, copy=False)
+    scores, indices = top_k(joint, joint, k, metric=_FAISS_METRICS[metric], use_gpu=use_gpu)
+    distances = -scores if metric == "euclidean" else 1 - scores
+    return distances, indices
 
 
 def _matching_counts(q_pids, q_camids, g_pids, g_camids) -> np.ndarray:

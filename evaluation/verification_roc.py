@@ -165,7 +165,9 @@ def _tar_threshold(curve: _Roc, targets: np.ndarray) -> np.ndarray:
     return result
 
 
-def tar_at_far(scores, labels, far_targets=DEFAULT_FAR_TARGETS, rule: str = "nearest"):
+def tar_at_far(
+    scores, labels, far_targets=DEFAULT_FAR_TARGETS, rule: str = "nearest"
+) -> np.ndarray:
     """TAR at each target FAR, one value per target (float64 array).
 
     ``rule="nearest"`` (what IJB-B/C papers report): on the ROC that

@@ -1,6 +1,7 @@
 import io
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -162,6 +163,10 @@ def test_ijb_meta_readers_reject_malformed(tmp_path):
     bad.write_text("")
     with pytest.raises(ValueError, match="empty"):
         read_template_media_list(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="empty template pair file"):
+            read_template_pairs(bad)
     bad.write_text("a.jpg nan\n")
     with pytest.raises(ValueError, match="NaN"):
         read_detector_scores(bad)

@@ -10,10 +10,16 @@ before any of it runs.
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # (module, name) pairs a .bin pickle may reference, all pure constructors of data.
 _NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -55,7 +61,7 @@ def _unpickle_bin(path: Path):
             raise ValueError(f"{path}: malformed or truncated .bin file ({error!r})") from error
 
 
-def read_bin_pairs(path) -> tuple[list[bytes], np.ndarray]:
+def read_bin_pairs(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
     """The raw content of a ``.bin`` file: encoded images (2 per pair) and ``issame`` (bool)."""
     path = Path(path)
     content = _unpickle_bin(path)
@@ -78,7 +84,9 @@ def read_bin_pairs(path) -> tuple[list[bytes], np.ndarray]:
     return list(images), issame_array.astype(bool)
 
 
-def decode_images(encoded, image_size: tuple[int, int] | None = None, normalize: bool = True):
+def decode_images(
+    encoded, image_size: tuple[int, int] | None = None, normalize: bool = True
+) -> torch.Tensor:
     """Encoded images to a float32 tensor (N, 3, H, W) in RGB: ``(x / 255 − 0.5) / 0.5`` when
     ``normalize`` (the arcface_torch convention), else 0..255. ``image_size=(H, W)`` resizes
     images of another size (bilinear); without it every image must have the first one's size."""
@@ -110,7 +118,9 @@ def decode_images(encoded, image_size: tuple[int, int] | None = None, normalize:
     return torch.from_numpy(batch)
 
 
-def load_bin(path, image_size: tuple[int, int] | None = None, normalize: bool = True):
+def load_bin(
+    path: str | os.PathLike, image_size: tuple[int, int] | None = None, normalize: bool = True
+) -> tuple[torch.Tensor, np.ndarray]:
     """An insightface ``.bin`` pair set: ``(images, issame)``, images a float32 tensor
     (2 n, 3, H, W) with pairs interleaved (rows 0::2 against 1::2), issame a bool array (n,).
 
@@ -146,7 +156,7 @@ def _integer_column(rows: list[list[str]], column: int, path, name: str) -> np.n
         raise ValueError(f"{path}: {name} must be integers ({error})") from error
 
 
-def read_template_media_list(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_template_media_list(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IJB ``*_face_tid_mid.txt``: lines ``image_name template_id media_id``; returns
     ``(image_names, template_ids, media_ids)``."""
     rows = _text_rows(path, 3, "template/media")
@@ -158,21 +168,26 @@ def read_template_media_list(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-def read_template_pairs(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_template_pairs(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """IJB ``*_template_pair_label.txt``: lines ``template_1 template_2 label`` (label 1 for
     genuine); returns ``(template_1, template_2, labels as bool)``."""
     try:
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2)
+        with warnings.catch_warnings():
+            # An empty file is reported below as a ValueError, not as numpy's warning.
+            warnings.filterwarnings("ignore", "loadtxt: input contained no data")
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2)
     except ValueError as error:
         raise ValueError(f"{path}: pair lines must be three integers ({error})") from error
-    if table.shape[0] == 0 or table.shape[1] != 3:
+    if table.shape[0] == 0:
+        raise ValueError(f"{path}: empty template pair file")
+    if table.shape[1] != 3:
         raise ValueError(f"{path}: expected lines 'template_1 template_2 label', got {table.shape}")
     if not np.isin(table[:, 2], (0, 1)).all():
         raise ValueError(f"{path}: labels must be 0 or 1")
     return table[:, 0], table[:, 1], table[:, 2].astype(bool)
 
 
-def read_detector_scores(path) -> tuple[np.ndarray, np.ndarray]:
+def read_detector_scores(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """IJB ``*_name_5pts_score.txt``: ``image_name`` first, the detector (faceness) score last;
     returns ``(image_names, scores)``."""
     rows = _text_rows(path, 2, "detector score")

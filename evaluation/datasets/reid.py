@@ -14,6 +14,7 @@ pid -1 images are junk and dropped; pid 0 images are distractors and kept (galle
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ class ReIDSplit:
         return len(self.paths)
 
 
-def read_market1501(root) -> dict[str, ReIDSplit]:
+def read_market1501(root: str | os.PathLike) -> dict[str, ReIDSplit]:
     """Market-1501 (and DukeMTMC-reID, same layout): ``{"train", "query", "gallery"}``."""
     root = _directory(root)
     folders = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -47,7 +48,7 @@ def read_market1501(root) -> dict[str, ReIDSplit]:
 read_dukemtmc_reid = read_market1501
 
 
-def read_msmt17(root) -> dict[str, ReIDSplit]:
+def read_msmt17(root: str | os.PathLike) -> dict[str, ReIDSplit]:
     """MSMT17 V1 or V2: ``{"train", "query", "gallery"}`` from its list files."""
     root = _directory(root)
     train_dir = _first_directory(root, ("train", "mask_train_v2"))
@@ -59,7 +60,7 @@ def read_msmt17(root) -> dict[str, ReIDSplit]:
     }
 
 
-def read_msmt17_list(list_file, image_dir) -> ReIDSplit:
+def read_msmt17_list(list_file: str | os.PathLike, image_dir: str | os.PathLike) -> ReIDSplit:
     """One MSMT17 list file of ``relative/path pid`` lines, paths joined to ``image_dir``."""
     list_file, image_dir = Path(list_file), Path(image_dir)
     records = []

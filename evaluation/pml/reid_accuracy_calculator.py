@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-from ..reid import evaluate_reid
+from ..reid import ReIDResult, evaluate_reid
 
 
 class ReIDAccuracyCalculator(AccuracyCalculator):
@@ -46,7 +46,7 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
     def reid_metrics(self) -> tuple[str, ...]:
         return (*(f"cmc_rank_{k}" for k in self.ranks), "reid_mAP", "reid_mINP")
 
-    def requires_knn(self):
+    def requires_knn(self) -> list[str]:
         return []
 
     def _get_accuracy(self, function_dict, **kwargs):
@@ -80,8 +80,8 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
     def _cmc_rank(self, reid_result, k, **kwargs):
         return float(reid_result.cmc[min(k, len(reid_result.cmc)) - 1])
 
-    def calculate_reid_mAP(self, reid_result, **kwargs):
+    def calculate_reid_mAP(self, reid_result: ReIDResult, **kwargs) -> float:
         return reid_result.mAP
 
-    def calculate_reid_mINP(self, reid_result, **kwargs):
+    def calculate_reid_mINP(self, reid_result: ReIDResult, **kwargs) -> float:
         return reid_result.mINP
