@@ -6,7 +6,9 @@ FPIR = share of non-mated probes whose top-1 score passes; TPIR = share of mated
 top-1 gallery template is a mate and passes. The threshold for a target FPIR follows the
 "threshold" rule of TAR@FAR: ``t`` is the (k+1)-th highest non-mated top-1 score with
 ``k = floor(FPIR * n_non_mated)``. Rank-k identification rate: share of mated probes with a
-mate among their k best gallery templates (closed-set CMC over the mated probes).
+mate among their k best gallery templates (closed-set CMC over the mated probes). Without
+non-mated probes (closed-set search) FPIR is undefined and TPIR and the thresholds are NaN;
+without mated probes nothing is defined and a ``ValueError`` is raised.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_features, check_ids
+from ._validation import check_features, check_ids, to_numpy
 from .knn import top_k
 from .verification_roc import check_far_targets
 
@@ -55,8 +57,8 @@ def identification_from_top_k(
     """Metrics from each probe's best gallery candidates, best first: ``top_scores`` and
     ``top_subjects`` of shape (n_probes, k); ``gallery_subjects`` lists every gallery subject
     (it decides which probes are mated)."""
-    scores = np.asarray(top_scores, dtype=np.float64)
-    subjects = np.asarray(top_subjects)
+    scores = to_numpy(top_scores, "top_scores").astype(np.float64, copy=False)
+    subjects = to_numpy(top_subjects, "top_subjects")
     probes = check_ids(probe_subjects, "probe_subjects")
     gallery = check_ids(gallery_subjects, "gallery_subjects")
     if scores.ndim != 2 or scores.shape != subjects.shape or scores.shape[0] != probes.shape[0]:
@@ -72,15 +74,15 @@ def identification_from_top_k(
     targets = check_far_targets(fpir_targets)
     mated = np.isin(probes, gallery)
     n_mated, n_non_mated = int(mated.sum()), int((~mated).sum())
+    if n_mated == 0:
+        raise ValueError("no probe subject appears in gallery_subjects: every metric is undefined")
     hits = subjects == probes[:, None]
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), scores.shape[1])
-    rank_rates = np.array(
-        [np.count_nonzero(first_hit[mated] < k) / n_mated if n_mated else np.nan for k in rank_list]
-    )
+    rank_rates = np.array([np.count_nonzero(first_hit[mated] < k) / n_mated for k in rank_list])
 
     tpir = np.full(targets.shape[0], np.nan)
     thresholds = np.full(targets.shape[0], np.nan)
-    if n_mated and n_non_mated:
+    if n_non_mated:
         non_mated_top = np.sort(scores[~mated, 0])[::-1]
         allowed = np.floor(targets * n_non_mated).astype(np.int64)
         thresholds = np.where(

@@ -139,3 +139,18 @@ def test_identification_bad_input():
         identification_from_top_k(np.full((2, 2), np.nan), subjects, [1, 3], [1, 2])
     with pytest.raises(ValueError, match="gallery"):
         open_set_identification(np.ones((2, 3)), [1, 2], np.ones((2, 3)), [1, 2], ranks=(5,))
+
+
+def test_identification_without_mated_probes_is_an_error():
+    scores = np.array([[0.9, 0.1], [0.8, 0.2]])
+    with pytest.raises(ValueError, match="no probe subject"):
+        identification_from_top_k(scores, np.array([[1, 2], [2, 1]]), [5, 6], [1, 2], ranks=(1,))
+
+
+def test_closed_set_identification_has_rank_rates_and_no_tpir():
+    scores = np.array([[0.9, 0.1], [0.8, 0.2]])
+    result = identification_from_top_k(
+        scores, np.array([[1, 2], [1, 2]]), [1, 2], [1, 2], ranks=(1, 2)
+    )
+    np.testing.assert_array_equal(result.rank_rates, [0.5, 1.0])
+    assert np.isnan(result.tpir).all() and result.n_non_mated == 0
