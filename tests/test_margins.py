@@ -235,6 +235,9 @@ def test_zero_rows_and_columns_are_rejected():
         sample_margins(torch.randn(2, 3), torch.tensor([0, 0]), torch.randn(3, 1))
     with pytest.raises(ValueError, match="block_size"):
         class_margin(torch.randn(3, 4), block_size=0)
+    for block_size in (0, -1):  # -1 used to return an empty tensor, 0 a bare range() error
+        with pytest.raises(ValueError, match="block_size"):
+            sample_margins(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(3, 2), block_size)
     with pytest.raises(TypeError):
         class_margin(torch.ones(3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="PML's layout"):
