@@ -42,7 +42,7 @@ class ZeroCentroidRegularizer(BaseRegularizer):
         if record_class_margin:
             self.add_to_recordable_attributes(name="class_margin_degrees", is_stat=True)
 
-    def compute_loss(self, weights: torch.Tensor):
+    def compute_loss(self, weights: torch.Tensor) -> dict:
         check_prototypes(weights.t(), "weights (W.t(), one row per class)")
         num_classes = weights.shape[0]
         if num_classes < 2:
