@@ -7,6 +7,7 @@ from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss
 from pml_largest_margin.losses.margin_functions import combined_margin
+from pml_largest_margin.margins import sample_margins
 
 NUM_CLASSES, DIM, BATCH, SCALE = 10, 6, 24, 16.0
 PML_TWINS = {
@@ -179,6 +180,9 @@ def test_collect_stats_on_both_paths():
         loss_fn(embeddings, labels)
         assert -2 <= loss_fn.min_sample_margin <= loss_fn.mean_sample_margin <= 2
         assert loss_fn.min_sample_margin < 0  # the samples pointing away
+        margins = sample_margins(embeddings, labels, loss_fn.W.detach())
+        assert loss_fn.mean_sample_margin == pytest.approx(float(margins.mean()), abs=1e-6)
+        assert loss_fn.min_sample_margin == pytest.approx(float(margins.min()), abs=1e-6)
 
 
 def test_preset_and_argument_errors():
