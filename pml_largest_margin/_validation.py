@@ -11,7 +11,9 @@ import torch
 _LABEL_DTYPES = (torch.int64, torch.int32)
 
 
-def check_embeddings(embeddings: torch.Tensor, name: str = "embeddings", *, finite: bool = True):
+def check_embeddings(
+    embeddings: torch.Tensor, name: str = "embeddings", *, finite: bool = True
+) -> None:
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.ndim != 2:
@@ -22,7 +24,9 @@ def check_embeddings(embeddings: torch.Tensor, name: str = "embeddings", *, fini
         raise ValueError(f"{name} contains NaN or Inf")
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, batch_size: int, name: str = "labels"):
+def check_labels(
+    labels: torch.Tensor, num_classes: int, batch_size: int, name: str = "labels"
+) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _LABEL_DTYPES:
@@ -42,7 +46,9 @@ def check_labels(labels: torch.Tensor, num_classes: int, batch_size: int, name: 
             )
 
 
-def check_prototypes(weights: torch.Tensor, name: str = "W", *, embedding_size: int | None = None):
+def check_prototypes(
+    weights: torch.Tensor, name: str = "W", *, embedding_size: int | None = None
+) -> None:
     """Prototypes in PML's layout: shape (embedding_size, num_classes), one column per class."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weights).__name__}")

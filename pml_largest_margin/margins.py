@@ -180,6 +180,8 @@ def sample_margins(
         raise ValueError("embeddings has a zero row; its direction is undefined")
     if block_size is None:
         block_size = max(1, _BLOCK_ELEMENTS // W.shape[1])
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     labels = labels.long()
     margins = []
     for start in range(0, embeddings.shape[0], block_size):

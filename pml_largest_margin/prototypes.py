@@ -167,7 +167,9 @@ def max_separated_prototypes(
     return SeparatedPrototypes(prototypes, class_margin(prototypes).radians, bound, steps)
 
 
-def freeze_prototypes(loss: torch.nn.Module, prototypes) -> torch.nn.Module:
+def freeze_prototypes(
+    loss: torch.nn.Module, prototypes: torch.Tensor | SeparatedPrototypes
+) -> torch.nn.Module:
     """Write ``prototypes`` (d, C) into ``loss.W`` and freeze it; returns ``loss``.
 
     Works for any loss that keeps its prototypes in a ``W`` Parameter of PML's layout

@@ -7,6 +7,7 @@ from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss
 from pml_largest_margin.losses.margin_functions import combined_margin
+from pml_largest_margin.margins import sample_margins
 
 NUM_CLASSES, DIM, BATCH, SCALE = 10, 6, 24, 16.0
 PML_TWINS = {
@@ -179,6 +180,9 @@ def test_collect_stats_on_both_paths():
         loss_fn(embeddings, labels)
         assert -2 <= loss_fn.min_sample_margin <= loss_fn.mean_sample_margin <= 2
         assert loss_fn.min_sample_margin < 0  # the samples pointing away
+        margins = sample_margins(embeddings, labels, loss_fn.W.detach())
+        assert loss_fn.mean_sample_margin == pytest.approx(float(margins.mean()), abs=1e-6)
+        assert loss_fn.min_sample_margin == pytest.approx(float(margins.min()), abs=1e-6)
 
 
 def test_preset_and_argument_errors():
@@ -216,3 +220,55 @@ def test_half_precision_inputs(dtype):
     assert loss.dtype == torch.float32 and loss_fn.W.dtype == torch.float32
     assert math.isfinite(float(loss))
     assert abs(float(loss) - loss_fn(embeddings, labels).item()) < 1e-2
+
+
+PATHS = {"fused": None, "custom-phi": lambda cosines: cosines}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_empty_batch_gives_zero_loss_on_the_graph(path):
+    loss_fn = GeneralizedMarginSoftmaxLoss.preset("arcface", 5, 3, phi=PATHS[path])
+    embeddings = torch.zeros(0, 3, requires_grad=True)
+    loss = loss_fn(embeddings, torch.zeros(0, dtype=torch.long))
+    assert float(loss) == 0.0
+    loss.backward()
+    assert embeddings.grad is not None and float(loss_fn.W.grad.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_labels_and_embeddings_are_checked(path):
+    loss_fn = GeneralizedMarginSoftmaxLoss.preset("cosface", 5, 2, phi=PATHS[path])
+    embeddings = torch.randn(3, 2, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 4, 2])
+    assert loss_fn(embeddings, labels.int()).item() == loss_fn(embeddings, labels).item()
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        loss_fn(embeddings, torch.tensor([0, -1, 2]))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        loss_fn(embeddings, labels.to(torch.int16))
+    with pytest.raises(ValueError, match="embeddings"):
+        loss_fn(embeddings, labels[:2])
+    with pytest.raises(ValueError, match="embedding_size=2"):
+        loss_fn(torch.randn(3, 4), labels)
+    for bad in (math.nan, math.inf):
+        poisoned = embeddings.index_fill(0, torch.tensor([1]), bad)
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            loss_fn(poisoned, labels)
+    unchecked = GeneralizedMarginSoftmaxLoss.preset("cosface", 5, 2, validate_inputs=False)
+    unchecked(embeddings.index_fill(0, torch.tensor([1]), math.nan), labels)  # no check, no error
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_cpu_autocast(path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 8)
+    loss_fn = GeneralizedMarginSoftmaxLoss.preset("arcface", 20, 8, scale=16.0, phi=PATHS[path])
+    inputs, labels = torch.randn(32, 6), torch.randint(0, 20, (32,))
+    reference = loss_fn(model(inputs), labels)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        embeddings = model(inputs)
+        loss = loss_fn(embeddings, labels)
+    loss.backward()
+    assert embeddings.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert loss_fn.W.dtype == torch.float32 and loss_fn.W.grad.dtype == torch.float32
+    assert torch.isfinite(loss_fn.W.grad).all()
+    assert math.isfinite(float(loss)) and abs(float(loss) - float(reference)) < 1e-2

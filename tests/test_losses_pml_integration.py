@@ -117,3 +117,13 @@ def test_pml_trainer_runs_a_few_iterations(make_loss, tmp_path):
     trainer.train(num_epochs=1)
     assert torch.isfinite(torch.as_tensor(trainer.losses["metric_loss"]))
     assert not torch.equal(loss_fn.W.detach(), initial_W)
+
+
+def test_prototypes_are_a_parameter_initialised_like_pml(make_loss):
+    torch.manual_seed(0)
+    arcface = pml_losses.ArcFaceLoss(NUM_CLASSES, DIM)
+    ours = make_loss()  # seeds 0 too
+    assert isinstance(ours.W, torch.nn.Parameter) and ours.W.shape == (DIM, NUM_CLASSES)
+    torch.testing.assert_close(ours.W, arcface.W, rtol=0, atol=0)  # PML's default init
+    custom = make_loss(weight_init_func=lambda weights: torch.nn.init.constant_(weights, 0.5))
+    assert bool((custom.W == 0.5).all())

@@ -50,6 +50,23 @@ def test_bounds_closed_forms():
     assert class_margin_upper_bound(2, 1) == pytest.approx(math.pi)
     assert class_margin_upper_bound(100, 16) == pytest.approx(math.pi / 2)
     assert sample_margin_upper_bound(10) == pytest.approx(10 / 9)
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        class_margin_upper_bound(1, 3)
+    with pytest.raises(ValueError, match="embedding_size >= 1"):
+        class_margin_upper_bound(3, 0)
+    with pytest.raises(ValueError, match="num_classes >= 2"):
+        sample_margin_upper_bound(1)
+
+
+@pytest.mark.parametrize("dim", [2, 3, 5])
+def test_rankin_bound_is_attained_by_the_cross_polytope(dim):
+    # Past d + 1 classes the bound drops from arccos(-1/(C-1)) to π/2, and ±e_k reach it up to 2d.
+    cross_polytope = torch.cat([torch.eye(dim), -torch.eye(dim)], dim=1)
+    for num_classes in range(dim + 2, 2 * dim + 1):
+        bound = class_margin_upper_bound(num_classes, dim)
+        assert bound == pytest.approx(math.pi / 2)
+        assert bound < math.acos(-1 / (num_classes - 1))
+        assert class_margin(cross_polytope[:, :num_classes]).radians == pytest.approx(bound)
 
 
 def test_sample_margins_hand_made():
@@ -235,6 +252,9 @@ def test_zero_rows_and_columns_are_rejected():
         sample_margins(torch.randn(2, 3), torch.tensor([0, 0]), torch.randn(3, 1))
     with pytest.raises(ValueError, match="block_size"):
         class_margin(torch.randn(3, 4), block_size=0)
+    for block_size in (0, -1):  # -1 used to return an empty tensor, 0 a bare range() error
+        with pytest.raises(ValueError, match="block_size"):
+            sample_margins(torch.randn(2, 3), torch.tensor([0, 1]), torch.randn(3, 2), block_size)
     with pytest.raises(TypeError):
         class_margin(torch.ones(3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="PML's layout"):

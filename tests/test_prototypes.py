@@ -4,6 +4,8 @@ import pytest
 import torch
 from pytorch_metric_learning import losses
 
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+from pml_largest_margin.losses.base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from pml_largest_margin.margins import class_margin, class_margin_upper_bound
 from pml_largest_margin.prototypes import (
     SeparatedPrototypes,
@@ -11,7 +13,11 @@ from pml_largest_margin.prototypes import (
     max_separated_prototypes,
     simplex_prototypes,
 )
-from pml_largest_margin.regularizers import ZeroCentroidRegularizer, with_sample_margin_regularizer
+from pml_largest_margin.regularizers import (
+    SampleMarginRegularizer,
+    ZeroCentroidRegularizer,
+    with_sample_margin_regularizer,
+)
 
 
 @pytest.mark.parametrize("num_classes,dim", [(2, 1), (2, 5), (4, 3), (11, 10), (20, 128)])
@@ -79,14 +85,31 @@ def test_max_separated_bad_input():
         max_separated_prototypes(12, 3, restarts=0)
 
 
+def regularized_loss(loss_class):
+    # Our losses take the sample-margin regularizer natively; PML's through the factory.
+    kwargs = {
+        "num_classes": 5,
+        "embedding_size": 4,
+        "weight_regularizer": ZeroCentroidRegularizer(),
+    }
+    if issubclass(loss_class, BaseMarginSoftmaxLoss):
+        return loss_class(sample_margin_regularizer=SampleMarginRegularizer(), **kwargs)
+    return with_sample_margin_regularizer(loss_class)(**kwargs)
+
+
 @pytest.mark.parametrize(
-    "loss_class", [losses.ArcFaceLoss, losses.CosFaceLoss, losses.NormalizedSoftmaxLoss]
+    "loss_class",
+    [
+        losses.ArcFaceLoss,
+        losses.CosFaceLoss,
+        losses.NormalizedSoftmaxLoss,
+        LargestMarginSoftmaxLoss,
+        GeneralizedMarginSoftmaxLoss,
+    ],
 )
 @pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, torch.optim.AdamW])
 def test_frozen_prototypes_stay_unchanged(loss_class, optimizer_class):
-    loss = with_sample_margin_regularizer(loss_class)(
-        num_classes=5, embedding_size=4, weight_regularizer=ZeroCentroidRegularizer()
-    )
+    loss = regularized_loss(loss_class)
     trunk = torch.nn.Linear(6, 4)
     # Built before freezing, with weight decay and one earlier step that left a gradient on W.
     optimizer = optimizer_class([*trunk.parameters(), *loss.parameters()], lr=0.1, weight_decay=0.1)

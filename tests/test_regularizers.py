@@ -315,10 +315,9 @@ def test_zero_centroid_gradcheck():
         assert torch.autograd.gradcheck(regularizer, (weights,))
 
 
-@pytest.mark.parametrize(
-    "loss_class", [losses.ArcFaceLoss, losses.CosFaceLoss, losses.NormalizedSoftmaxLoss]
-)
+@pytest.mark.parametrize("loss_class", [*PML_LOSSES, losses.LargeMarginSoftmaxLoss])
 def test_zero_centroid_in_pml_weight_regularizer_slot(loss_class):
+    # SubCenterArcFaceLoss hands over all C·k sub-centres; R_w is then their centroid.
     loss = loss_class(
         num_classes=6,
         embedding_size=4,

@@ -88,7 +88,14 @@ class BaseMarginSoftmaxLoss(
         """
         raise NotImplementedError
 
-    def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        indices_tuple: tuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """PML's ``forward`` on float32 copies of half-precision embeddings.
 
         PML's ``MultipleReducers`` (built as soon as a regularizer adds a sub-loss) sums the
@@ -99,7 +106,14 @@ class BaseMarginSoftmaxLoss(
             embeddings = embeddings.float()
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> dict:
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         self._check_inputs(embeddings, labels)
@@ -139,7 +153,7 @@ class BaseMarginSoftmaxLoss(
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return self.scale * cosine_logits(embeddings.to(weights.dtype), weights)
 
-    def get_default_distance(self):
+    def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
 
     def record_sample_margins(self, margins: torch.Tensor) -> None:

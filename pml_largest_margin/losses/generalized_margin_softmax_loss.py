@@ -17,8 +17,9 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
 
     By default ``ψ(θ) = cos(m1·θ + m2) − m3`` (insightface's combined margin: ``m1``
     multiplicative angular, ``m2`` additive angular in radians, ``m3`` additive cosine; see
-    :mod:`pml_largest_margin.losses.margin_functions` for the continuation past ``π``, which for
-    ``m2 > 0`` is PML's ``ArcFaceLoss`` fallback) and ``φ(θ) = cos θ``.
+    :mod:`pml_largest_margin.losses.margin_functions` for the continuation past ``π``: PML's
+    ``ArcFaceLoss`` fallback when ``m1 = 1`` and ``m2 > 0``, SphereFace's piecewise form when
+    ``m1 ≠ 1``) and ``φ(θ) = cos θ``.
 
     Presets (``GeneralizedMarginSoftmaxLoss.preset(name, num_classes, embedding_size, ...)``):
 

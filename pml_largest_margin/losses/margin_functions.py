@@ -89,7 +89,7 @@ def combined_margin(
         target = cosines if m2 == 0.0 else additive_angular_margin(cosines, m2)
     else:
         target = multiplicative_angular_margin(cosines, m1, m2)
-    return target - m3 if m3 != 0.0 else target
+    return additive_cosine_margin(target, m3) if m3 != 0.0 else target
 
 
 def combined_margin_function(m1: float = 1.0, m2: float = 0.0, m3: float = 0.0) -> MarginFunction:

@@ -32,7 +32,9 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
             list_of_names=["mean_sample_margin", "min_sample_margin"], is_stat=True
         )
 
-    def compute_loss(self, margins: torch.Tensor, miner_weights: torch.Tensor | None = None):
+    def compute_loss(
+        self, margins: torch.Tensor, miner_weights: torch.Tensor | None = None
+    ) -> dict:
         if self.collect_stats and margins.numel():
             with torch.no_grad():
                 self.mean_sample_margin = margins.mean().item()

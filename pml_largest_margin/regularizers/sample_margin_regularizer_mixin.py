@@ -47,7 +47,7 @@ class SampleMarginRegularizerMixin:
             )
 
     @property
-    def samplemargin_regularizer(self):
+    def samplemargin_regularizer(self) -> SampleMarginRegularizer | None:
         # PML finds a mixin's regularizer as "<class name without RegularizerMixin, lowercased>
         # _regularizer", here "samplemargin_regularizer".
         return self.sample_margin_regularizer
@@ -59,7 +59,7 @@ class SampleMarginRegularizerMixin:
         self,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple=None,
+        indices_tuple: tuple | None = None,
         cosines: torch.Tensor | None = None,
         margins: torch.Tensor | None = None,
     ) -> dict:
@@ -89,7 +89,7 @@ class SampleMarginRegularizerMixin:
         loss_dict: dict,
         embeddings: torch.Tensor,
         labels: torch.Tensor,
-        indices_tuple=None,
+        indices_tuple: tuple | None = None,
         cosines: torch.Tensor | None = None,
         margins: torch.Tensor | None = None,
     ) -> None:

@@ -52,7 +52,7 @@ def with_sample_margin_regularizer(loss_class: type) -> type:
             if not hasattr(self, "W"):
                 raise TypeError(f"{loss_class.__name__} has no prototypes W")
 
-        def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels) -> dict:
             loss_dict = super().compute_loss(embeddings, labels, indices_tuple, ref_emb, ref_labels)
             self.add_sample_margin_regularization_to_loss_dict(
                 loss_dict, embeddings, labels, indices_tuple
