@@ -89,6 +89,21 @@ def test_collect_stats_records_the_batch_sample_margins():
     assert "mean_sample_margin" in loss_fn._record_these_stats
 
 
+def test_collect_stats_records_the_class_margin_of_W():
+    loss_fn = LargestMarginSoftmaxLoss(9, 4, collect_stats=True)
+    embeddings, labels = make_batch(9, 4)
+    loss_fn(embeddings, labels)
+    unit = torch.nn.functional.normalize(loss_fn.W.detach().double(), dim=0)
+    cosines = (unit.t() @ unit).fill_diagonal_(-2.0)
+    expected = math.degrees(math.acos(float(cosines.max())))
+    assert loss_fn.class_margin_degrees == pytest.approx(expected, abs=1e-4)
+    assert "class_margin_degrees" in loss_fn._record_these_stats
+    quiet = LargestMarginSoftmaxLoss(9, 4, collect_stats=True, record_class_margin=False)
+    quiet(embeddings, labels)
+    assert "class_margin_degrees" not in quiet._record_these_stats
+    assert not hasattr(quiet, "class_margin_degrees")
+
+
 def test_empty_batch_gives_zero_loss_on_the_graph():
     loss_fn = LargestMarginSoftmaxLoss(5, 3)
     embeddings = torch.zeros(0, 3, requires_grad=True)
