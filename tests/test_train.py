@@ -162,6 +162,12 @@ def test_bad_options(image_folder, tmp_path, capsys, options, message):
     assert message in _error([*arguments, *options], capsys)
 
 
+def test_output_dir_that_is_a_file(image_folder, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    arguments = ["train", str(image_folder), "--output-dir", str(tmp_path / "taken"), *FAST]
+    assert "exists and is not a directory" in _error(arguments, capsys)
+
+
 def test_torchvision_backbone_without_torchvision(image_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)
     arguments = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import CommandError
+from . import CommandError, check_output_dir
 
 
 def add_subparser(subparsers) -> None:
@@ -81,6 +81,7 @@ def _options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..training.train_job import run_training
 
+    check_output_dir(args.output_dir)
     report = run_training(
         _options(args),
         args.output_dir,
