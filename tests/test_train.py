@@ -150,6 +150,10 @@ def test_market_layout_missing_folder(market, tmp_path, capsys):
         (["--held-out", "0"], "held-out fraction"),
         (["--epochs", "0"], "epochs"),
         (["--scale", "-1"], "scale"),
+        (["--lr", "nan"], "lr > 0"),
+        (["--zero-centroid-weight", "nan"], "regularizer weights"),
+        (["--sample-margin-weight", "-1"], "regularizer weights"),
+        (["--seed", "-1"], "--seed must be at least 0"),
         (
             ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
             "device",

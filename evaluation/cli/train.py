@@ -60,6 +60,8 @@ def _options(args: argparse.Namespace):
 
     if args.embedding_size < 1 or args.workers < 0:
         raise CommandError("--embedding-size must be at least 1 and --workers at least 0")
+    if args.seed < 0:
+        raise CommandError(f"--seed must be at least 0, got {args.seed}")
     return TrainOptions(
         data=args.data,
         layout=args.layout,
