@@ -154,6 +154,7 @@ def test_market_layout_missing_folder(market, tmp_path, capsys):
         (["--zero-centroid-weight", "nan"], "regularizer weights"),
         (["--sample-margin-weight", "-1"], "regularizer weights"),
         (["--seed", "-1"], "--seed must be at least 0"),
+        (["--loss", "normface", "--margin", "0.3"], "has no margin option"),
         (
             ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
             "device",
