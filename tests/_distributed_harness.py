@@ -1,16 +1,20 @@
 """Runs check functions inside a 2-process gloo group started once, and returns their results.
 
-The workers are spawned (a fresh interpreter each), join a process group on a free local port,
-run every check in order, and send back ``{name: result or error text}``. Timeouts everywhere make
-a hang fail the test run instead of blocking it.
+The workers are spawned (a fresh interpreter each), join a process group through a store file in
+a fresh temporary folder (no TCP port to pick, so test modules and concurrent runs cannot
+collide), run every check in order, and send back ``{name: result or error text}``. Timeouts
+everywhere, and a check on the workers' exit codes while waiting, make a hang or a crashed
+worker fail the test run instead of blocking it.
 """
 
 from __future__ import annotations
 
 import datetime
 import queue
-import socket
+import tempfile
+import time
 import traceback
+from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,16 +22,10 @@ import torch.multiprocessing as mp
 WORLD_SIZE = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _worker(rank, world_size, port, checks, results, collective_timeout_s):
+def _worker(rank, world_size, store_file, checks, results, collective_timeout_s):
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=Path(store_file).as_uri(),
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=collective_timeout_s),
@@ -44,32 +42,49 @@ def _worker(rank, world_size, port, checks, results, collective_timeout_s):
         dist.destroy_process_group()
 
 
+def _collect(results, workers, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    outcomes = {}
+    while len(outcomes) < len(workers):
+        try:
+            rank, outcome = results.get(timeout=1.0)
+            outcomes[rank] = outcome
+            continue
+        except queue.Empty:
+            pass
+        crashed = [
+            rank
+            for rank, worker in enumerate(workers)
+            if rank not in outcomes and worker.exitcode not in (None, 0)
+        ]
+        if crashed:
+            raise RuntimeError(f"distributed worker(s) {crashed} died before reporting")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"distributed workers gave no result within {timeout_s} s")
+    return outcomes
+
+
 def run_in_workers(checks, world_size=WORLD_SIZE, timeout_s=90, collective_timeout_s=30):
     """``{rank: {check name: result}}`` from running ``checks`` (module-level functions taking
     ``(rank, world_size)``) in ``world_size`` freshly spawned processes."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    port = _free_port()
-    workers = [
-        context.Process(
-            target=_worker,
-            args=(rank, world_size, port, checks, results, collective_timeout_s),
-            daemon=True,
-        )
-        for rank in range(world_size)
-    ]
-    for worker in workers:
-        worker.start()
-    outcomes = {}
-    try:
-        for _ in range(world_size):
-            rank, outcome = results.get(timeout=timeout_s)
-            outcomes[rank] = outcome
-    except queue.Empty:
-        raise TimeoutError(f"distributed workers gave no result within {timeout_s} s") from None
-    finally:
+    with tempfile.TemporaryDirectory(prefix="pml-lm-dist-") as folder:
+        store_file = str(Path(folder) / "store")
+        workers = [
+            context.Process(
+                target=_worker,
+                args=(rank, world_size, store_file, checks, results, collective_timeout_s),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
         for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.terminate()
-    return outcomes
+            worker.start()
+        try:
+            return _collect(results, workers, timeout_s)
+        finally:
+            for worker in workers:
+                worker.join(timeout=10)
+                if worker.is_alive():
+                    worker.terminate()

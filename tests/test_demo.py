@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,11 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     path.write_text("x")
     assert main(["demo", "--quick", "--output-dir", str(path)]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_every_json_key_is_documented(quick_run):
+    _, results = quick_run
+    documented = (Path(__file__).parents[1] / "docs" / "demo.md").read_text()
+    entry = results["methods"][0]
+    keys = [*results["config"], *entry, *entry["runs"][0]]
+    assert [key for key in keys if f"`{key}`" not in documented] == []

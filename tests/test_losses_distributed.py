@@ -6,13 +6,9 @@ and equals world_size × the gradient of the global-batch mean loss, while each 
 gradient is its own slice of that same gradient × world_size.
 """
 
-import datetime
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed_harness import run_in_workers
 from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
@@ -34,52 +30,26 @@ def global_batch():
     return embeddings, torch.randint(0, NUM_CLASSES, (WORLD_SIZE * PER_RANK,), generator=generator)
 
 
-def _worker(rank, port, results):
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        torch.set_num_threads(1)
-        embeddings, labels = global_batch()
-        rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
-        for kind in KINDS:
-            loss_fn = make_loss(kind)
-            local = embeddings[rows].clone().requires_grad_(True)
-            loss = DistributedLossWrapper(loss_fn)(local, labels[rows])
-            loss.backward()
-            results.put((kind, rank, loss.item(), local.grad.clone(), loss_fn.W.grad.clone()))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def check_wrapper_gradients(rank, world_size):
+    torch.set_num_threads(1)
+    embeddings, labels = global_batch()
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    outcome = {}
+    for kind in KINDS:
+        loss_fn = make_loss(kind)
+        local = embeddings[rows].clone().requires_grad_(True)
+        loss = DistributedLossWrapper(loss_fn)(local, labels[rows])
+        loss.backward()
+        outcome[kind] = (loss.item(), local.grad.clone(), loss_fn.W.grad.clone())
+    return outcome
 
 
 def test_distributed_loss_wrapper_gradients():
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [
-        context.Process(target=_worker, args=(rank, port, results), daemon=True)
-        for rank in range(WORLD_SIZE)
-    ]
-    for process in processes:
-        process.start()
-    try:
-        messages = [results.get(timeout=90) for _ in range(WORLD_SIZE * len(KINDS))]
-    finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
-    assert all(process.exitcode == 0 for process in processes)
+    per_rank = run_in_workers([check_wrapper_gradients], world_size=WORLD_SIZE)
+    outcomes = {rank: per_rank[rank]["check_wrapper_gradients"] for rank in range(WORLD_SIZE)}
+    for outcome in outcomes.values():
+        if isinstance(outcome, Exception):
+            raise outcome
 
     for kind in KINDS:
         loss_fn = make_loss(kind)
@@ -88,7 +58,8 @@ def test_distributed_loss_wrapper_gradients():
         single = loss_fn(embeddings, labels)
         single.backward()
         weight_grads = []
-        for _, rank, loss, embedding_grad, weight_grad in (m for m in messages if m[0] == kind):
+        for rank, outcome in outcomes.items():
+            loss, embedding_grad, weight_grad = outcome[kind]
             assert loss == pytest.approx(WORLD_SIZE * single.item(), rel=1e-5)
             torch.testing.assert_close(weight_grad, WORLD_SIZE * loss_fn.W.grad)
             rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)

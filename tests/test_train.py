@@ -150,6 +150,11 @@ def test_market_layout_missing_folder(market, tmp_path, capsys):
         (["--held-out", "0"], "held-out fraction"),
         (["--epochs", "0"], "epochs"),
         (["--scale", "-1"], "scale"),
+        (["--lr", "nan"], "lr > 0"),
+        (["--zero-centroid-weight", "nan"], "regularizer weights"),
+        (["--sample-margin-weight", "-1"], "regularizer weights"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--loss", "normface", "--margin", "0.3"], "has no margin option"),
         (
             ["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
             "device",
@@ -160,6 +165,12 @@ def test_market_layout_missing_folder(market, tmp_path, capsys):
 def test_bad_options(image_folder, tmp_path, capsys, options, message):
     arguments = ["train", str(image_folder), "--output-dir", str(tmp_path / "run"), *FAST]
     assert message in _error([*arguments, *options], capsys)
+
+
+def test_output_dir_that_is_a_file(image_folder, tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    arguments = ["train", str(image_folder), "--output-dir", str(tmp_path / "taken"), *FAST]
+    assert "exists and is not a directory" in _error(arguments, capsys)
 
 
 def test_torchvision_backbone_without_torchvision(image_folder, tmp_path, capsys, monkeypatch):

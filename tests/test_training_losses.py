@@ -66,5 +66,7 @@ def test_bad_arguments():
         build_loss("foo", 4, 3)
     with pytest.raises(ValueError, match="scale"):
         build_loss("normface", 4, 3, scale=0)
+    with pytest.raises(ValueError, match="'lm-softmax' has no margin option"):
+        build_loss("lm-softmax", 4, 3, margin=0.3)
     with pytest.raises(ValueError, match="non-negative"):
         build_loss("normface", 4, 3, sample_margin_weight=-1)

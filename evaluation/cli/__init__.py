@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # Each module defines ``add_subparser(subparsers)``, which registers its parser and sets ``func``.
 _SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "train", "eval_reid", "eval_verify")
@@ -12,6 +13,12 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "train", "eval_reid", "eval_veri
 
 class CommandError(Exception):
     """A problem a user can fix (missing folder, bad option); printed as one line, exit status 2."""
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse an ``--output-dir`` that exists as something other than a folder."""
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"--output-dir {path} exists and is not a directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CommandError, FileNotFoundError, NotADirectoryError, ValueError) as error:
+    # OSError: missing or unwritable paths, a full disk; the message names the file.
+    except (CommandError, OSError, ValueError) as error:
         print(f"pml-lm {args.command}: error: {error}", file=sys.stderr)
         return 2
 

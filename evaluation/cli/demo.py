@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from . import CommandError
+from . import CommandError, check_output_dir
 
 # The reduced run used by the tests: fewer epochs and seeds, same methods and measurements.
 QUICK_EPOCHS = 12
@@ -53,8 +53,7 @@ def run(args: argparse.Namespace) -> int:
     epochs = _positive(args.epochs, QUICK_EPOCHS if args.quick else Schedule.epochs, "epochs")
     seeds = list(range(_positive(args.seeds, QUICK_SEEDS if args.quick else 3, "seeds")))
     output_dir: Path = args.output_dir
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CommandError(f"--output-dir {output_dir} exists and is not a directory")
+    check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()

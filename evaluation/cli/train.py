@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import CommandError
+from . import CommandError, check_output_dir
 
 
 def add_subparser(subparsers) -> None:
@@ -60,6 +60,8 @@ def _options(args: argparse.Namespace):
 
     if args.embedding_size < 1 or args.workers < 0:
         raise CommandError("--embedding-size must be at least 1 and --workers at least 0")
+    if args.seed < 0:
+        raise CommandError(f"--seed must be at least 0, got {args.seed}")
     return TrainOptions(
         data=args.data,
         layout=args.layout,
@@ -81,6 +83,7 @@ def _options(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from ..training.train_job import run_training
 
+    check_output_dir(args.output_dir)
     report = run_training(
         _options(args),
         args.output_dir,

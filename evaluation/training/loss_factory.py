@@ -56,10 +56,17 @@ def build_loss(
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
+    if margin is not None and name not in DEFAULT_MARGINS:
+        raise ValueError(
+            f"loss {name!r} has no margin option; --margin applies to {', '.join(DEFAULT_MARGINS)}"
+        )
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    if sample_margin_weight < 0 or zero_centroid_weight < 0:
-        raise ValueError("regularizer weights must be non-negative")
+    if not (sample_margin_weight >= 0 and zero_centroid_weight >= 0):  # NaN fails too
+        raise ValueError(
+            "regularizer weights must be non-negative numbers, got "
+            f"{sample_margin_weight}, {zero_centroid_weight}"
+        )
     loss_class, options = _loss_class_and_options(
         name, scale, DEFAULT_MARGINS.get(name) if margin is None else margin
     )

@@ -30,7 +30,8 @@ class Schedule:
             raise ValueError(
                 f"epochs and batch size must be at least 1, got {self.epochs}, {self.batch_size}"
             )
-        if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0:
+        # Written so that NaN fails every test.
+        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
             raise ValueError(
                 "need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got "
                 f"{self.lr}, {self.momentum}, {self.weight_decay}"
