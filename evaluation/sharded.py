@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from numba import njit, prange
+from numpy.typing import ArrayLike
 
 from ._reid_ranking import positives_before
 from ._validation import check_features, check_ids, check_positive_integer
@@ -54,7 +55,12 @@ def _shard_offset(local_size: int, group) -> tuple[int, int]:
 
 
 def sharded_top_k(
-    queries, local_gallery, k: int, metric: str = "cosine", group=None, use_gpu: bool | None = None
+    queries: ArrayLike,
+    local_gallery: ArrayLike,
+    k: int,
+    metric: str = "cosine",
+    group: dist.ProcessGroup | None = None,
+    use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` gallery items closest to each query over all shards: ``(scores, indices)``.
 
@@ -103,7 +109,13 @@ def _negatives_before_positives(
 
 
 def sharded_reid_from_distances(
-    local_distances, q_pids, local_g_pids, q_camids, local_g_camids, max_rank: int = 50, group=None
+    local_distances: ArrayLike,
+    q_pids: ArrayLike,
+    local_g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    local_g_camids: ArrayLike,
+    max_rank: int = 50,
+    group: dist.ProcessGroup | None = None,
 ) -> ReIDResult:
     """Exact CMC, mAP and mINP (market1501 protocol, SPEC section 5) with the gallery sharded.
 

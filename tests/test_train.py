@@ -147,6 +147,7 @@ def test_market_layout_missing_folder(market, tmp_path, capsys):
     [
         (["--batch-size", "100"], "fewer than the batch size"),
         (["--image-size", "2x2"], "image size"),
+        (["--image-size", "100000"], "image size"),
         (["--held-out", "0"], "held-out fraction"),
         (["--epochs", "0"], "epochs"),
         (["--scale", "-1"], "scale"),

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# Larger sides would exhaust memory in the first batch rather than fail with a clear message.
+MIN_IMAGE_SIDE, MAX_IMAGE_SIDE = 8, 4096
+
 
 def parse_image_size(text: str) -> tuple[int, int]:
     """``"64"`` → (64, 64); ``"128x64"`` → (128, 64) as (height, width)."""
@@ -18,8 +21,11 @@ def parse_image_size(text: str) -> tuple[int, int]:
         sizes = []
     if len(sizes) == 1:
         sizes *= 2
-    if len(sizes) != 2 or min(sizes) < 8:
-        raise ValueError(f"image size must be N or HxW with sides >= 8, got {text!r}")
+    if len(sizes) != 2 or min(sizes) < MIN_IMAGE_SIDE or max(sizes) > MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"image size must be N or HxW with sides in [{MIN_IMAGE_SIDE}, {MAX_IMAGE_SIDE}], "
+            f"got {text!r}"
+        )
     return sizes[0], sizes[1]
 
 
