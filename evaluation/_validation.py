@@ -86,3 +86,11 @@ def check_binary_labels(labels, name: str = "labels", length: int | None = None)
         if not np.isin(array, (0, 1)).all():
             raise ValueError(f"{name} must be binary (0/1 or bool)")
     return array.astype(bool)
+
+
+def check_same_dimension(first: np.ndarray, second: np.ndarray, first_name: str, second_name: str):
+    """Two feature matrices (n, d) that are compared with each other must share d."""
+    if first.shape[1] != second.shape[1]:
+        raise ValueError(
+            f"{first_name} have dimension {first.shape[1]} but {second_name} have {second.shape[1]}"
+        )

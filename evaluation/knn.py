@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features
+from ._validation import check_features, check_same_dimension
 
 METRICS = ("ip", "cosine", "l2")
 # FAISS GPU flat search returns at most this many neighbours per query.
@@ -55,11 +55,7 @@ def top_k(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     query_array = check_features(queries, "queries")
     database_array = check_features(database, "database")
-    if query_array.shape[1] != database_array.shape[1]:
-        raise ValueError(
-            f"queries have dimension {query_array.shape[1]} but the database has "
-            f"{database_array.shape[1]}"
-        )
+    check_same_dimension(query_array, database_array, "queries", "the database rows")
     if not 1 <= k <= database_array.shape[0]:
         raise ValueError(f"k must lie in [1, {database_array.shape[0]}], got {k}")
     if use_gpu is None:

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._reid_ranking import count_positives, positive_ranks_block
-from ._validation import check_features, check_ids, check_positive_integer, to_numpy
+from ._validation import (
+    check_features,
+    check_ids,
+    check_positive_integer,
+    check_same_dimension,
+    to_numpy,
+)
 from .knn import l2_normalize
 
 METRICS = ("euclidean", "cosine")
@@ -165,11 +171,7 @@ class DistanceBlocks:
 
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        if query.shape[1] != gallery.shape[1]:
-            raise ValueError(
-                f"query_features have dimension {query.shape[1]} but gallery_features have "
-                f"{gallery.shape[1]}"
-            )
+        check_same_dimension(query, gallery, "query_features", "gallery_features")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if metric == "cosine":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features, check_positive_integer
+from ._validation import check_features, check_positive_integer, check_same_dimension
 from .knn import GPU_MAX_K, gpu_available, top_k
 from .reid import _check_protocol_ids, _valid_query_mask
 
@@ -88,11 +88,7 @@ def reranking_candidates(
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
-    if query.shape[1] != gallery.shape[1]:
-        raise ValueError(
-            f"query_features have dimension {query.shape[1]} but gallery_features have "
-            f"{gallery.shape[1]}"
-        )
+    check_same_dimension(query, gallery, "query_features", "gallery_features")
     joint = np.concatenate([query, gallery]).astype(np.float32, copy=False)
     scores, indices = top_k(joint, joint, k, metric=_FAISS_METRICS[metric], use_gpu=use_gpu)
     distances = -scores if metric == "euclidean" else 1 - scores
