@@ -13,10 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-# Columns of a d × C_local temporary when dotting gradients with prototypes: 2**22 values.
-_CHUNK_ELEMENTS = 2**22
-# As torch.nn.functional.normalize: a zero prototype gets direction 0 rather than NaN.
-_NORM_EPS = 1e-12
+from ..losses.fused import NORM_EPS, column_dots
 
 
 class ShardedCosineStatistics(NamedTuple):
@@ -25,15 +22,6 @@ class ShardedCosineStatistics(NamedTuple):
     non_target_logsumexp: torch.Tensor  # log Σ_{j≠y_i} exp(s·cos_ij)
     target_cosine: torch.Tensor  # cos_{i,y_i}, taken from the rank that owns class y_i
     non_target_max: torch.Tensor  # max_{j≠y_i} cos_ij (differentiable only with track_max)
-
-
-def _column_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    step = max(1, _CHUNK_ELEMENTS // max(1, left.shape[0]))
-    dots = left.new_empty(left.shape[1])
-    for start in range(0, left.shape[1], step):
-        stop = start + step
-        dots[start:stop] = (left[:, start:stop] * right[:, start:stop]).sum(dim=0)
-    return dots
 
 
 class _ShardedCosineStatisticsFunction(torch.autograd.Function):
@@ -45,7 +33,7 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
         with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
             embeddings = unit_embeddings.to(compute_dtype)
             prototypes = weights.to(compute_dtype)
-            norms = torch.linalg.vector_norm(prototypes, dim=0).clamp_min_(_NORM_EPS)
+            norms = torch.linalg.vector_norm(prototypes, dim=0).clamp_min_(NORM_EPS)
             cosines = embeddings @ prototypes
             cosines.div_(norms)
             rows = torch.nonzero(local_targets >= 0).squeeze(1)
@@ -103,7 +91,7 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # Through ŵ = w/‖w‖ the gradient is projected: (g − ŵ(ŵ·g))/‖w‖.
             grad_weights = embeddings.t() @ grads
-            radial = _column_dots(grad_weights, prototypes).div_(norms.square())
+            radial = column_dots(grad_weights, prototypes).div_(norms.square())
             grad_weights.addcmul_(prototypes, radial[None, :], value=-1)
             grad_weights = grad_weights.to(ctx.input_dtypes[1])
         return grad_embeddings, grad_weights, None, None, None, None

@@ -38,7 +38,7 @@ import math
 import torch
 
 # Norms below this are clamped, as torch.nn.functional.normalize does.
-_NORM_EPS = 1e-12
+NORM_EPS = 1e-12
 # Columns per block when taking column-wise dot products of two (d, C) matrices.
 _COLUMN_BLOCK = 4096
 # Elements per block when searching the (N, C) buffer for row maxima (a bool temporary of 4 MB).
@@ -66,7 +66,7 @@ def _row_maximum_positions(
     return rows, columns, ties.to(shifted.dtype).reciprocal()[rows]
 
 
-def _column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a * b).sum(0)`` for (d, C) matrices without a (d, C) temporary."""
     out = torch.empty(a.shape[1], dtype=a.dtype, device=a.device)
     for start in range(0, a.shape[1], _COLUMN_BLOCK):
@@ -89,10 +89,10 @@ class _NonTargetLogSumExp(torch.autograd.Function):
     def forward(ctx, embeddings, weights, labels, scale, with_margins):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
-            inverse_embedding_norms = embedding_norms.clamp_min(_NORM_EPS).reciprocal()
+            inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
             unit = embeddings * inverse_embedding_norms[:, None]
             weight_norms = torch.linalg.vector_norm(weights, dim=0)
-            inverse_weight_norms = weight_norms.clamp_min(_NORM_EPS).reciprocal()
+            inverse_weight_norms = weight_norms.clamp_min(NORM_EPS).reciprocal()
             columns = labels.long()[:, None]
 
             buffer = unit @ weights
@@ -117,10 +117,10 @@ class _NonTargetLogSumExp(torch.autograd.Function):
         ctx.save_for_backward(
             unit,
             inverse_embedding_norms,
-            embedding_norms < _NORM_EPS,
+            embedding_norms < NORM_EPS,
             weights,
             inverse_weight_norms,
-            weight_norms < _NORM_EPS,
+            weight_norms < NORM_EPS,
             columns,
             buffer,
             row_sums,
@@ -184,7 +184,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                     nearest_scale = grad_nearest * inverse_weight_norms[nearest_columns]
                     nearest_part = unit[nearest_rows] * nearest_scale[:, None]
                     grad_weights.index_add_(1, nearest_columns, nearest_part.t())
-                radial = _column_dots(weights, grad_weights)
+                radial = column_dots(weights, grad_weights)
                 radial.mul_(inverse_weight_norms.square()).masked_fill_(weight_clamped, 0.0)
                 grad_weights.addcmul_(weights, radial[None, :], value=-1.0)
         return grad_embeddings, grad_weights, None, None, None
