@@ -48,7 +48,7 @@ def synthetic_embeddings(n_pairs: int, dim: int = 512, seed: int = 0):
 
 
 def loop_10fold(embeddings, issame, n_folds=10):
-    """SPEC section 6, threshold by threshold, the way the reference evaluator runs it."""
+    """docs/theory.md §6, threshold by threshold, the way the reference evaluator runs it."""
     from sklearn.model_selection import KFold
 
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features, check_same_dimension
+from .validation import check_features, check_same_dimension
 
 METRICS = ("ip", "cosine", "l2")
 # FAISS GPU flat search returns at most this many neighbours per query.

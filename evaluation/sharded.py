@@ -22,10 +22,10 @@ import torch.distributed as dist
 from numba import njit, prange
 from numpy.typing import ArrayLike
 
-from ._reid_ranking import positives_before
-from ._validation import check_features, check_ids, check_positive_integer
 from .knn import top_k
-from .reid import ReIDResult, result_from_positive_ranks
+from .reid._ranking_kernel import positives_before
+from .reid.protocol import ReIDResult, result_from_positive_ranks
+from .validation import check_features, check_ids, check_positive_integer
 
 
 def _collective_device(group):
@@ -117,7 +117,7 @@ def sharded_reid_from_distances(
     max_rank: int = 50,
     group: dist.ProcessGroup | None = None,
 ) -> ReIDResult:
-    """Exact CMC, mAP and mINP (market1501 protocol, SPEC section 5) with the gallery sharded.
+    """Exact CMC, mAP and mINP (market1501 protocol, docs/theory.md §5) with the gallery sharded.
 
     ``local_distances`` (num_query, n_local): this rank's columns of the distance matrix, smaller
     is closer; ``local_g_pids`` / ``local_g_camids`` its gallery ids. Returns, on every rank, the

@@ -1,4 +1,4 @@
-"""Class and sample margins and their upper bounds (SPEC section 2).
+"""Class and sample margins and their upper bounds (docs/theory.md §2).
 
 Prototypes are taken in PML's layout: ``W`` of shape (embedding_size, num_classes), one column per
 class, as stored by ``ArcFaceLoss.W`` and this package's losses.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_embeddings, check_labels, check_prototypes
+from .validation import check_embeddings, check_labels, check_prototypes
 
 # Elements of one block of the N × C cosine matrix; 2**24 float32 values are 64 MB.
 _BLOCK_ELEMENTS = 2**24
@@ -194,7 +194,7 @@ def sample_margins(
 
 
 def sample_margin_upper_bound(num_classes: int) -> float:
-    """``C/(C-1)``: no prototypes let every class's worst sample margin exceed it (SPEC section 2)."""
+    """``C/(C-1)``: no prototypes let every class's worst sample margin exceed it (docs/theory.md §2)."""
     if num_classes < 2:
         raise ValueError(f"need num_classes >= 2, got {num_classes}")
     return num_classes / (num_classes - 1)

@@ -2,7 +2,7 @@
 
 ``simplex_prototypes`` is the exact optimum for C ≤ d + 1; ``max_separated_prototypes`` finds
 well-separated prototypes for any C numerically; ``freeze_prototypes`` makes a loss train against
-fixed prototypes (SPEC section 4).
+fixed prototypes (docs/theory.md §4).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_prototypes
 from .margins import class_margin, class_margin_upper_bound
+from .validation import check_prototypes
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 from pytorch_metric_learning.reducers import DoNothingReducer
 
 
-def per_sample_losses(loss_fn, embeddings, labels) -> torch.Tensor:
+def unreduced_losses(loss_fn, embeddings, labels) -> torch.Tensor:
     """The loss's per-sample losses, read through PML's DoNothingReducer."""
     reducer = loss_fn.reducer
     loss_fn.reducer = DoNothingReducer()

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from evaluation.cli import main
 from evaluation.verification import verification_accuracy_10fold, verification_report
+from pml_largest_margin.cli import main
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.cli import main
-from evaluation.demo.methods import ALL_METHODS
+from pml_largest_margin.cli import main
+from pml_largest_margin.demo.methods import ALL_METHODS
 
 pytest.importorskip("matplotlib")
 

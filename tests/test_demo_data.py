@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from evaluation.demo.data import (
+from pml_largest_margin.demo.data import (
     TEST_PER_CLASS,
     load_digits_split,
     long_tailed_counts,

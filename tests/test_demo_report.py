@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from evaluation.demo.methods import BALANCED_METHODS
-from evaluation.demo.report import COLUMNS, markdown_table, summarize, write_json
-from evaluation.demo.run import RunResult
+from pml_largest_margin.demo.methods import BALANCED_METHODS
+from pml_largest_margin.demo.report import COLUMNS, markdown_table, summarize, write_json
+from pml_largest_margin.demo.run import RunResult
 
 
 def _metrics(value):

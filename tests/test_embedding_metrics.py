@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.training.embedding_metrics import (
+from pml_largest_margin.training.embedding_metrics import (
     classification_metrics,
     pair_scores,
     retrieval_metrics,
     verification_metrics,
 )
-from evaluation.training.loss_factory import build_loss
+from pml_largest_margin.training.loss_factory import build_loss
 
 
 def _straightforward_map(features, labels):

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from loss_utils import per_sample_losses, reference_gm_softmax
+from loss_utils import reference_gm_softmax, unreduced_losses
 from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss
@@ -111,7 +111,7 @@ def test_combined_margin_matches_the_formula_written_out(m1, m2, m3):
     loss_fn = GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, scale=SCALE, m1=m1, m2=m2, m3=m3)
     embeddings, labels = batch_with_wide_angles(loss_fn.W, torch.float32)
     expected = reference_gm_softmax(embeddings, loss_fn.W.detach(), labels, SCALE, psi)
-    losses = per_sample_losses(loss_fn, embeddings, labels)
+    losses = unreduced_losses(loss_fn, embeddings, labels)
     assert losses.tolist() == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from loss_utils import per_sample_losses, reference_cosines, reference_lm_softmax
+from loss_utils import reference_cosines, reference_lm_softmax, unreduced_losses
 
 from pml_largest_margin.losses import LargestMarginSoftmaxLoss
 from pml_largest_margin.losses.functional import (
@@ -27,7 +27,7 @@ def make_batch(num_classes, dim, batch=12, seed=0, dtype=torch.float32):
 def test_matches_the_formula_written_out(scale, num_classes, dim):
     loss_fn = LargestMarginSoftmaxLoss(num_classes, dim, scale=scale)
     embeddings, labels = make_batch(num_classes, dim)
-    losses = per_sample_losses(loss_fn, embeddings, labels)
+    losses = unreduced_losses(loss_fn, embeddings, labels)
     expected = reference_lm_softmax(embeddings, loss_fn.W.detach(), labels, scale)
     assert losses.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
     assert loss_fn(embeddings, labels).item() == pytest.approx(sum(expected) / len(expected), 1e-5)
@@ -43,7 +43,7 @@ def test_matches_the_formula_written_out(scale, num_classes, dim):
 def test_per_sample_bound_around_the_negative_margin(num_classes, dim, scale, seed):
     loss_fn = LargestMarginSoftmaxLoss(num_classes, dim, scale=scale).double()
     embeddings, labels = make_batch(num_classes, dim, seed=seed, dtype=torch.float64)
-    losses = per_sample_losses(loss_fn, embeddings, labels)
+    losses = unreduced_losses(loss_fn, embeddings, labels)
     negative_margins = -sample_margins(embeddings, labels, loss_fn.W.detach())
     slack = math.log(num_classes - 1) / scale
     assert bool((losses >= negative_margins - 1e-12).all())

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from loss_utils import per_sample_losses
+from loss_utils import unreduced_losses
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners, reducers, regularizers, trainers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
@@ -33,7 +33,7 @@ def make_loss(request):
 
 def test_reducers(make_loss):
     embeddings, labels = batch()
-    losses = per_sample_losses(make_loss(), embeddings, labels)
+    losses = unreduced_losses(make_loss(), embeddings, labels)
     class_weights = torch.linspace(0.5, 2.0, NUM_CLASSES)
     low = losses.median().item()
     cases = [
@@ -52,7 +52,7 @@ def test_miner_indices_tuple_weights_the_samples(make_loss):
     indices_tuple = miners.BatchHardMiner()(embeddings, labels)
     weights = lmu.convert_to_weights(indices_tuple, labels, dtype=torch.float32)
     assert not bool((weights == 1).all())
-    losses = per_sample_losses(make_loss(), embeddings, labels)
+    losses = unreduced_losses(make_loss(), embeddings, labels)
     value = make_loss()(embeddings, labels, indices_tuple)
     torch.testing.assert_close(value, (losses * weights).mean())
 

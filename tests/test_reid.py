@@ -7,7 +7,7 @@ from evaluation.reid import evaluate_reid, evaluate_reid_from_distances, pairwis
 
 
 def reference_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """SPEC section 5 written out: a full stable argsort per query, then the definitions."""
+    """docs/theory.md §5 written out: a full stable argsort per query, then the definitions."""
     max_rank = min(max_rank, distmat.shape[1])
     cmc, aps, inps, skipped = [], [], [], 0
     per_query_ap = np.full(len(q_pids), np.nan)

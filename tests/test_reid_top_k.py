@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from evaluation.reid import evaluate_reid
-from evaluation.reid_top_k import cmc_from_top_k, reranking_candidates
+from evaluation.reid.top_k import cmc_from_top_k, reranking_candidates
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.cli import main
-from evaluation.training import train_job
+from pml_largest_margin.cli import main
+from pml_largest_margin.training import train_job
 
 Image = pytest.importorskip("PIL.Image")
 

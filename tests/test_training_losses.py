@@ -4,9 +4,9 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
-from evaluation.training.loss_factory import LOSS_NAMES, build_loss
-from evaluation.training.softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+from pml_largest_margin.training.loss_factory import LOSS_NAMES, build_loss
+from pml_largest_margin.training.softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
 
 def test_softmax_cross_entropy_matches_torch_with_gradients():

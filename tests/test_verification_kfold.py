@@ -4,11 +4,11 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
 from evaluation.verification import fuse_flip, pair_distances, verification_accuracy_10fold
-from evaluation.verification_kfold import fold_bounds
+from evaluation.verification.ten_fold import fold_bounds
 
 
 def _loop_protocol(unit, issame, n_folds=10, far_target=1e-3):
-    """SPEC section 6 written out threshold by threshold, as the reference evaluator runs it,
+    """docs/theory.md §6 written out threshold by threshold, as the reference evaluator runs it,
     on embeddings it has already L2-normalised."""
     dist = np.sum(np.square(unit[0::2] - unit[1::2]), 1).astype(np.float64)
     issame = np.asarray(issame, dtype=bool)

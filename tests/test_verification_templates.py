@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evaluation import verification_templates
+from evaluation.verification import templates as verification_templates
 from evaluation.verification import (
     identification_from_top_k,
     image_features,

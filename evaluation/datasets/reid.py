@@ -8,7 +8,7 @@
   (``0000_000_01_0303morning_0015_0.jpg``: camera 1). Images live under ``train``/``test``
   (V1) or ``mask_train_v2``/``mask_test_v2`` (V2).
 
-Camera ids are returned 0-based (camera ``C`` gives ``C - 1``). Following SPEC section 5,
+Camera ids are returned 0-based (camera ``C`` gives ``C - 1``). Following docs/theory.md §5,
 pid -1 images are junk and dropped; pid 0 images are distractors and kept (gallery negatives).
 """
 

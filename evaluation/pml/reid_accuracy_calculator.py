@@ -11,7 +11,7 @@ from ..reid import ReIDResult, evaluate_reid
 
 
 class ReIDAccuracyCalculator(AccuracyCalculator):
-    """Re-ID metrics of SPEC section 5 (``evaluation.reid.evaluate_reid``) inside PML.
+    """Re-ID metrics of docs/theory.md §5 (``evaluation.reid.evaluate_reid``) inside PML.
 
     Labels carry both ids: ``query_labels`` and ``reference_labels`` are (n, 2) rows of
     ``(pid, camid)``. Metrics: ``cmc_rank_<k>`` for each k in ``ranks``, ``reid_mAP`` and

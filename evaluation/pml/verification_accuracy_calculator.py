@@ -17,7 +17,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from ..knn import l2_normalize
 from ..verification import verification_accuracy_10fold, verification_report
-from ..verification_roc import TAR_AT_FAR_RULES, check_far_targets
+from ..verification.pair_metrics import TAR_AT_FAR_RULES, check_far_targets
 
 PAIR_MODES = ("interleaved", "all")
 _REPORT_KEY = "verification_report"
@@ -35,7 +35,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
     Pairs (``pairs=``):
     - ``"interleaved"``: query rows 0::2 against rows 1::2, genuine when their labels are equal
       (the layout of ``.bin`` pair sets and :func:`evaluation.verification.load_bin`); adds
-      ``verification_accuracy`` (mean of the ``n_folds``-fold protocol, SPEC section 6).
+      ``verification_accuracy`` (mean of the ``n_folds``-fold protocol, docs/theory.md §6).
     - ``"all"``: every unordered pair of distinct query rows, n (n − 1) / 2 of them, so meant
       for validation sets of up to a few thousand embeddings.
 

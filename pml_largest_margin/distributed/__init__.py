@@ -4,12 +4,14 @@ from .class_parallel_generalized_margin_softmax_loss import (
     ClassParallelGeneralizedMarginSoftmaxLoss,
 )
 from .class_parallel_largest_margin_softmax_loss import ClassParallelLargestMarginSoftmaxLoss
+from .class_parallel_loss_base import ClassParallelLossBase
 from .class_parallel_zero_centroid_regularizer import ClassParallelZeroCentroidRegularizer
 from .sharding import shard_bounds
 
 __all__ = [
     "ClassParallelGeneralizedMarginSoftmaxLoss",
     "ClassParallelLargestMarginSoftmaxLoss",
+    "ClassParallelLossBase",
     "ClassParallelZeroCentroidRegularizer",
     "shard_bounds",
 ]

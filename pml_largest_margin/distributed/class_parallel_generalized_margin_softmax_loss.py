@@ -5,8 +5,8 @@ import torch
 from ..losses.functional import generalized_margin_softmax_head
 from ..losses.margin_functions import MarginFunction, target_margin_function
 from ..losses.margin_presets_mixin import MarginPresetsMixin
-from ._class_parallel_loss import ClassParallelLossBase
 from ._sharded_cosine_statistics import ShardedCosineStatistics
+from .class_parallel_loss_base import ClassParallelLossBase
 
 
 class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParallelLossBase):
@@ -38,7 +38,7 @@ class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParalle
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
-    def per_sample_losses(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
+    def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
         return generalized_margin_softmax_head(
             statistics.non_target_logsumexp, self.psi(statistics.target_cosine), self.scale
         )

@@ -3,8 +3,8 @@ from __future__ import annotations
 import torch
 
 from ..losses.functional import largest_margin_softmax_head
-from ._class_parallel_loss import ClassParallelLossBase
 from ._sharded_cosine_statistics import ShardedCosineStatistics
+from .class_parallel_loss_base import ClassParallelLossBase
 
 
 class ClassParallelLargestMarginSoftmaxLoss(ClassParallelLossBase):
@@ -18,7 +18,7 @@ class ClassParallelLargestMarginSoftmaxLoss(ClassParallelLossBase):
     def __init__(self, num_classes: int, embedding_size: int, scale: float = 32.0, **kwargs):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
 
-    def per_sample_losses(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
+    def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
         return largest_margin_softmax_head(
             statistics.non_target_logsumexp, statistics.target_cosine, self.scale
         )

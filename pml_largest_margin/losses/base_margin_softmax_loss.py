@@ -11,9 +11,9 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from .._validation import check_embeddings, check_labels
 from ..margins import class_margin, cosine_logits
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
+from ..validation import check_embeddings, check_labels
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -1,4 +1,4 @@
-"""Functional core of the margin-softmax losses: per-sample losses from cosines (SPEC section 3).
+"""Functional core of the margin-softmax losses: per-sample losses from cosines (docs/theory.md §3).
 
 Both losses split into a large part over all classes and a small head per sample. The large part
 is ``u_i = log Σ_{j≠y_i} exp(s·φ(cos_ij))``, the log-sum-exp over the non-target classes; the head

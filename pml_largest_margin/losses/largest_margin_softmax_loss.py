@@ -10,7 +10,7 @@ from .fused import fused_nontarget_logsumexp
 
 
 class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
-    """LM-Softmax: ``L_i = (1/s)·log Σ_{j≠y_i} exp(s·(cos θ_ij − cos θ_{i,y_i}))`` (SPEC section 3).
+    """LM-Softmax: ``L_i = (1/s)·log Σ_{j≠y_i} exp(s·(cos θ_ij − cos θ_{i,y_i}))`` (docs/theory.md §3).
 
     The target term is dropped from the denominator, which makes ``L_i`` a smooth upper bound of
     the negative sample margin: ``−γ_i ≤ L_i ≤ −γ_i + log(C−1)/s``. Minimising it maximises the

@@ -1,4 +1,4 @@
-"""Target-class margin functions ψ of GM-Softmax, written on cosine tensors (SPEC section 3).
+"""Target-class margin functions ψ of GM-Softmax, written on cosine tensors (docs/theory.md §3).
 
 Each function maps the cosine ``cos θ`` of a sample to its target class onto the target logit
 ``ψ(θ)`` before scaling; all are elementwise and differentiable, so the same code serves the

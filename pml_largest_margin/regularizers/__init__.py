@@ -1,4 +1,4 @@
-"""Margin regularizers for PML classification losses (SPEC section 4)."""
+"""Margin regularizers for PML classification losses (docs/theory.md §4)."""
 
 from .sample_margin_regularizer import SampleMarginRegularizer
 from .sample_margin_regularizer_mixin import SampleMarginRegularizerMixin

@@ -1,4 +1,4 @@
-"""Sample-margin regularization ``R_sm = −mean_i γ_i`` (SPEC section 4)."""
+"""Sample-margin regularization ``R_sm = −mean_i γ_i`` (docs/theory.md §4)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pytorch_metric_learning.utils.module_with_records_and_reducer import (
     ModuleWithRecordsAndReducer,
 )
 
-from .._validation import check_embeddings, check_labels
 from ..margins import sample_margins, sample_margins_from_cosines
+from ..validation import check_embeddings, check_labels
 
 
 class SampleMarginRegularizer(ModuleWithRecordsAndReducer):

@@ -1,4 +1,4 @@
-"""Zero-centroid regularization of the prototypes (SPEC section 4)."""
+"""Zero-centroid regularization of the prototypes (docs/theory.md §4)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import torch
 from pytorch_metric_learning.regularizers import BaseRegularizer
 
-from .._validation import check_prototypes
 from ..margins import class_margin
+from ..validation import check_prototypes
 
 _FORMS = ("mean", "sum")
 

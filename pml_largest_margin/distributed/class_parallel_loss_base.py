@@ -149,7 +149,7 @@ class ClassParallelLossBase(
             all_mined = (all_gather_rows(local, mined_sizes, self.process_group),)
         return super().forward(all_embeddings, all_labels, all_mined)
 
-    def per_sample_losses(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
+    def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
         """The loss of each gathered sample from the exact sharded statistics."""
         raise NotImplementedError
 
@@ -167,7 +167,7 @@ class ClassParallelLossBase(
         if self.collect_stats:
             self.mean_sample_margin = float(margins.detach().mean())
             self.min_sample_margin = float(margins.detach().min())
-        losses = self.per_sample_losses(statistics)
+        losses = self.losses_from_statistics(statistics)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
             "loss": {

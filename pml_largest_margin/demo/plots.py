@@ -1,6 +1,6 @@
 """The demo's figures: margins against their bounds, prototype geometry, ROC curves.
 
-matplotlib is imported only when a figure is drawn (``evaluation.plotting``), so the rest of
+matplotlib is imported only when a figure is drawn (``pml_largest_margin.plotting``), so the rest of
 the package works without it.
 """
 

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..datasets.face import read_template_pairs
-from ..knn import l2_normalize
-from ..plotting import pyplot
-from ..verification import (
+from evaluation.datasets.face import read_template_pairs
+from evaluation.knn import l2_normalize
+from evaluation.verification import (
     DEFAULT_FAR_TARGETS,
     pair_distances,
     template_pair_scores,
     verification_accuracy_10fold,
     verification_report,
 )
+
+from ..plotting import pyplot
 from . import CommandError
 
 PLOT_POINTS = 2_000

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_features, check_ids, to_numpy
-from .knn import top_k
-from .verification_roc import check_far_targets
+from ..knn import top_k
+from ..validation import check_features, check_ids, to_numpy
+from .pair_metrics import check_far_targets
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ list. Sampling is driven by ``numpy.random.default_rng(seed)``: for each valid q
 one ``rng.random((num_repeats, num_gallery_pids))`` draw, the item of a pid being
 ``floor(u · n)`` in gallery-index order among the n kept items of that pid.
 
-Ranks are counted, not sorted: see :mod:`evaluation._reid_ranking`. Features are turned into
+Ranks are counted, not sorted: see :mod:`evaluation.reid._ranking_kernel`. Features are turned into
 distances one block of queries at a time (torch, on the GPU when one is available), so memory
 stays bounded by ``block_bytes`` whatever the gallery size.
 """
@@ -28,15 +28,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._reid_ranking import count_positives, positive_ranks_block
-from ._validation import (
+from ..knn import l2_normalize
+from ..validation import (
     check_features,
-    check_ids,
     check_positive_integer,
+    check_protocol_ids,
     check_same_dimension,
+    check_valid_queries,
     to_numpy,
 )
-from .knn import l2_normalize
+from ._ranking_kernel import count_positives, positive_ranks_block
 
 METRICS = ("euclidean", "cosine")
 PROTOCOLS = ("market1501", "cuhk03")
@@ -97,7 +98,7 @@ def evaluate_reid(
     gallery = check_features(gallery_features, "gallery_features")
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
-    ids = _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
+    ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
     block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
     blocks = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
@@ -118,9 +119,9 @@ def evaluate_reid_from_distances(
     """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer."""
     distances = to_numpy(distmat, "distmat")
     if distances.ndim == 2 and 0 in distances.shape:
-        _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
+        check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
     distances = check_features(distances, "distmat")
-    ids = _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
+    ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
     blocks = DistanceBlocks.from_distances(distances)
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
 
@@ -210,19 +211,6 @@ class DistanceBlocks:
         )
 
 
-def _check_protocol_ids(q_pids, g_pids, q_camids, g_camids, num_query, num_gallery):
-    if num_query == 0:
-        raise ValueError("the query set is empty")
-    if num_gallery == 0:
-        raise ValueError("the gallery is empty")
-    return (
-        check_ids(q_pids, "q_pids", num_query),
-        check_ids(g_pids, "g_pids", num_gallery),
-        check_ids(q_camids, "q_camids", num_query),
-        check_ids(g_camids, "g_camids", num_gallery),
-    )
-
-
 def _evaluate_blocks(
     blocks, q_pids, g_pids, q_camids, g_camids, max_rank, protocol, num_repeats, seed
 ) -> ReIDResult:
@@ -237,7 +225,7 @@ def _evaluate_blocks(
     group_starts = np.searchsorted(sorted_pids, q_pids, side="left")
     group_ends = np.searchsorted(sorted_pids, q_pids, side="right")
     num_positives = count_positives(group_starts, group_ends, q_camids, pid_order, g_camids)
-    valid = _valid_query_mask(num_positives)
+    valid = check_valid_queries(num_positives)
     offsets = np.concatenate([[0], np.cumsum(num_positives)])
     ranks = np.empty(offsets[-1], dtype=np.int64)
     sampler = _SingleShotSampler(sorted_pids, pid_order, g_camids, num_repeats, seed)
@@ -270,16 +258,6 @@ def _evaluate_blocks(
     return result_from_positive_ranks(ranks, num_positives, max_rank, cmc_ranks)
 
 
-def _valid_query_mask(num_positives: np.ndarray) -> np.ndarray:
-    """The queries with at least one positive; a ValueError when there is none."""
-    valid = num_positives > 0
-    if not valid.any():
-        raise ValueError(
-            "no query has a positive: no gallery item shares a query's pid under another camera"
-        )
-    return valid
-
-
 def result_from_positive_ranks(
     ranks: np.ndarray,
     num_positives: np.ndarray,
@@ -293,7 +271,7 @@ def result_from_positive_ranks(
     the gallery size. CMC counts ``cmc_ranks`` (default: each valid query's first positive;
     the CUHK03 protocol passes its single-shot ranks).
     """
-    valid = _valid_query_mask(num_positives)
+    valid = check_valid_queries(num_positives)
     offsets = np.concatenate([[0], np.cumsum(num_positives)])
     # Rank k (1-based) of each positive within its query, for AP = mean over k of k / r_k.
     within = np.arange(len(ranks)) - np.repeat(offsets[:-1], num_positives) + 1

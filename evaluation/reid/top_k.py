@@ -19,9 +19,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features, check_positive_integer, check_same_dimension
-from .knn import GPU_MAX_K, gpu_available, top_k
-from .reid import _check_protocol_ids, _valid_query_mask
+from ..knn import GPU_MAX_K, gpu_available, top_k
+from ..validation import (
+    check_features,
+    check_positive_integer,
+    check_protocol_ids,
+    check_same_dimension,
+    check_valid_queries,
+)
 
 _FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
 
@@ -42,13 +47,13 @@ def cmc_from_top_k(
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
-    q_pids, g_pids, q_camids, g_camids = _check_protocol_ids(
+    q_pids, g_pids, q_camids, g_camids = check_protocol_ids(
         q_pids, g_pids, q_camids, g_camids, len(query), len(gallery)
     )
     max_rank = min(check_positive_integer(max_rank, "max_rank"), len(gallery))
 
     junk_counts = _matching_counts(q_pids, q_camids, g_pids, g_camids)
-    valid = _valid_query_mask(
+    valid = check_valid_queries(
         _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) - junk_counts
     )
     k = min(len(gallery), max_rank + int(junk_counts.max()))

@@ -38,7 +38,7 @@ def add_subparser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..reid import evaluate_reid, evaluate_reid_from_distances
+    from evaluation.reid import evaluate_reid, evaluate_reid_from_distances
 
     arrays = _load(args.features)
     ids = [arrays[key] for key in ID_KEYS]

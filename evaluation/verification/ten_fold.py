@@ -1,6 +1,6 @@
 """The 10-fold verification accuracy of LFW, CFP-FP, AgeDB-30, CALFW and CPLFW.
 
-Reproduces the numbers of insightface's evaluator (SPEC section 6) without its per-threshold
+Reproduces the numbers of insightface's evaluator (docs/theory.md §6) without its per-threshold
 Python loops: each fold's genuine and impostor distances are sorted once, and one
 ``searchsorted`` of the whole threshold grid gives, for every threshold at once, how many pairs
 of the fold fall below it. Training-set counts are the totals minus the fold's own.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_binary_labels, check_features, check_scores
+from ..validation import check_binary_labels, check_features, check_scores
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -153,7 +153,7 @@ def verification_accuracy_10fold(
     distances=None,
     far_target: float = VAL_FAR_TARGET,
 ) -> TenFoldResult:
-    """insightface's k-fold verification protocol (SPEC section 6).
+    """insightface's k-fold verification protocol (docs/theory.md §6).
 
     Pairs come either as ``embeddings`` of shape (2 n, d) interleaved (rows 0::2 against 1::2,
     L2-normalised here; for flip test give the raw features of the flipped images as

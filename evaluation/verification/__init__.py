@@ -1,16 +1,16 @@
 """Face verification: the functional core's public names in one place.
 
-- 1:1 metrics over scored pairs (:mod:`evaluation.verification_roc`): :func:`roc`, :func:`auc`,
+- 1:1 metrics over scored pairs (:mod:`evaluation.verification.pair_metrics`): :func:`roc`, :func:`auc`,
   :func:`eer`, :func:`tar_at_far`, :func:`verification_report`.
-- The 10-fold protocol of LFW-style pair sets (:mod:`evaluation.verification_kfold`):
+- The 10-fold protocol of LFW-style pair sets (:mod:`evaluation.verification.ten_fold`):
   :func:`verification_accuracy_10fold`, :func:`fuse_flip`, :func:`pair_distances`.
-- IJB-style templates (:mod:`evaluation.verification_templates`): :func:`image_features`,
+- IJB-style templates (:mod:`evaluation.verification.templates`): :func:`image_features`,
   :func:`template_features`, :func:`template_pair_scores`.
-- Open-set 1:N identification (:mod:`evaluation.identification`).
+- Open-set 1:N identification (:mod:`evaluation.verification.identification`).
 - Files (:mod:`evaluation.datasets.face`): :func:`load_bin` and the IJB meta readers.
 """
 
-from .datasets.face import (
+from ..datasets.face import (
     load_bin,
     read_detector_scores,
     read_template_media_list,
@@ -21,13 +21,7 @@ from .identification import (
     identification_from_top_k,
     open_set_identification,
 )
-from .verification_kfold import (
-    TenFoldResult,
-    fuse_flip,
-    pair_distances,
-    verification_accuracy_10fold,
-)
-from .verification_roc import (
+from .pair_metrics import (
     DEFAULT_FAR_TARGETS,
     TAR_AT_FAR_RULES,
     VerificationReport,
@@ -37,7 +31,13 @@ from .verification_roc import (
     tar_at_far,
     verification_report,
 )
-from .verification_templates import image_features, template_features, template_pair_scores
+from .templates import image_features, template_features, template_pair_scores
+from .ten_fold import (
+    TenFoldResult,
+    fuse_flip,
+    pair_distances,
+    verification_accuracy_10fold,
+)
 
 __all__ = [
     "DEFAULT_FAR_TARGETS",

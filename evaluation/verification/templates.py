@@ -1,6 +1,6 @@
 """IJB-style templates: image features pooled per media, media summed per template.
 
-SPEC section 6: image feature = raw + flipped (optionally times a detector score); the frames of
+docs/theory.md §6: image feature = raw + flipped (optionally times a detector score); the frames of
 one media (one video, or one still) are averaged; the template is the L2-normalised sum of its
 media features. Template-pair scores are cosine similarities of template features.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_features, check_ids, check_scores
-from .knn import l2_normalize
+from ..knn import l2_normalize
+from ..validation import check_features, check_ids, check_scores
 
 # Above this many unique-template score entries, pair scores go block by block instead.
 MAX_MATRIX_ENTRIES = 1 << 26

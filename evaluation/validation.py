@@ -94,3 +94,29 @@ def check_same_dimension(first: np.ndarray, second: np.ndarray, first_name: str,
         raise ValueError(
             f"{first_name} have dimension {first.shape[1]} but {second_name} have {second.shape[1]}"
         )
+
+
+def check_protocol_ids(
+    q_pids, g_pids, q_camids, g_camids, num_query: int, num_gallery: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The four id vectors of a re-ID evaluation as int64, each of its set's length; sets non-empty."""
+    if num_query == 0:
+        raise ValueError("the query set is empty")
+    if num_gallery == 0:
+        raise ValueError("the gallery is empty")
+    return (
+        check_ids(q_pids, "q_pids", num_query),
+        check_ids(g_pids, "g_pids", num_gallery),
+        check_ids(q_camids, "q_camids", num_query),
+        check_ids(g_camids, "g_camids", num_gallery),
+    )
+
+
+def check_valid_queries(num_positives: np.ndarray) -> np.ndarray:
+    """The queries with at least one positive; a ValueError when there is none."""
+    valid = num_positives > 0
+    if not valid.any():
+        raise ValueError(
+            "no query has a positive: no gallery item shares a query's pid under another camera"
+        )
+    return valid

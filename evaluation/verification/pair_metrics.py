@@ -4,7 +4,7 @@ Scores follow "larger is more similar" (cosine similarity); labels are 1 (or Tru
 pairs (same identity) and 0 for impostor pairs. Every metric starts from one ``np.sort`` of the
 scores and one of the (few) genuine scores: a compiled pass from the top score down then reads
 each run of equal scores as one ROC point, taking its genuine count from a second pointer into
-the sorted genuine scores (:mod:`evaluation._roc_kernel`). No argsort of all pairs is needed,
+the sorted genuine scores (:mod:`evaluation.verification._roc_kernel`). No argsort of all pairs is needed,
 which is what makes this several times faster than ``sklearn.metrics.roc_curve`` on millions of
 pairs while giving the same point set bit for bit.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._validation import check_binary_labels, check_scores, to_numpy
+from ..validation import check_binary_labels, check_scores, to_numpy
 
 TAR_AT_FAR_RULES = ("nearest", "threshold")
 DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)

@@ -1,0 +1,33 @@
+"""Re-ID retrieval under the camera-aware protocol (docs/theory.md §5).
+
+- :mod:`evaluation.reid.protocol`: :func:`evaluate_reid` (from features, blocked),
+  :func:`evaluate_reid_from_distances`, :class:`ReIDResult`, :func:`pairwise_distances`.
+- :mod:`evaluation.reid.top_k`: CMC from FAISS top-k lists and re-ranking candidates.
+"""
+
+from .protocol import (
+    DEFAULT_BLOCK_BYTES,
+    METRICS,
+    PROTOCOLS,
+    DistanceBlocks,
+    ReIDResult,
+    evaluate_reid,
+    evaluate_reid_from_distances,
+    pairwise_distances,
+    result_from_positive_ranks,
+)
+from .top_k import cmc_from_top_k, reranking_candidates
+
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "METRICS",
+    "PROTOCOLS",
+    "DistanceBlocks",
+    "ReIDResult",
+    "cmc_from_top_k",
+    "evaluate_reid",
+    "evaluate_reid_from_distances",
+    "pairwise_distances",
+    "reranking_candidates",
+    "result_from_positive_ranks",
+]
