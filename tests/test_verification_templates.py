@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from evaluation.verification import templates as verification_templates
 from evaluation.verification import (
     identification_from_top_k,
     image_features,
@@ -9,6 +8,7 @@ from evaluation.verification import (
     template_features,
     template_pair_scores,
 )
+from evaluation.verification import templates as verification_templates
 
 
 def _loop_templates(features, templates, medias):

@@ -40,5 +40,3 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, OSError, ValueError) as error:
         print(f"pml-lm {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
