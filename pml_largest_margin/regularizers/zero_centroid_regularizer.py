@@ -22,8 +22,8 @@ class ZeroCentroidRegularizer(BaseRegularizer):
 
     ``form="mean"`` (default) is the quantity above, in [0, 1] whatever C is, so a given
     ``weight_reg_weight`` means the same at any number of classes. ``form="sum"`` is the authors'
-    un-averaged ``‖Σ_j ŵ_j‖² = C²·R_w``; a λ tuned for it equals ``C²`` times the λ of the mean
-    form. R_w is 0 exactly when the unit prototypes are centred (e.g. a regular simplex).
+    un-averaged ``‖Σ_j ŵ_j‖² = C²·R_w``; the same penalty takes a mean-form λ ``C²`` times the
+    sum-form one. R_w is 0 exactly when the unit prototypes are centred (e.g. a regular simplex).
 
     With ``collect_stats`` it records ``centroid_norm`` (``‖(1/C) Σ_j ŵ_j‖``, either form) and,
     if ``record_class_margin``, ``class_margin_degrees``: that is :func:`class_margin`, O(C²d)
