@@ -14,27 +14,20 @@ of the closest pair, which costs microseconds.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import resource
-import subprocess
-import sys
 import time
 
 import torch
+from _harness import (
+    current_rss_bytes,
+    machine_description,
+    measure_in_fresh_process,
+    peak_rss_bytes,
+    run_case_if_asked,
+)
 
 NAIVE_LIMIT_BYTES = 4 * 2**30
 PROTOTYPE_CASES = [(10, 3, 66.0), (20, 3, 47.3), (100, 16, 76.5), (1000, 64, 80.8)]
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def naive_class_margin(W: torch.Tensor) -> float:
@@ -102,27 +95,11 @@ def run_prototype_case(num_classes: int, dim: int) -> dict:
     }
 
 
-def in_subprocess(*args) -> dict:
-    output = subprocess.run(
-        [sys.executable, __file__, "--case", *map(str, args)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(output.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return (
-        f"{model}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
-    )
+def run_case(kind: str, **params) -> dict:
+    """One measurement in this (fresh) process."""
+    if kind == "class_margin":
+        return run_class_margin_case(**params)
+    return run_prototype_case(**params)
 
 
 def class_margin_table(sizes, dims, time_budget) -> None:
@@ -134,7 +111,14 @@ def class_margin_table(sizes, dims, time_budget) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for num_classes in sizes:
         for dim in dims:
-            tiled = in_subprocess("class_margin", num_classes, dim, "tiled", time_budget)
+            tiled = measure_in_fresh_process(
+                __file__,
+                kind="class_margin",
+                num_classes=num_classes,
+                dim=dim,
+                method="tiled",
+                time_budget=time_budget,
+            )
             naive_bytes = 4 * num_classes**2
             time_note = f"{tiled['seconds']:.2f}"
             if tiled["share"] < 1.0:
@@ -143,7 +127,14 @@ def class_margin_table(sizes, dims, time_budget) -> None:
                     f"{100 * tiled['share']:.2f}% of the tiles)"
                 )
             if naive_bytes <= NAIVE_LIMIT_BYTES:
-                naive = in_subprocess("class_margin", num_classes, dim, "naive", time_budget)
+                naive = measure_in_fresh_process(
+                    __file__,
+                    kind="class_margin",
+                    num_classes=num_classes,
+                    dim=dim,
+                    method="naive",
+                    time_budget=time_budget,
+                )
                 naive_cells = (
                     f"{naive['seconds']:.2f} | {naive['peak_beyond_w_mb']:.0f} | "
                     f"{naive['seconds'] / tiled['seconds']:.1f}×"
@@ -167,7 +158,9 @@ def prototype_table() -> None:
     print("| C | d | min angle (°) | floor (°) | upper bound (°) | time (s) | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|")
     for num_classes, dim, floor in PROTOTYPE_CASES:
-        result = in_subprocess("prototypes", num_classes, dim)
+        result = measure_in_fresh_process(
+            __file__, kind="prototypes", num_classes=num_classes, dim=dim
+        )
         mark = "✓" if result["degrees"] >= floor else "✗ below"
         print(
             f"| {num_classes} | {dim} | {result['degrees']:.3f} {mark} | {floor} | "
@@ -177,8 +170,9 @@ def prototype_table() -> None:
 
 
 def main() -> None:
+    if run_case_if_asked(run_case):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     parser.add_argument(
@@ -189,17 +183,7 @@ def main() -> None:
     )
     parser.add_argument("--skip-prototypes", action="store_true")
     args = parser.parse_args()
-    if args.case:
-        kind, *values = args.case
-        if kind == "class_margin":
-            result = run_class_margin_case(
-                int(values[0]), int(values[1]), values[2], float(values[3])
-            )
-        else:
-            result = run_prototype_case(int(values[0]), int(values[1]))
-        print(json.dumps(result))
-        return
-    print(f"Machine: {machine()}")
+    print(f"Machine: {machine_description()}")
     class_margin_table(args.sizes, args.dims, args.time_budget)
     if not args.skip_prototypes:
         prototype_table()

@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import subprocess
 import sys
 import time
 
 import numpy as np
+from _harness import (
+    machine_description,
+    measure_in_fresh_process,
+    peak_rss_bytes,
+    run_case_if_asked,
+)
 
 PROBLEMS = {
     # name: (queries, gallery, ids, cameras, dim, distractor fraction, separation)
@@ -151,7 +154,7 @@ def run_case(problem: str, case: str, repeats: int) -> dict:
     result["time"] = min(times)
     if metrics is not None:
         result["mAP"], result["mINP"], result["rank1"] = (float(m) for m in metrics)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_bytes() / 2**20
     if case == "ours-features":
         # The query x gallery product alone, timed in the same warm process after the peak RSS
         # was read: in one call when its output fits in 1 GiB, else in the evaluator's blocks.
@@ -183,29 +186,14 @@ def _available_bytes() -> int:
     return 0
 
 
-def run_in_subprocess(problem: str, case: str, repeats: int) -> dict:
-    completed = subprocess.run(
-        [sys.executable, __file__, "--problem", problem, "--case", case, "--repeats", str(repeats)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{problem}/{case} failed:\n{completed.stderr}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
+    if run_case_if_asked(run_case):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--problem", choices=PROBLEMS)
-    parser.add_argument("--case")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings")
     parser.add_argument("--only", choices=PROBLEMS, help="run one problem only")
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args.problem, args.case, args.repeats)))
-        return
-    print(f"machine: {platform.processor() or platform.machine()}, {_cpu_description()}")
+    print(f"Machine: {machine_description()}")
     rows = []
     for problem in [args.only] if args.only else list(PROBLEMS):
         cases = ["ours-features", "baseline-features"]
@@ -213,10 +201,11 @@ def main() -> None:
             cases = ["ours-distances", "baseline-distances"] + cases
         # The MSMT17-shaped baseline takes minutes: timed once.
         results = {
-            case: run_in_subprocess(
-                problem,
-                case,
-                1 if (problem, case) == ("msmt17", "baseline-features") else args.repeats,
+            case: measure_in_fresh_process(
+                __file__,
+                problem=problem,
+                case=case,
+                repeats=1 if (problem, case) == ("msmt17", "baseline-features") else args.repeats,
             )
             for case in cases
         }
@@ -248,17 +237,6 @@ def main() -> None:
             f"\n{problem}: Q×G product alone {results['ours-features']['product_time']:.3f} s "
             f"(blocks of {results['ours-features']['product_rows']} queries)"
         )
-
-
-def _cpu_description() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line)
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    import os
-
-    return f"{model}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -13,14 +13,10 @@ Run: ``flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_verificati
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import numpy as np
+from _harness import machine_description, measure_in_fresh_process, run_case_if_asked
 
 IJBC_PAIRS, IJBC_GENUINE = 15_658_489, 19_557
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -136,39 +132,17 @@ def run_case(case: str, size: int, repeats: int) -> dict:
     return {"seconds": best, "extra_mib": extra / 1024}
 
 
-def measure(case: str, size: int, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--case", case, "--size", str(size)]
-    command += ["--repeats", str(repeats)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.splitlines()[-1])
-
-
-def _machine() -> str:
-    model = "unknown CPU"
-    with open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    flags = open("/proc/cpuinfo").read()
-    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512"
-    return f"{os.cpu_count()}-core {model} ({avx512}), Python {platform.python_version()}"
-
-
 def main() -> None:
+    if run_case_if_asked(run_case):
+        return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--case")
-    parser.add_argument("--size", type=int)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the 15.66M and 60k sizes")
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(args.case, args.size, args.repeats)))
-        return
 
     import sklearn
 
-    print(f"Machine: {_machine()}; numpy {np.__version__}, scikit-learn {sklearn.__version__}\n")
+    print(f"Machine: {machine_description()}; scikit-learn {sklearn.__version__}\n")
     groups = []
     score_sizes = [1_000_000] if args.quick else [1_000_000, IJBC_PAIRS]
     for size in score_sizes:
@@ -181,13 +155,28 @@ def main() -> None:
             ("sklearn_roc_auc_score", "sklearn roc_auc_score"),
         ]
         groups.append(
-            (f"{size:,} scores", [(label, measure(case, size, repeats)) for case, label in cases])
+            (
+                f"{size:,} scores",
+                [
+                    (
+                        label,
+                        measure_in_fresh_process(__file__, case=case, size=size, repeats=repeats),
+                    )
+                    for case, label in cases
+                ],
+            )
         )
     pair_sizes = [6_000] if args.quick else [6_000, 60_000]
     for size in pair_sizes:
         cases = [
-            ("ours: verification_accuracy_10fold", measure("10fold", size, args.repeats)),
-            ("straightforward per-threshold loop", measure("10fold_loop", size, 1)),
+            (
+                "ours: verification_accuracy_10fold",
+                measure_in_fresh_process(__file__, case="10fold", size=size, repeats=args.repeats),
+            ),
+            (
+                "straightforward per-threshold loop",
+                measure_in_fresh_process(__file__, case="10fold_loop", size=size, repeats=1),
+            ),
         ]
         groups.append((f"{size:,} pairs (512-d), 10-fold accuracy + VAL@FAR", cases))
 
