@@ -1,0 +1,190 @@
+"""Every public name of the previous release still imports from its path, or the README names its new home.
+
+``PUBLIC_NAMES`` lists, per module, the public names the release before the layout change exported.
+``MOVED`` maps the modules that moved to their new paths; the README's changelog must say each move.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+PUBLIC_NAMES = {
+    "evaluation.datasets.face": (
+        "decode_images load_bin read_bin_pairs read_detector_scores "
+        "read_template_media_list read_template_pairs"
+    ),
+    "evaluation.datasets.reid": ("JUNK_PID ReIDSplit read_market1501 read_msmt17 read_msmt17_list"),
+    "evaluation.identification": (
+        "IdentificationResult identification_from_top_k open_set_identification"
+    ),
+    "evaluation.knn": ("GPU_MAX_K METRICS gpu_available l2_normalize top_k"),
+    "evaluation.pml.reid_accuracy_calculator": ("ReIDAccuracyCalculator"),
+    "evaluation.pml.reid_tester": ("ReIDTester"),
+    "evaluation.pml.verification_accuracy_calculator": (
+        "PAIR_MODES VerificationAccuracyCalculator tar_metric_name"
+    ),
+    "evaluation.reid": (
+        "DEFAULT_BLOCK_BYTES DistanceBlocks METRICS PROTOCOLS ReIDResult evaluate_reid "
+        "evaluate_reid_from_distances pairwise_distances result_from_positive_ranks"
+    ),
+    "evaluation.reid_top_k": ("cmc_from_top_k reranking_candidates"),
+    "evaluation.sharded": ("sharded_reid_from_distances sharded_top_k"),
+    "evaluation.verification": (
+        "DEFAULT_FAR_TARGETS IdentificationResult TAR_AT_FAR_RULES TenFoldResult "
+        "VerificationReport auc eer fuse_flip identification_from_top_k image_features "
+        "load_bin open_set_identification pair_distances read_detector_scores "
+        "read_template_media_list read_template_pairs roc tar_at_far template_features "
+        "template_pair_scores verification_accuracy_10fold verification_report"
+    ),
+    "evaluation.verification_kfold": (
+        "ACCURACY_THRESHOLDS TenFoldResult VAL_FAR_TARGET VAL_THRESHOLDS fold_bounds "
+        "fuse_flip normalize_rows pair_distances verification_accuracy_10fold"
+    ),
+    "evaluation.verification_roc": (
+        "DEFAULT_FAR_TARGETS TAR_AT_FAR_RULES VerificationReport auc check_far_targets "
+        "check_pair_scores eer roc tar_at_far verification_report"
+    ),
+    "evaluation.verification_templates": (
+        "MAX_MATRIX_ENTRIES image_features template_features template_pair_scores template_rows"
+    ),
+    "pml_largest_margin.distributed": (
+        "ClassParallelGeneralizedMarginSoftmaxLoss ClassParallelLargestMarginSoftmaxLoss "
+        "ClassParallelZeroCentroidRegularizer shard_bounds"
+    ),
+    "pml_largest_margin.distributed.class_parallel_generalized_margin_softmax_loss": (
+        "ClassParallelGeneralizedMarginSoftmaxLoss"
+    ),
+    "pml_largest_margin.distributed.class_parallel_largest_margin_softmax_loss": (
+        "ClassParallelLargestMarginSoftmaxLoss"
+    ),
+    "pml_largest_margin.distributed.class_parallel_zero_centroid_regularizer": (
+        "ClassParallelZeroCentroidRegularizer"
+    ),
+    "pml_largest_margin.distributed.sharding": ("shard_bounds"),
+    "pml_largest_margin.losses": ("GeneralizedMarginSoftmaxLoss LargestMarginSoftmaxLoss"),
+    "pml_largest_margin.losses.base_margin_softmax_loss": ("BaseMarginSoftmaxLoss"),
+    "pml_largest_margin.losses.functional": (
+        "generalized_margin_softmax generalized_margin_softmax_head "
+        "largest_margin_softmax largest_margin_softmax_head nontarget_logsumexp "
+        "target_cosines"
+    ),
+    "pml_largest_margin.losses.fused": ("NORM_EPS column_dots fused_nontarget_logsumexp"),
+    "pml_largest_margin.losses.generalized_margin_softmax_loss": ("GeneralizedMarginSoftmaxLoss"),
+    "pml_largest_margin.losses.largest_margin_softmax_loss": ("LargestMarginSoftmaxLoss"),
+    "pml_largest_margin.losses.margin_functions": (
+        "additive_angular_margin additive_cosine_margin chebyshev_cosine_multiple "
+        "combined_margin combined_margin_function multiplicative_angular_margin "
+        "target_margin_function"
+    ),
+    "pml_largest_margin.losses.margin_presets_mixin": ("MarginPresetsMixin"),
+    "pml_largest_margin.margins": (
+        "ClassMargin class_margin class_margin_upper_bound cosine_logits "
+        "max_over_sub_centers sample_margin_upper_bound sample_margins "
+        "sample_margins_from_cosines"
+    ),
+    "pml_largest_margin.prototypes": (
+        "SeparatedPrototypes freeze_prototypes max_separated_prototypes simplex_prototypes"
+    ),
+    "pml_largest_margin.regularizers": (
+        "SampleMarginRegularizer SampleMarginRegularizerMixin ZeroCentroidRegularizer "
+        "with_sample_margin_regularizer"
+    ),
+    "pml_largest_margin.regularizers.sample_margin_regularizer": ("SampleMarginRegularizer"),
+    "pml_largest_margin.regularizers.sample_margin_regularizer_mixin": (
+        "SampleMarginRegularizerMixin"
+    ),
+    "pml_largest_margin.regularizers.with_sample_margin_regularizer": (
+        "with_sample_margin_regularizer"
+    ),
+    "pml_largest_margin.regularizers.zero_centroid_regularizer": ("ZeroCentroidRegularizer"),
+}
+
+MOVED = {
+    "evaluation.identification": "evaluation.verification.identification",
+    "evaluation.reid_top_k": "evaluation.reid.top_k",
+    "evaluation.verification_kfold": "evaluation.verification.ten_fold",
+    "evaluation.verification_roc": "evaluation.verification.pair_metrics",
+    "evaluation.verification_templates": "evaluation.verification.templates",
+    "evaluation.cli": "pml_largest_margin.cli",
+    "evaluation.demo": "pml_largest_margin.demo",
+    "evaluation.training": "pml_largest_margin.training",
+    "evaluation.plotting": "pml_largest_margin.plotting",
+}
+
+
+def current_path(module: str) -> str:
+    return MOVED.get(module, module)
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC_NAMES))
+def test_public_names_still_import(module):
+    imported = importlib.import_module(current_path(module))
+    missing = [name for name in PUBLIC_NAMES[module].split() if not hasattr(imported, name)]
+    assert not missing
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_every_move_is_in_the_changelog(old):
+    importlib.import_module(MOVED[old])
+    line = f"`{old}` → `{MOVED[old]}`"
+    said = line in README.read_text()
+    assert said, f"the README changelog lacks {line}"
+
+
+def test_the_old_paths_are_gone():
+    # No compatibility shims: a moved module is gone from its old path, so nothing is defined twice.
+    for old in MOVED:
+        with pytest.raises(ImportError):
+            importlib.import_module(old)
+
+
+def test_the_command_entry_point():
+    from pml_largest_margin.cli import main
+
+    assert callable(main)
+
+
+def public_callables():
+    for module in sorted({current_path(module) for module in PUBLIC_NAMES}):
+        imported = importlib.import_module(module)
+        for name in getattr(imported, "__all__", None) or PUBLIC_NAMES.get(module, "").split():
+            value = getattr(imported, name, None)
+            if inspect.isfunction(value) or inspect.isclass(value):
+                yield f"{module}.{name}", value
+
+
+def unannotated(function) -> list[str]:
+    signature = inspect.signature(function)
+    missing = [
+        name
+        for name, parameter in signature.parameters.items()
+        if name not in ("self", "cls")
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+        and parameter.annotation is inspect.Parameter.empty
+    ]
+    if signature.return_annotation is inspect.Signature.empty and function.__name__ != "__init__":
+        missing.append("return")
+    return missing
+
+
+def test_public_functions_and_methods_have_type_hints():
+    problems = {}
+    for qualified, value in public_callables():
+        if inspect.isclass(value):
+            methods = {
+                name: member
+                for name, member in vars(value).items()
+                if inspect.isfunction(member) and (not name.startswith("_") or name == "__init__")
+            }
+            for name, method in methods.items():
+                if missing := unannotated(method):
+                    problems[f"{qualified}.{name}"] = missing
+        elif missing := unannotated(value):
+            problems[qualified] = missing
+    assert not problems
