@@ -59,18 +59,18 @@ def check_features(features: ArrayLike, name: str, *, allow_empty: bool = False)
     return array
 
 
-def check_scores(scores, name: str = "scores") -> np.ndarray:
-    """A finite, non-empty 1-D floating-point vector."""
+def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
+    """A finite, non-empty 1-D numeric vector: floating point (float16 widened to float32) or
+    integer, kept as it is so that distinct integers stay distinct (bools become int64)."""
     array = to_numpy(scores, name)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"{name} is empty")
-    if not np.issubdtype(array.dtype, np.floating):
-        if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-            array = array.astype(np.float64)
-        else:
-            raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.int64)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
     if array.dtype == np.float16:
         array = array.astype(np.float32)
     if not np.isfinite(array).all():
