@@ -19,7 +19,7 @@ def _loop_protocol(unit, issame, n_folds=10, far_target=1e-3, fold_details=False
 def _loop_protocol_on_distances(dist, issame, n_folds=10, far_target=1e-3, fold_details=False):
     issame = np.asarray(issame, dtype=bool)
     thresholds, val_grid = np.arange(0, 4, 0.01), np.arange(0, 4, 0.001)
-    accuracies, bests, vals, val_thresholds = [], [], [], []
+    accuracies, bests, vals, val_thresholds, fold_fars = [], [], [], [], []
     for train, test in KFold(n_splits=n_folds, shuffle=False).split(np.arange(dist.size)):
         train_accuracy = [
             np.sum(np.less(dist[train], t) == issame[train]) / train.size for t in thresholds
@@ -44,6 +44,9 @@ def _loop_protocol_on_distances(dist, issame, n_folds=10, far_target=1e-3, fold_
         genuine_in_test = issame[test].sum()
         accepted = np.sum(np.less(dist[test], threshold) & issame[test])
         vals.append(accepted / genuine_in_test if genuine_in_test else np.nan)
+        impostors_in_test = (~issame[test]).sum()
+        false_accepted = np.sum(np.less(dist[test], threshold) & ~issame[test])
+        fold_fars.append(false_accepted / impostors_in_test if impostors_in_test else np.nan)
     summary = (
         np.mean(accuracies),
         np.std(accuracies),
@@ -52,7 +55,8 @@ def _loop_protocol_on_distances(dist, issame, n_folds=10, far_target=1e-3, fold_
         np.std(vals),
     )
     if fold_details:
-        return summary + (np.array(accuracies), np.array(vals), np.array(val_thresholds))
+        details = (accuracies, vals, val_thresholds, fold_fars)
+        return summary + tuple(np.array(values) for values in details)
     return summary
 
 
@@ -218,8 +222,9 @@ def test_float32_embeddings_are_evaluated_in_float64():
 
 
 def _assert_equals_loop(result, reference):
-    accuracy, std, bests, val, val_std, fold_accuracies, fold_vals, val_thresholds = reference
+    accuracy, std, bests, val, val_std, fold_accuracies, fold_vals, val_thresholds, fars = reference
     assert (result.accuracy_mean, result.accuracy_std) == (accuracy, std)
+    np.testing.assert_array_equal(result.fold_fars, fars)
     assert np.array_equal(result.best_thresholds, bests)
     assert np.array_equal(result.fold_accuracies, fold_accuracies)
     np.testing.assert_array_equal(result.fold_vals, fold_vals)
@@ -263,6 +268,20 @@ def test_val_threshold_at_a_far_plateau_exactly_on_the_target():
     reference = _loop_protocol_on_distances(distances, issame, 2, 0.04, fold_details=True)
     _assert_equals_loop(result, reference)
     assert result.val_thresholds.tolist() == [2.0, 2.0]
+
+
+def test_val_threshold_when_the_training_far_reaches_the_target_only_at_the_last_grid_point():
+    # 48 of 50 impostors a fold at 3.9995, above the last grid point 3.999: the FAR there is
+    # 2/50 == 0.04, the target itself, so the threshold is that grid point (not the fallback 0).
+    impostors = [(0.5, False), (3.0, False)] + [(3.9995, False)] * 48
+    genuine = [(0.1 + 0.05 * i, True) for i in range(50)]
+    distances, issame = _two_folds(impostors + genuine, genuine + impostors)
+    result = verification_accuracy_10fold(
+        distances=distances, issame=issame.astype(bool), n_folds=2, far_target=0.04
+    )
+    reference = _loop_protocol_on_distances(distances, issame, 2, 0.04, fold_details=True)
+    _assert_equals_loop(result, reference)
+    assert result.val_thresholds.tolist() == [np.arange(0, 4, 0.001)[-1]] * 2
 
 
 def test_distances_exactly_on_the_grids_and_duplicate_images():

@@ -221,6 +221,13 @@ def test_threshold_rule_counts_the_allowed_impostors_exactly():
     assert np.array_equal(
         verification_report(scores, labels, targets).tar_at_far_threshold, expected
     )
+    # Just below 9/10, 10 * FAR rounds up to 9.0, but 9 impostors would be FAR 0.9 > target: 8.
+    below = np.nextafter(0.9, 0)
+    scores, labels = np.concatenate([np.arange(10.0), np.arange(10.0) + 0.5]), np.repeat([0, 1], 10)
+    assert np.floor(below * 10) == 9 and 9 / 10 > below
+    assert _threshold_tar(scores, labels, [below])[0] == 0.9
+    assert tar_at_far(scores, labels, [below], rule="threshold")[0] == 0.9
+    assert verification_report(scores, labels, [below]).tar_at_far_threshold[0] == 0.9
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
