@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import check_features, check_same_dimension
+from .validation import ArrayLike, check_feature_pair, check_features, distance_rescaling_exponent
 
 METRICS = ("ip", "cosine", "l2")
 # FAISS GPU flat search returns at most this many neighbours per query.
@@ -23,9 +23,29 @@ def gpu_available() -> bool:
 
 
 def l2_normalize(features: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(features, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise ValueError("cannot L2-normalise a zero feature vector")
+    """Rows divided by their L2 norm, in the features' precision.
+
+    A row whose sum of squares overflows, or underflows below full precision, is first divided
+    by the power of two of its largest entry (exact), so finite rows of any magnitude normalise
+    correctly (e.g. 1e19- or 1e-23-scale float32 rows); other rows are untouched by that step.
+
+    Raises:
+        ValueError: a row is entirely zero.
+    """
+    with np.errstate(over="ignore", under="ignore"):  # such rows are found and redone below
+        norms = np.linalg.norm(features, axis=1, keepdims=True)
+    info = np.finfo(features.dtype)
+    # Below this norm the sum of squares lies within 2^nmant of the subnormal range.
+    smallest_safe_norm = np.sqrt(info.tiny * 2.0**info.nmant)
+    unsafe = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] < smallest_safe_norm))
+    if unsafe.size:
+        rows = features[unsafe]
+        largest = np.abs(rows).max(axis=1, keepdims=True)
+        if (largest == 0).any():
+            raise ValueError("cannot L2-normalise a zero feature vector")
+        features = features.copy()
+        features[unsafe] = np.ldexp(rows, -np.frexp(largest)[1])
+        norms[unsafe] = np.linalg.norm(features[unsafe], axis=1, keepdims=True)
     return features / norms
 
 
@@ -39,8 +59,8 @@ def _flat_index(dim: int, metric: str, use_gpu: bool):
 
 
 def top_k(
-    queries,
-    database,
+    queries: ArrayLike,
+    database: ArrayLike,
     k: int,
     metric: str = "cosine",
     use_gpu: bool | None = None,
@@ -49,13 +69,21 @@ def top_k(
 
     Exact (flat index) search. ``use_gpu=None`` picks the GPU when one is usable and ``k`` is within
     FAISS's GPU limit of 2048; ``True`` insists on it. Scores are float32 as FAISS computes them
-    (its L2 formula differs from a direct ``‖q − g‖²`` in the last bits).
+    (its L2 formula differs from a direct ``‖q − g‖²`` in the last bits). For ``"cosine"`` the
+    rows are normalised in their own precision before the float32 search, so any finite non-zero
+    rows work.
+
+    Raises:
+        ValueError: bad arguments; for ``"ip"`` and ``"l2"``, features whose float32 scores
+            would overflow or underflow (rescale them, or use ``"cosine"``).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     query_array = check_features(queries, "queries")
     database_array = check_features(database, "database")
-    check_same_dimension(query_array, database_array, "queries", "the database rows")
+    query_array, database_array = check_feature_pair(
+        query_array, database_array, "queries", "the database rows"
+    )
     if not 1 <= k <= database_array.shape[0]:
         raise ValueError(f"k must lie in [1, {database_array.shape[0]}], got {k}")
     if use_gpu is None:
@@ -65,10 +93,15 @@ def top_k(
             raise ValueError("use_gpu=True but faiss-gpu with a visible GPU is not available")
         if k > GPU_MAX_K:
             raise ValueError(f"FAISS GPU search returns at most {GPU_MAX_K} neighbours, asked {k}")
-    query_array = np.ascontiguousarray(query_array, dtype=np.float32)
-    database_array = np.ascontiguousarray(database_array, dtype=np.float32)
     if metric == "cosine":
         query_array, database_array = l2_normalize(query_array), l2_normalize(database_array)
+    elif distance_rescaling_exponent((query_array, database_array), np.float32):
+        raise ValueError(
+            f"metric={metric!r} scores of these features overflow or underflow float32 "
+            "(FAISS's precision): rescale the features or use metric='cosine'"
+        )
+    query_array = np.ascontiguousarray(query_array, dtype=np.float32)
+    database_array = np.ascontiguousarray(database_array, dtype=np.float32)
     index = _flat_index(database_array.shape[1], metric, use_gpu)
     index.add(database_array)
     scores, indices = index.search(query_array, k)

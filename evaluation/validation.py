@@ -6,20 +6,42 @@ Every public metric function validates through these, so that bad input gives on
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Union
+
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
 
-def to_numpy(array, name: str) -> np.ndarray:
-    """Accept numpy arrays, array-likes and (CPU or GPU) torch tensors."""
-    if hasattr(array, "detach") and hasattr(array, "cpu"):
-        array = array.detach().cpu().numpy()
+#: What the evaluation functions accept as an array: numpy arrays, (CPU or GPU) torch tensors
+#: and nested sequences of numbers.
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
+
+
+def to_numpy(array: ArrayLike, name: str) -> np.ndarray:
+    """Accept numpy arrays, array-likes and (CPU or GPU) torch tensors.
+
+    Torch floating-point types numpy has no dtype for (bfloat16, the float8 types) are widened
+    to float32, which holds each of their values exactly.
+    """
     try:
+        if hasattr(array, "detach") and hasattr(array, "cpu"):
+            tensor = array.detach().cpu()
+            if (
+                tensor.is_floating_point()
+                and tensor.element_size() < 4
+                and str(tensor.dtype) != "torch.float16"
+            ):
+                tensor = tensor.float()
+            array = tensor.numpy()
         return np.asarray(array)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"{name} cannot be read as an array: {error}") from error
 
 
-def check_features(features, name: str, *, allow_empty: bool = False) -> np.ndarray:
+def check_features(features: ArrayLike, name: str, *, allow_empty: bool = False) -> np.ndarray:
     """A finite 2-D floating-point matrix (n, d); float16 is widened to float32."""
     array = to_numpy(features, name)
     if array.ndim != 2:
@@ -37,18 +59,18 @@ def check_features(features, name: str, *, allow_empty: bool = False) -> np.ndar
     return array
 
 
-def check_scores(scores, name: str = "scores") -> np.ndarray:
-    """A finite, non-empty 1-D floating-point vector."""
+def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
+    """A finite, non-empty 1-D numeric vector: floating point (float16 widened to float32) or
+    integer, kept as it is so that distinct integers stay distinct (bools become int64)."""
     array = to_numpy(scores, name)
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if array.size == 0:
         raise ValueError(f"{name} is empty")
-    if not np.issubdtype(array.dtype, np.floating):
-        if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
-            array = array.astype(np.float64)
-        else:
-            raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.int64)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
     if array.dtype == np.float16:
         array = array.astype(np.float32)
     if not np.isfinite(array).all():
@@ -94,6 +116,40 @@ def check_same_dimension(first: np.ndarray, second: np.ndarray, first_name: str,
         raise ValueError(
             f"{first_name} have dimension {first.shape[1]} but {second_name} have {second.shape[1]}"
         )
+
+
+def check_feature_pair(
+    first: np.ndarray, second: np.ndarray, first_name: str, second_name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two checked feature matrices compared with each other: the same dimension, and both in
+    the wider of their two floating-point types (float32 with float64 computes in float64)."""
+    check_same_dimension(first, second, first_name, second_name)
+    dtype = np.result_type(first.dtype, second.dtype)
+    return first.astype(dtype, copy=False), second.astype(dtype, copy=False)
+
+
+def _largest_magnitude(arrays: Sequence[np.ndarray]) -> float:
+    return max((max(float(a.max()), -float(a.min())) for a in arrays if a.size), default=0.0)
+
+
+def distance_rescaling_exponent(arrays: Sequence[np.ndarray], dtype=None) -> int:
+    """The power of two to divide feature matrices by so that their inner products and squared
+    euclidean distances neither overflow nor lose their precision to underflow in ``dtype``
+    (default: the first array's); 0 when they need no rescaling.
+
+    With every entry at most ``m = f · 2^e`` in magnitude (``0.5 <= f < 1``), a squared distance
+    in ``d`` dimensions is at most ``4 d m² < d · 2^(2 e + 2)``. Dividing by ``2^e`` is exact, so
+    the rescaled distances are the exact-range ones times ``4^-e``: the same ranks and ties.
+    """
+    info = np.finfo(arrays[0].dtype if dtype is None else dtype)
+    largest = _largest_magnitude(arrays)
+    if largest == 0:
+        return 0
+    exponent = int(np.frexp(largest)[1])
+    dim = arrays[0].shape[1]
+    overflows = 2 * exponent + 2 + math.ceil(math.log2(dim)) >= info.maxexp
+    underflows = 2 * exponent < info.minexp + info.nmant
+    return exponent if overflows or underflows else 0
 
 
 def check_protocol_ids(

@@ -73,3 +73,53 @@ def test_tester_passes_pid_and_camid_together():
     expected = evaluate_reid(query, gallery, q_pids, g_pids, q_camids, g_camids)
     assert accuracies["reid_mAP_level0"] == pytest.approx(expected.mAP, abs=1e-12)
     assert accuracies["cmc_rank_1_level0"] == expected.cmc[0]
+
+
+def _large_id_problem(dtype):
+    # Query pid 2^24 + 1 under camera 0; gallery: pid 2^24 near, pid 2^24 + 1 far, camera 1.
+    query = np.array([[0.0, 0.0]], np.float32)
+    gallery = np.array([[0.1, 0.0], [1.0, 0.0]], np.float32)
+    query_labels = torch.tensor([[2**24 + 1, 0]], dtype=dtype)
+    gallery_labels = torch.tensor([[2**24, 1], [2**24 + 1, 1]], dtype=dtype)
+    return query, query_labels, gallery, gallery_labels
+
+
+def test_calculator_keeps_large_person_ids_exact():
+    calculator = ReIDAccuracyCalculator(ranks=(1,), device=torch.device("cpu"))
+    accuracies = calculator.get_accuracy(*_large_id_problem(torch.int64))
+    # The only positive is second: AP = 1/2 (merged ids would score 1.0).
+    assert accuracies["reid_mAP"] == 0.5
+    assert accuracies["cmc_rank_1"] == 0.0
+    tester = ReIDTester(dataloader_num_workers=0, batch_size=2, data_device=torch.device("cpu"))
+    query, query_labels, gallery, gallery_labels = _large_id_problem(torch.int64)
+    through_tester = tester.test(
+        {
+            "query": Split(query, query_labels[:, 0].numpy(), query_labels[:, 1].numpy()),
+            "gallery": Split(gallery, gallery_labels[:, 0].numpy(), gallery_labels[:, 1].numpy()),
+        },
+        epoch=0,
+        trunk_model=torch.nn.Identity(),
+        splits_to_eval=[("query", ["gallery"])],
+    )["query"]
+    assert through_tester["reid_mAP_level0"] == 0.5
+
+
+def test_calculator_refuses_labels_it_cannot_hold_exactly():
+    calculator = ReIDAccuracyCalculator(ranks=(1,), device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="query_labels holds ids of 16777216 or more in float32"):
+        calculator.get_accuracy(*_large_id_problem(torch.float32))
+    query, gallery, q_pids, g_pids, q_camids, g_camids = problem(3)
+    fractional = np.stack([q_pids + 0.4, q_camids], 1)
+    with pytest.raises(ValueError, match="query_labels must hold integer ids"):
+        calculator.get_accuracy(query, fractional, gallery, np.stack([g_pids, g_camids], 1))
+    # Integer-valued float64 labels are exact and give the integer labels' numbers.
+    as_float = calculator.get_accuracy(
+        query,
+        np.stack([q_pids, q_camids], 1).astype(np.float64),
+        gallery,
+        np.stack([g_pids, g_camids], 1).astype(np.float64),
+    )
+    as_int = calculator.get_accuracy(
+        query, np.stack([q_pids, q_camids], 1), gallery, np.stack([g_pids, g_camids], 1)
+    )
+    assert as_float == as_int

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from evaluation.verification import auc, eer, roc, tar_at_far, verification_report
+from evaluation.verification import RocCurve, auc, eer, roc, tar_at_far, verification_report
 
 
 def _pairs(rng, n, dtype=np.float64, levels=None):
@@ -96,7 +96,8 @@ def _threshold_tar(scores, labels, targets):
     genuine = scores[labels == 1]
     result = []
     for target in targets:
-        k = int(np.floor(target * len(impostor)))
+        # k = floor(target * n) counted exactly: the most impostors whose FAR k / n is <= target.
+        k = max(k for k in range(len(impostor) + 1) if k / len(impostor) <= target)
         if k >= len(impostor):
             result.append(1.0)
             continue
@@ -203,3 +204,105 @@ def test_curves_with_one_or_two_distinct_scores(scores, labels):
         tar_at_far(scores, labels, targets), _nearest_tar(scores, labels, targets)
     )
     assert abs(eer(scores, labels) - _brute_force_eer(scores, labels)) < 1e-12
+
+
+def test_threshold_rule_counts_the_allowed_impostors_exactly():
+    # 100 impostors at 0..99 and a genuine pair just above each: at FAR 0.29, 29 impostors may
+    # pass (29 / 100 == 0.29), so t = 70 and the 30 genuine pairs above it pass.
+    # In floating point 0.29 * 100 == 28.999999999999996, which floors to 28 (TAR 0.29).
+    scores = np.concatenate([np.arange(100.0), np.arange(100.0) + 0.5])
+    labels = np.repeat([0, 1], 100)
+    targets = [0.29, 0.57, 0.58, 0.07]
+    expected = np.array([0.30, 0.58, 0.59, 0.08])
+    assert np.array_equal(_threshold_tar(scores, labels, targets), expected)
+    assert np.array_equal(tar_at_far(scores, labels, targets, rule="threshold"), expected)
+    curve = RocCurve.from_scores(scores, labels)
+    assert np.array_equal(tar_at_far(curve, far_targets=targets, rule="threshold"), expected)
+    assert np.array_equal(
+        verification_report(scores, labels, targets).tar_at_far_threshold, expected
+    )
+    # Just below 9/10, 10 * FAR rounds up to 9.0, but 9 impostors would be FAR 0.9 > target: 8.
+    below = np.nextafter(0.9, 0)
+    scores, labels = np.concatenate([np.arange(10.0), np.arange(10.0) + 0.5]), np.repeat([0, 1], 10)
+    assert np.floor(below * 10) == 9 and 9 / 10 > below
+    assert _threshold_tar(scores, labels, [below])[0] == 0.9
+    assert tar_at_far(scores, labels, [below], rule="threshold")[0] == 0.9
+    assert verification_report(scores, labels, [below]).tar_at_far_threshold[0] == 0.9
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_threshold_rule_on_distinct_scores_and_the_end_targets(dtype):
+    rng = np.random.default_rng(21)
+    scores, labels = _pairs(rng, 3_001, dtype)
+    assert np.unique(scores).size == scores.size
+    targets = np.array([0.0, 1e-3, 0.013, 0.1, 0.29, 0.5, 0.999, 1.0])
+    expected = _threshold_tar(scores, labels, targets)
+    report = verification_report(scores, labels, targets)
+    assert np.array_equal(report.tar_at_far_threshold, expected)
+    assert np.array_equal(tar_at_far(scores, labels, targets, rule="threshold"), expected)
+    assert np.array_equal(report.tar_at_far_nearest, _nearest_tar(scores, labels, targets))
+    assert expected[-1] == 1.0 and report.tar_at_far_nearest[-1] == 1.0
+    for rule in ("nearest", "threshold"):
+        assert tar_at_far(scores, labels, [1.0], rule=rule)[0] == 1.0
+
+
+def test_integer_scores_above_2_to_the_53_stay_distinct():
+    rng = np.random.default_rng(8)
+    scores = 2**53 + rng.permutation(400).astype(np.int64)
+    labels = (rng.random(400) < scores % 3 / 2).astype(int)
+    labels[:2] = (0, 1)
+    assert np.unique(scores.astype(np.float64)).size < 400  # float64 would merge them
+    _assert_same_curve(scores, labels)
+    assert roc(scores, labels)[0].size == 401
+    assert auc(scores, labels) == roc_auc_score(labels, scores)
+    targets = np.array([0.01, 0.1, 0.3, 0.77])
+    exact = [int(value) for value in scores]  # Python ints: the reference compares exactly
+    expected = _threshold_tar(np.array(exact, dtype=object), labels, targets)
+    assert np.array_equal(tar_at_far(scores, labels, targets, rule="threshold"), expected)
+    assert np.array_equal(
+        verification_report(scores, labels, targets).tar_at_far_threshold, expected
+    )
+    assert np.array_equal(
+        tar_at_far(scores, labels, targets), _nearest_tar(scores, labels, targets)
+    )
+
+
+@pytest.mark.parametrize("first", [0.0, -0.0])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_tie_of_plus_and_minus_zero_takes_sklearns_threshold_sign(first, dtype):
+    rng = np.random.default_rng(0)
+    scores = np.array([first, -first, 0.5, -0.5, -first, first, 0.25, -0.25] * 5, dtype=dtype)
+    labels = rng.integers(0, 2, scores.size)
+    labels[:2] = (0, 1)
+    mine = roc(scores, labels)[2]
+    theirs = roc_curve(labels, scores, drop_intermediate=False)[2]
+    assert np.array_equal(mine, theirs)
+    assert np.array_equal(np.signbit(mine), np.signbit(theirs))
+    assert np.signbit(mine[mine == 0]).tolist() == [bool(np.signbit(first))]
+
+
+def test_one_curve_serves_every_metric():
+    rng = np.random.default_rng(13)
+    scores, labels = _pairs(rng, 2_000, np.float32, 30)
+    targets = [1e-3, 0.01, 0.29, 1.0]
+    curve = RocCurve.from_scores(scores, labels)
+    for mine, theirs in zip(roc(curve), roc(scores, labels), strict=True):
+        assert np.array_equal(mine, theirs)
+    assert auc(curve) == auc(scores, labels)
+    assert eer(curve) == eer(scores, labels)
+    for rule in ("nearest", "threshold"):
+        assert np.array_equal(
+            tar_at_far(curve, far_targets=targets, rule=rule),
+            tar_at_far(scores, labels, targets, rule=rule),
+        )
+    from_curve, from_scores = (
+        verification_report(curve, far_targets=targets),
+        verification_report(scores, labels, targets),
+    )
+    assert from_curve.as_dict() == from_scores.as_dict()
+    assert np.array_equal(from_curve.far, from_scores.far)
+    with pytest.raises(ValueError, match="labels go with scores"):
+        auc(curve, labels)
+    for metric in (roc, auc, eer, tar_at_far, verification_report):
+        with pytest.raises(ValueError, match="labels are required"):
+            metric(scores)

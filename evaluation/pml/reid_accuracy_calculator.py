@@ -4,10 +4,42 @@ from __future__ import annotations
 
 from functools import partial
 
+import numpy as np
 import torch
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from ..reid import ReIDResult, evaluate_reid
+from ..validation import ArrayLike, to_numpy
+
+
+def exact_id_rows(labels: ArrayLike, name: str) -> np.ndarray:
+    """``(n, 2)`` rows of ``(pid, camid)`` as exact int64.
+
+    Integer labels are taken as they are; floating-point labels only when every value is an
+    integer that the type holds exactly (below 2^24 in float32, 2^53 in float64): above that,
+    neighbouring ids may already have been merged, which cannot be undone.
+
+    Raises:
+        ValueError: another shape, non-integer values, or ids a float type cannot hold exactly.
+    """
+    array = to_numpy(labels, name)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"{name} must be (n, 2) rows of (pid, camid), got shape {array.shape}")
+    if array.dtype.kind in "iu":
+        if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name} holds ids above the int64 range")
+        return array.astype(np.int64)
+    if array.dtype.kind != "f":
+        raise ValueError(f"{name} must hold integer ids, got dtype {array.dtype}")
+    if not np.isfinite(array).all() or (array != np.round(array)).any():
+        raise ValueError(f"{name} must hold integer ids, got non-integer values")
+    exact_limit = 2.0 ** (np.finfo(array.dtype).nmant + 1)
+    if array.size and np.abs(array).max() >= exact_limit:
+        raise ValueError(
+            f"{name} holds ids of {exact_limit:.0f} or more in {array.dtype}, which cannot tell "
+            "neighbouring ids apart: pass the labels as an integer array or tensor"
+        )
+    return array.astype(np.int64)
 
 
 class ReIDAccuracyCalculator(AccuracyCalculator):
@@ -19,6 +51,8 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
     query finds itself with its own pid and camid, which the protocol already drops as junk.
     The metrics rank every reference item, so PML's k-nearest-neighbour search is not used;
     distances follow ``metric`` ("euclidean": squared, on the embeddings as given; "cosine").
+    PML casts labels to float32, which merges ids from 2^24 up, so :meth:`get_accuracy` keeps
+    the ids exactly as given (see :func:`exact_id_rows`) and evaluates those.
     """
 
     def __init__(
@@ -49,21 +83,51 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
     def requires_knn(self) -> list[str]:
         return []
 
+    def get_accuracy(
+        self,
+        query,
+        query_labels,
+        reference=None,
+        reference_labels=None,
+        ref_includes_query=False,
+        include=(),
+        exclude=(),
+    ) -> dict:
+        """PML's ``get_accuracy``, evaluated on the exact ``(pid, camid)`` labels.
+
+        Raises:
+            ValueError: labels that are not ``(n, 2)`` exact integer ids (see
+                :func:`exact_id_rows`), or PML's own checks.
+        """
+        exact_query = exact_id_rows(query_labels, "query_labels")
+        exact_reference = (
+            exact_query
+            if reference_labels is None and reference is None
+            else exact_id_rows(reference_labels, "reference_labels")
+        )
+        self._exact_labels = (exact_query, exact_reference)
+        try:
+            return super().get_accuracy(
+                query,
+                query_labels,
+                reference,
+                reference_labels,
+                ref_includes_query,
+                include,
+                exclude,
+            )
+        finally:
+            self._exact_labels = None
+
     def _get_accuracy(self, function_dict, **kwargs):
         result = self._evaluate(**kwargs)
         return {name: function(reid_result=result) for name, function in function_dict.items()}
 
     def _evaluate(self, query, reference, query_labels, reference_labels, **kwargs):
-        for name, labels in (
-            ("query_labels", query_labels),
-            ("reference_labels", reference_labels),
-        ):
-            if labels.ndim != 2 or labels.shape[1] != 2:
-                raise ValueError(
-                    f"{name} must be (n, 2) rows of (pid, camid), got shape {tuple(labels.shape)}"
-                )
-        query_ids, reference_ids = (
-            labels.round().long() for labels in (query_labels, reference_labels)
+        exact = getattr(self, "_exact_labels", None)
+        query_ids, reference_ids = exact or (
+            exact_id_rows(query_labels, "query_labels"),
+            exact_id_rows(reference_labels, "reference_labels"),
         )
         return evaluate_reid(
             query,

@@ -30,11 +30,12 @@ import numpy as np
 
 from ..knn import l2_normalize
 from ..validation import (
+    check_feature_pair,
     check_features,
     check_positive_integer,
     check_protocol_ids,
-    check_same_dimension,
     check_valid_queries,
+    distance_rescaling_exponent,
     to_numpy,
 )
 from ._ranking_kernel import count_positives, positive_ranks_block
@@ -57,7 +58,18 @@ class ReIDResult:
     num_skipped_queries: int
 
     def rank(self, k: int) -> float:
-        """Rank-k accuracy (``cmc[k - 1]``)."""
+        """Rank-k accuracy (``cmc[k - 1]``).
+
+        Raises:
+            ValueError: ``k`` is not an integer in ``[1, len(cmc)]`` (``len(cmc)`` is
+                ``max_rank`` clipped to the gallery size).
+        """
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, int | np.integer)
+            or not 1 <= k <= len(self.cmc)
+        ):
+            raise ValueError(f"rank k must be an integer in [1, {len(self.cmc)}], got {k!r}")
         return float(self.cmc[k - 1])
 
     def to_dict(self) -> dict:
@@ -90,14 +102,20 @@ def evaluate_reid(
 
     ``metric="euclidean"`` is torchreid's squared euclidean distance on the raw features,
     ``‖q‖² + ‖g‖² − 2 q·g``; ``metric="cosine"`` is ``1 − q̂·ĝ`` on L2-normalised features.
-    Distances are computed in the features' precision (float16 is widened to float32) with
-    torch on ``device`` (default: CUDA when available, else CPU), one block of queries of at
-    most ``block_bytes`` at a time, each block counted as soon as it is computed.
+    Distances are computed in the wider of the two features' precisions (float16 and bfloat16
+    are widened to float32) with torch on ``device`` (default: CUDA when available, else CPU),
+    one block of queries of at most ``block_bytes`` (a positive integer) at a time, each block
+    counted as soon as it is computed. Features whose squared distances would overflow or
+    underflow that precision are first divided by one common power of two (exact, so the ranks
+    are those of exact-range arithmetic).
     """
-    query = check_features(query_features, "query_features")
-    gallery = check_features(gallery_features, "gallery_features")
-    if block_bytes <= 0:
-        raise ValueError(f"block_bytes must be positive, got {block_bytes}")
+    query, gallery = check_feature_pair(
+        check_features(query_features, "query_features"),
+        check_features(gallery_features, "gallery_features"),
+        "query_features",
+        "gallery_features",
+    )
+    check_positive_integer(block_bytes, "block_bytes")
     ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
     block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
     blocks = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
@@ -132,9 +150,23 @@ def pairwise_distances(
     """The full (num_query, num_gallery) distance matrix of :func:`evaluate_reid`, as numpy.
 
     For small problems, plots and tests; the evaluator itself never holds this matrix whole.
+
+    Raises:
+        ValueError: for ``"euclidean"``, features whose squared distances overflow or underflow
+            their precision (:func:`evaluate_reid` ranks them after an exact rescaling; here
+            the distances themselves are asked for): pass them in float64 or rescale them.
     """
-    query = check_features(query_features, "query_features")
-    gallery = check_features(gallery_features, "gallery_features")
+    query, gallery = check_feature_pair(
+        check_features(query_features, "query_features"),
+        check_features(gallery_features, "gallery_features"),
+        "query_features",
+        "gallery_features",
+    )
+    if metric == "euclidean" and distance_rescaling_exponent((query, gallery)):
+        raise ValueError(
+            f"squared distances of these {query.dtype} features overflow or underflow "
+            f"{query.dtype}: pass float64 features or rescale them"
+        )
     return DistanceBlocks.from_features(query, gallery, metric, device).dense()
 
 
@@ -172,11 +204,15 @@ class DistanceBlocks:
 
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-        check_same_dimension(query, gallery, "query_features", "gallery_features")
+        query, gallery = check_feature_pair(query, gallery, "query_features", "gallery_features")
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if metric == "cosine":
             query, gallery = l2_normalize(query), l2_normalize(gallery)
+        else:
+            exponent = distance_rescaling_exponent((query, gallery))
+            if exponent:
+                query, gallery = np.ldexp(query, -exponent), np.ldexp(gallery, -exponent)
         gallery_t = torch.from_numpy(np.ascontiguousarray(gallery)).to(device)
         dtype = gallery.dtype.type
         if metric == "euclidean":

@@ -1,7 +1,8 @@
 """Face verification: the functional core's public names in one place.
 
 - 1:1 metrics over scored pairs (:mod:`evaluation.verification.pair_metrics`): :func:`roc`, :func:`auc`,
-  :func:`eer`, :func:`tar_at_far`, :func:`verification_report`.
+  :func:`eer`, :func:`tar_at_far`, :func:`verification_report`, and :class:`RocCurve` (one sort
+  shared by all of them).
 - The 10-fold protocol of LFW-style pair sets (:mod:`evaluation.verification.ten_fold`):
   :func:`verification_accuracy_10fold`, :func:`fuse_flip`, :func:`pair_distances`.
 - IJB-style templates (:mod:`evaluation.verification.templates`): :func:`image_features`,
@@ -24,6 +25,7 @@ from .identification import (
 from .pair_metrics import (
     DEFAULT_FAR_TARGETS,
     TAR_AT_FAR_RULES,
+    RocCurve,
     VerificationReport,
     auc,
     eer,
@@ -43,6 +45,7 @@ __all__ = [
     "DEFAULT_FAR_TARGETS",
     "TAR_AT_FAR_RULES",
     "IdentificationResult",
+    "RocCurve",
     "TenFoldResult",
     "VerificationReport",
     "auc",

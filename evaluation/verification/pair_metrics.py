@@ -7,6 +7,13 @@ each run of equal scores as one ROC point, taking its genuine count from a secon
 the sorted genuine scores (:mod:`evaluation.verification._roc_kernel`). No argsort of all pairs is needed,
 which is what makes this several times faster than ``sklearn.metrics.roc_curve`` on millions of
 pairs while giving the same point set bit for bit.
+
+One :class:`RocCurve` holds that sort; every metric accepts one in place of ``(scores, labels)``,
+so that all the metrics of one score set share one sort::
+
+    curve = RocCurve.from_scores(scores, labels)
+    far, tar, thresholds = roc(curve)
+    auc(curve), eer(curve), tar_at_far(curve, far_targets=[1e-4, 1e-3])
 """
 
 from __future__ import annotations
@@ -15,15 +22,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..validation import check_binary_labels, check_scores, to_numpy
+from ..validation import ArrayLike, check_binary_labels, check_scores, to_numpy
 
 TAR_AT_FAR_RULES = ("nearest", "threshold")
 DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 @dataclass(frozen=True)
-class _Roc:
-    """The full ROC from one sort, plus what the other metrics reuse."""
+class RocCurve:
+    """The full ROC of one set of scored pairs, from one sort, with what the other metrics reuse.
+
+    Build it with :meth:`from_scores`; pass it to :func:`roc`, :func:`auc`, :func:`eer`,
+    :func:`tar_at_far` or :func:`verification_report` in place of ``(scores, labels)``.
+    ``far``, ``tar`` and ``thresholds`` are the arrays :func:`roc` returns.
+    """
 
     sorted_scores: np.ndarray  # all scores, ascending, input dtype
     genuine_sorted: np.ndarray  # genuine scores, ascending, input dtype
@@ -34,10 +46,20 @@ class _Roc:
     n_genuine: int
     n_impostor: int
 
+    @classmethod
+    def from_scores(cls, scores: ArrayLike, labels: ArrayLike) -> RocCurve:
+        """The curve of ``scores`` (larger is more similar) with 0/1 ``labels`` (1 genuine).
 
-def check_pair_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
-    """Validated ``(scores, labels)``: finite 1-D scores, binary labels of the same length,
-    and both classes present (every ROC quantity divides by both class sizes)."""
+        Raises:
+            ValueError: see :func:`check_pair_scores`.
+        """
+        return _sorted_roc(*check_pair_scores(scores, labels))
+
+
+def check_pair_scores(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(scores, labels)``: finite 1-D scores (integer scores kept exact), binary
+    labels of the same length, and both classes present (every ROC quantity divides by both
+    class sizes)."""
     score_array = check_scores(scores, "scores")
     label_array = check_binary_labels(labels, "labels", length=score_array.shape[0])
     n_genuine = int(np.count_nonzero(label_array))
@@ -47,7 +69,7 @@ def check_pair_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     return score_array, label_array
 
 
-def _sorted_roc(scores: np.ndarray, labels: np.ndarray) -> _Roc:
+def _sorted_roc(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     from ._roc_kernel import fresh_copy, roc_arrays
 
     sorted_scores = fresh_copy(scores)
@@ -56,22 +78,59 @@ def _sorted_roc(scores: np.ndarray, labels: np.ndarray) -> _Roc:
     n_genuine = genuine_sorted.shape[0]
     n_impostor = sorted_scores.shape[0] - n_genuine
     thresholds, far, tar, corners = roc_arrays(sorted_scores, genuine_sorted, n_genuine, n_impostor)
-    return _Roc(sorted_scores, genuine_sorted, thresholds, far, tar, corners, n_genuine, n_impostor)
+    _sign_zero_threshold_as_sklearn(scores, sorted_scores, thresholds)
+    return RocCurve(
+        sorted_scores, genuine_sorted, thresholds, far, tar, corners, n_genuine, n_impostor
+    )
 
 
-def roc(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sign_zero_threshold_as_sklearn(scores, sorted_scores, thresholds) -> None:
+    # +0.0 and -0.0 are one score; sklearn's threshold is the first of them in input order (its
+    # stable sort, reversed), the sort here keeps either. Only the zero run can differ this way.
+    if scores.dtype.kind != "f":
+        return
+    zero = sorted_scores.dtype.type(0)
+    if np.searchsorted(sorted_scores, zero, "left") == np.searchsorted(
+        sorted_scores, zero, "right"
+    ):
+        return
+    first_zero = scores[int(np.argmax(scores == 0))]
+    thresholds[thresholds == 0] = first_zero
+
+
+def _curve_of(scores, labels) -> RocCurve:
+    """A given :class:`RocCurve`, or the curve of ``(scores, labels)``."""
+    if isinstance(scores, RocCurve):
+        if labels is not None:
+            raise ValueError("labels go with scores, not with a RocCurve")
+        return scores
+    if labels is None:
+        raise ValueError("labels are required with scores (or pass a RocCurve)")
+    return _sorted_roc(*check_pair_scores(scores, labels))
+
+
+def roc(
+    scores: ArrayLike | RocCurve, labels: ArrayLike | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The full ROC curve: ``(far, tar, thresholds)``, float64, from the strictest threshold.
 
     Point ``i >= 1`` accepts the pairs with ``score >= thresholds[i]``: ``far[i]`` is the share of
     impostor pairs accepted, ``tar[i]`` the share of genuine pairs accepted. Point 0 is
-    ``(0, 0)`` at threshold ``+inf``; there is one point per distinct score. The arrays equal
-    ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)`` exactly.
+    ``(0, 0)`` at threshold ``+inf``; there is one point per distinct score (integer scores are
+    compared exactly, also above 2^53). The arrays equal
+    ``sklearn.metrics.roc_curve(labels, scores, drop_intermediate=False)`` exactly, including
+    the sign of a zero threshold (that of the first zero score in input order).
+
+    ``scores`` may be a :class:`RocCurve` (then without ``labels``).
+
+    Raises:
+        ValueError: see :func:`check_pair_scores`.
     """
-    curve = _sorted_roc(*check_pair_scores(scores, labels))
+    curve = _curve_of(scores, labels)
     return curve.far, curve.tar, curve.thresholds
 
 
-def _auc_of(curve: _Roc) -> float:
+def _auc_of(curve: RocCurve) -> float:
     # Area under the ROC = P(genuine score > impostor score) + P(tie) / 2 (Mann-Whitney),
     # counted exactly in integers for each genuine score, then divided once.
     genuine = curve.genuine_sorted
@@ -85,16 +144,17 @@ def _auc_of(curve: _Roc) -> float:
     return doubled_wins / (2 * curve.n_genuine * curve.n_impostor)
 
 
-def auc(scores, labels) -> float:
+def auc(scores: ArrayLike | RocCurve, labels: ArrayLike | None = None) -> float:
     """Area under the ROC curve (equals ``sklearn.metrics.roc_auc_score`` up to rounding).
 
     Computed as the Mann-Whitney statistic: the share of (genuine, impostor) combinations where
-    the genuine pair scores higher, ties counting one half.
+    the genuine pair scores higher, ties counting one half. ``scores`` may be a
+    :class:`RocCurve`.
     """
-    return _auc_of(_sorted_roc(*check_pair_scores(scores, labels)))
+    return _auc_of(_curve_of(scores, labels))
 
 
-def _eer_of(curve: _Roc) -> float:
+def _eer_of(curve: RocCurve) -> float:
     far, tar = curve.far, curve.tar
     # far - (1 - tar) never decreases along the curve: bisect for the first point where it is >= 0.
     low, high = 0, far.shape[0] - 1  # the gap is -1 at the first point and +1 at the last
@@ -114,10 +174,22 @@ def _eer_of(curve: _Roc) -> float:
     return float(far[low] + (-gap_low / (gap_high - gap_low)) * (far[high] - far[low]))
 
 
-def eer(scores, labels) -> float:
+def eer(scores: ArrayLike | RocCurve, labels: ArrayLike | None = None) -> float:
     """Equal error rate: the FAR where FAR = 1 - TAR on the ROC of :func:`roc`, interpolated
-    linearly along the segment where ``FAR - (1 - TAR)`` changes sign."""
-    return _eer_of(_sorted_roc(*check_pair_scores(scores, labels)))
+    linearly along the segment where ``FAR - (1 - TAR)`` changes sign. ``scores`` may be a
+    :class:`RocCurve`."""
+    return _eer_of(_curve_of(scores, labels))
+
+
+def false_accepts_allowed(targets: np.ndarray, total: int) -> np.ndarray:
+    """For each target rate, the largest count ``k`` in ``[0, total]`` with
+    ``k / total <= target``, the rate computed as the ROC computes it (one correctly rounded
+    division): ``floor(target · total)`` counted exactly. Floating point alone gets it one short
+    for some targets (``0.29 * 100 == 28.999999999999996``)."""
+    counts = np.floor(targets * total).astype(np.int64)
+    counts += (counts < total) & ((counts + 1) / total <= targets)
+    counts -= counts / total > targets
+    return counts
 
 
 def check_far_targets(far_targets) -> np.ndarray:
@@ -130,7 +202,7 @@ def check_far_targets(far_targets) -> np.ndarray:
     return targets
 
 
-def _tar_nearest(curve: _Roc, targets: np.ndarray) -> np.ndarray:
+def _tar_nearest(curve: RocCurve, targets: np.ndarray) -> np.ndarray:
     # sklearn's drop_intermediate curve: (0, 0), then the corner points; FAR never decreases
     # along it, so the nearest FAR is the last one <= target or the first one above it.
     kept = np.concatenate([[0], curve.corners + 1])
@@ -148,25 +220,26 @@ def _tar_nearest(curve: _Roc, targets: np.ndarray) -> np.ndarray:
     return result
 
 
-def _tar_threshold(curve: _Roc, targets: np.ndarray) -> np.ndarray:
+def _tar_threshold(curve: RocCurve, targets: np.ndarray) -> np.ndarray:
     n_impostor = curve.n_impostor
-    allowed = np.floor(targets * n_impostor).astype(np.int64)
+    allowed = false_accepts_allowed(targets, n_impostor)
     inside = allowed < n_impostor
-    # The (k+1)-th highest impostor score is the first threshold with at least k + 1 impostors
-    # at or above it. far = count / n_impostor is strictly increasing in the count, so the
-    # search runs on far itself; when k >= n_impostor every pair is accepted.
+    # The (k+1)-th highest impostor score t is the threshold of the first point with at least
+    # k + 1 impostors at or above it. far = count / n_impostor is strictly increasing in the
+    # count, so the search runs on far itself; when k >= n_impostor every pair is accepted.
     point = np.searchsorted(curve.far, (allowed[inside] + 1) / n_impostor, side="left")
-    genuine_sorted = curve.genuine_sorted.astype(np.float64)
-    above = genuine_sorted.shape[0] - np.searchsorted(
-        genuine_sorted, curve.thresholds[point], side="right"
-    )
+    # The point before accepts exactly the scores above t (the next distinct score up), so its
+    # TAR is the share of genuine pairs strictly above t, read without comparing scores.
     result = np.ones(targets.shape[0])
-    result[inside] = above / curve.n_genuine
+    result[inside] = curve.tar[point - 1]
     return result
 
 
 def tar_at_far(
-    scores, labels, far_targets=DEFAULT_FAR_TARGETS, rule: str = "nearest"
+    scores: ArrayLike | RocCurve,
+    labels: ArrayLike | None = None,
+    far_targets: ArrayLike | float = DEFAULT_FAR_TARGETS,
+    rule: str = "nearest",
 ) -> np.ndarray:
     """TAR at each target FAR, one value per target (float64 array).
 
@@ -175,17 +248,29 @@ def tar_at_far(
     point whose FAR is closest to the target, ties going to the larger FAR (and, among points of
     equal FAR, to the larger TAR).
     ``rule="threshold"``: accept a pair when its score is strictly above ``t``, the (k+1)-th
-    highest impostor score with ``k = floor(FAR * n_impostor)``, so at most ``k`` impostors pass;
-    TAR is the share of genuine pairs strictly above ``t`` (all pairs pass when
+    highest impostor score with ``k = floor(FAR * n_impostor)`` counted exactly (the largest
+    ``k`` with ``k / n_impostor <= FAR``, see :func:`false_accepts_allowed`), so at most ``k``
+    impostors pass; TAR is the share of genuine pairs strictly above ``t`` (all pairs pass when
     ``k >= n_impostor``).
+
+    Both rules agree with insightface's IJB evaluation, which flips the ROC before its
+    first-minimum search ("select largest tpr at same fpr"). ``scores`` may be a
+    :class:`RocCurve` (then without ``labels``); from raw scores the threshold rule needs no
+    full sort (``np.partition``).
+
+    Raises:
+        ValueError: bad scores or labels (:func:`check_pair_scores`), targets outside
+            ``[0, 1]`` or an unknown ``rule``.
     """
     if rule not in TAR_AT_FAR_RULES:
         raise ValueError(f"rule must be one of {TAR_AT_FAR_RULES}, got {rule!r}")
     targets = check_far_targets(far_targets)
-    score_array, label_array = check_pair_scores(scores, labels)
-    if rule == "threshold":
-        return _tar_threshold_by_partition(score_array, label_array, targets)
-    return _tar_nearest(_sorted_roc(score_array, label_array), targets)
+    if isinstance(scores, RocCurve) or rule == "nearest":
+        curve = _curve_of(scores, labels)
+        return (_tar_nearest if rule == "nearest" else _tar_threshold)(curve, targets)
+    if labels is None:
+        raise ValueError("labels are required with scores (or pass a RocCurve)")
+    return _tar_threshold_by_partition(*check_pair_scores(scores, labels), targets)
 
 
 def _tar_threshold_by_partition(
@@ -195,7 +280,7 @@ def _tar_threshold_by_partition(
     impostor = score_array[~label_array]
     genuine = score_array[label_array]
     n_impostor = impostor.shape[0]
-    allowed = np.floor(targets * n_impostor).astype(np.int64)
+    allowed = false_accepts_allowed(targets, n_impostor)
     inside = allowed < n_impostor
     result = np.ones(targets.shape[0])
     if inside.any():
@@ -242,13 +327,18 @@ class VerificationReport:
         }
 
 
-def verification_report(scores, labels, far_targets=DEFAULT_FAR_TARGETS) -> VerificationReport:
+def verification_report(
+    scores: ArrayLike | RocCurve,
+    labels: ArrayLike | None = None,
+    far_targets: ArrayLike | float = DEFAULT_FAR_TARGETS,
+) -> VerificationReport:
     """ROC, AUC, EER and TAR@FAR (both rules) from one sort of the scores.
 
     Each quantity is defined as in :func:`roc`, :func:`auc`, :func:`eer` and :func:`tar_at_far`.
+    ``scores`` may be a :class:`RocCurve` (then without ``labels``).
     """
     targets = check_far_targets(far_targets)
-    curve = _sorted_roc(*check_pair_scores(scores, labels))
+    curve = _curve_of(scores, labels)
     return VerificationReport(
         far=curve.far,
         tar=curve.tar,
