@@ -19,9 +19,10 @@ def unreduced_losses(loss_fn, embeddings, labels) -> torch.Tensor:
 
 
 def reference_cosines(embeddings, W) -> torch.Tensor:
-    """cos_ij written out: normalise both sides, then dot products."""
-    unit_embeddings = embeddings / embeddings.norm(dim=1, keepdim=True)
-    unit_prototypes = W / W.norm(dim=0, keepdim=True)
+    """cos_ij written out: normalise both sides (norms clamped to 1e-12, the package's rule for
+    zero vectors), then dot products."""
+    unit_embeddings = embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit_prototypes = W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)
     return unit_embeddings @ unit_prototypes
 
 

@@ -96,8 +96,6 @@ def test_sample_margins_bad_input(embeddings, labels, W, error):
 def test_class_margin_bad_input():
     with pytest.raises(ValueError, match="at least 2"):
         class_margin(torch.randn(3, 1))
-    with pytest.raises(ValueError, match="zero prototype"):
-        class_margin(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="NaN"):
         class_margin(torch.tensor([[math.inf, 1.0], [0.0, 1.0]]))
 
@@ -243,11 +241,7 @@ def test_sample_margin_invariants(batch, num_classes, dim, seed):
     )
 
 
-def test_zero_rows_and_columns_are_rejected():
-    with pytest.raises(ValueError, match="zero prototype"):
-        sample_margins(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="zero row"):
-        sample_margins(torch.zeros(2, 3), torch.tensor([0, 1]), torch.randn(3, 2))
+def test_bad_sizes_and_types_are_rejected():
     with pytest.raises(ValueError, match="at least 2"):
         sample_margins(torch.randn(2, 3), torch.tensor([0, 0]), torch.randn(3, 1))
     with pytest.raises(ValueError, match="block_size"):
@@ -259,3 +253,50 @@ def test_zero_rows_and_columns_are_rejected():
         class_margin(torch.ones(3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="PML's layout"):
         class_margin(torch.randn(3))
+
+
+# --- zero vectors: one rule, the clamped norm (cosine 0 with everything) ----------------------
+
+
+def test_zero_prototype_and_zero_embedding_have_cosine_zero():
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # column 1 is zero
+    embeddings = torch.tensor([[3.0, 0.0], [0.0, 0.0], [-1.0, 1.0]])
+    cosines = cosine_logits(embeddings, W)
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-(0.5**0.5), 0.0, 0.5**0.5]])
+    torch.testing.assert_close(cosines, expected)
+    labels = torch.tensor([1, 0, 2])
+    # γ = cos_target − max_other: (0 − 1), (0 − 0), (√½ − 0)
+    torch.testing.assert_close(
+        sample_margins(embeddings, labels, W), torch.tensor([-1.0, 0.0, 0.5**0.5])
+    )
+    torch.testing.assert_close(
+        sample_margins_from_cosines(cosines, labels), sample_margins(embeddings, labels, W)
+    )
+
+
+def test_sample_margins_with_zero_vectors_match_the_fused_kernel_and_have_finite_gradients():
+    from pml_largest_margin.losses.fused import fused_nontarget_logsumexp
+
+    generator = torch.Generator().manual_seed(7)
+    embeddings = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    W = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    embeddings[2], W[:, 3] = 0.0, 0.0
+    labels = torch.tensor([0, 3, 1, 2, 4, 3])
+    z, w = embeddings.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    margins = sample_margins(z, labels, w)
+    _, _, fused = fused_nontarget_logsumexp(embeddings, W, labels, 8.0, with_margins=True)
+    torch.testing.assert_close(margins, fused, rtol=0, atol=1e-15)
+    margins.sum().backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("position", [0, 2, 3])
+def test_class_margin_puts_a_zero_prototype_at_a_right_angle(position):
+    # The other prototypes are 60° apart; a zero column is at 90° from each, so it never wins.
+    W = torch.tensor([[1.0, 0.5, -0.5], [0.0, 0.75**0.5, 0.75**0.5]], dtype=torch.float64)
+    W = torch.cat([W[:, :position], torch.zeros(2, 1, dtype=torch.float64), W[:, position:]], 1)
+    result = class_margin(W)
+    assert result.radians == pytest.approx(math.pi / 3, abs=1e-12)
+    only_zero_columns_left = torch.cat([W[:, :1] * 0, torch.tensor([[1.0], [0.0]])], dim=1)
+    assert class_margin(only_zero_columns_left.double()).radians == pytest.approx(math.pi / 2)
+    assert class_margin(torch.zeros(3, 4)).radians == pytest.approx(math.pi / 2)

@@ -8,7 +8,7 @@ from ..margins import cosine_logits, sample_margins_from_cosines
 from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax, generalized_margin_softmax_head
 from .fused import fused_nontarget_logsumexp
-from .margin_functions import MarginFunction, target_margin_function
+from .margin_functions import MarginFunction, check_margins, target_margin_function
 from .margin_presets_mixin import MarginPresetsMixin
 
 
@@ -59,7 +59,7 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
         self.psi = target_margin_function(m1, m2, m3, psi)
         if phi is not None and not callable(phi):
             raise TypeError(f"phi must be callable, got {type(phi).__name__}")
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        self.m1, self.m2, self.m3 = check_margins(m1, m2, m3)
         self.phi = phi
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
