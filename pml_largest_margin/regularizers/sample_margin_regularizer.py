@@ -72,7 +72,11 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
         self.reset_stats()
         if sum(source is not None for source in (W, cosines, margins)) != 1:
             raise ValueError("give exactly one of W (d, C), cosines (N, C) and margins (N,)")
+        check_embeddings(embeddings, finite=False)
         if margins is not None:
+            check_labels(labels, None, embeddings.shape[0])
+            if not (isinstance(margins, torch.Tensor) and margins.is_floating_point()):
+                raise TypeError(f"margins must be a floating-point tensor, got {margins!r}")
             if margins.shape != (embeddings.shape[0],):
                 raise ValueError(
                     f"margins must have shape ({embeddings.shape[0]},), one per embedding, "
