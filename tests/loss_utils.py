@@ -47,3 +47,34 @@ def reference_gm_softmax(embeddings, W, labels, scale, psi_of_angle) -> list[flo
         denominator = sum(math.exp(v - top) for v in [target, *others])
         losses.append(-(target - top - math.log(denominator)))
     return losses
+
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def float32_tolerances(function, inputs, *, trials: int = 8, safety: float = 4.0) -> list[float]:
+    """How far a float32 evaluation of ``function(*inputs)`` may be from its float64 value.
+
+    To first order, a float32 evaluation of these losses is the exact function of inputs perturbed
+    relatively by at most about ``(d + 4)·eps32`` per entry: the rounding of the inputs, of the
+    d-term dot products and of the normalisations (d = the inputs' last dimension), the log-sum-exp
+    and the heads adding a few eps on logits of size s. So the tolerance follows the conditioning:
+    the largest move of each output (∞-norm, in float64) under ``trials`` random perturbations of
+    that size, times ``safety``, plus the rounding of the output itself, ``2·eps32·max|output|``.
+    ``inputs`` are float64 tensors; ``function`` returns a tuple of tensors. Seeded, deterministic.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    relative = (inputs[0].shape[-1] + 4) * FLOAT32_EPS
+    reference = function(*inputs)
+    largest = [0.0] * len(reference)
+    for _ in range(trials):
+        perturbed = [
+            x * (1 + relative * (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype) - 1))
+            for x in inputs
+        ]
+        for index, (moved, value) in enumerate(zip(function(*perturbed), reference, strict=True)):
+            largest[index] = max(largest[index], float((moved - value).abs().max()))
+    return [
+        safety * move + 2 * FLOAT32_EPS * float(value.abs().max())
+        for move, value in zip(largest, reference, strict=True)
+    ]
