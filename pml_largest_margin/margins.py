@@ -142,8 +142,11 @@ def cosine_logits(embeddings: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``cos_ij = ŵ_j · ẑ_i`` for embeddings (N, d) and prototypes W (d, C), shape (N, C).
 
     The columns of W are scaled after the product, so no normalised copy of W is materialised.
-    Norms are clamped to at least ``NORM_EPS``: a zero row or column gives cosines 0.
+    Norms are clamped to at least ``NORM_EPS``: a zero row or column gives cosines 0. Mixed
+    dtypes are computed in the promoted one (float64 embeddings with float32 W in float64).
     """
+    dtype = torch.promote_types(embeddings.dtype, W.dtype)
+    embeddings, W = embeddings.to(dtype), W.to(dtype)
     unit_embeddings = torch.nn.functional.normalize(embeddings, dim=1, eps=NORM_EPS)
     return (unit_embeddings @ W) / torch.linalg.vector_norm(W, dim=0).clamp_min(NORM_EPS)
 
@@ -166,7 +169,7 @@ def max_over_sub_centers(cosines: torch.Tensor, sub_centers: int) -> torch.Tenso
     """
     if sub_centers == 1:
         return cosines
-    return cosines.view(cosines.shape[0], -1, sub_centers).amax(dim=2)
+    return cosines.view(cosines.shape[0], cosines.shape[1] // sub_centers, sub_centers).amax(dim=2)
 
 
 def sample_margins(
@@ -199,12 +202,11 @@ def sample_margins(
     block_size = check_integer(block_size, "block_size", at_least=1)
     labels = labels.long()
     margins = []
-    for start in range(0, embeddings.shape[0], block_size):
+    # An empty batch still runs one (empty) block, so the result is on the graph of both inputs.
+    for start in range(0, max(1, embeddings.shape[0]), block_size):
         cosines = cosine_logits(embeddings[start : start + block_size], W)
         cosines = max_over_sub_centers(cosines, sub_centers)
         margins.append(sample_margins_from_cosines(cosines, labels[start : start + block_size]))
-    if not margins:
-        return embeddings.new_zeros(0, dtype=torch.promote_types(embeddings.dtype, W.dtype))
     return torch.cat(margins)
 
 

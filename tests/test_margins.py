@@ -123,6 +123,16 @@ def test_sample_margins_match_naive(block):
     )
 
 
+def test_mixed_dtypes_are_promoted():
+    generator = torch.Generator().manual_seed(6)
+    embeddings = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    W = torch.randn(3, 4, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    mixed = sample_margins(embeddings, labels, W)
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, sample_margins(embeddings, labels, W.double()))
+
+
 def test_sample_margins_from_cosines_agrees_with_sample_margins():
     embeddings, W = torch.randn(7, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     labels = torch.tensor([0, 1, 2, 3, 4, 0, 1])
@@ -300,3 +310,50 @@ def test_class_margin_puts_a_zero_prototype_at_a_right_angle(position):
     only_zero_columns_left = torch.cat([W[:, :1] * 0, torch.tensor([[1.0], [0.0]])], dim=1)
     assert class_margin(only_zero_columns_left.double()).radians == pytest.approx(math.pi / 2)
     assert class_margin(torch.zeros(3, 4)).radians == pytest.approx(math.pi / 2)
+
+
+# --- edges ----------------------------------------------------------------------------------
+
+
+def test_class_margin_of_float16_prototypes_whose_squared_norms_overflow_float16():
+    # ‖(60000, 60000)‖ is inf in float16: compared in float16, that column would look like cosine 0
+    # with everything and the 45° pair (0, 2) would be lost to the 90° pair (0, 1).
+    W = torch.tensor([[1.0, 0.0, 60000.0], [0.0, -3.0, 60000.0]], dtype=torch.float16)
+    assert torch.isinf(torch.linalg.vector_norm(W[:, 2]))
+    result = class_margin(W)
+    assert result.closest_pair == (0, 2)
+    assert result.radians == pytest.approx(math.pi / 4, abs=1e-12)
+
+
+def test_sub_centers_must_be_a_positive_integer():
+    embeddings, labels, W = torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=0)
+    with pytest.raises(TypeError, match="sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=True)
+    with pytest.raises(TypeError, match="sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=2.0)
+
+
+@pytest.mark.parametrize("block_size", [None, 1])
+def test_sample_margins_of_an_empty_batch(block_size):
+    W = torch.randn(3, 4, dtype=torch.float64)
+    embeddings = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    margins = sample_margins(embeddings, torch.zeros(0, dtype=torch.long), W, block_size)
+    assert margins.shape == (0,) and margins.dtype == torch.float64
+    margins.sum().backward()  # on the graph, like a non-empty batch
+    assert embeddings.grad.shape == (0, 3)
+    mixed = sample_margins(embeddings, torch.zeros(0, dtype=torch.long), W.float(), block_size)
+    assert mixed.dtype == torch.float64  # promoted, as for a non-empty batch
+    sub_centered = sample_margins(
+        embeddings.detach(), torch.zeros(0, dtype=torch.long), torch.randn(3, 6), sub_centers=3
+    )
+    assert sub_centered.shape == (0,)
+
+
+def test_sample_margin_upper_bound_of_two_classes_is_two():
+    # Two antipodal prototypes, each sample on its own: γ = 1 − (−1) = 2 = C/(C − 1).
+    assert sample_margin_upper_bound(2) == 2.0
+    W = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    margins = sample_margins(W.t() * 5, torch.tensor([0, 1]), W)
+    assert margins.tolist() == [2.0, 2.0]

@@ -370,3 +370,37 @@ def test_regularizers_under_bfloat16_autocast():
     half = ZeroCentroidRegularizer()(loss.W.detach().t().to(torch.bfloat16))
     reference = ZeroCentroidRegularizer()(loss.W.detach().t())
     assert float(half) == pytest.approx(float(reference), abs=2e-2)
+
+
+# --- edges of SampleMarginRegularizer --------------------------------------------------------
+
+
+def test_sample_margin_regularizer_records_no_stats_without_collect_stats():
+    embeddings, labels = batch(dtype=torch.float64)
+    W = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    quiet = SampleMarginRegularizer(collect_stats=False)
+    quiet(embeddings, labels, W)
+    quiet(embeddings, labels, margins=sample_margins(embeddings, labels, W))
+    assert not hasattr(quiet, "mean_sample_margin") and not hasattr(quiet, "min_sample_margin")
+
+
+def test_sample_margin_regularizer_stats_reset_on_an_empty_batch():
+    embeddings, labels = batch(dtype=torch.float64)
+    W = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    regularizer = SampleMarginRegularizer(collect_stats=True)
+    regularizer(embeddings, labels, W)
+    assert regularizer.min_sample_margin != 0.0
+    empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
+    value = regularizer(empty, torch.zeros(0, dtype=torch.long), W)
+    assert (regularizer.mean_sample_margin, regularizer.min_sample_margin) == (0, 0)
+    assert float(value) == 0.0  # not the NaN of a mean over nothing
+    value.backward()
+    assert empty.grad is not None and empty.grad.shape == (0, 8)
+
+
+def test_sample_margin_regularizer_refuses_one_column_of_cosines():
+    embeddings, _ = batch()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        SampleMarginRegularizer()(
+            embeddings, torch.zeros(12, dtype=torch.long), cosines=torch.rand(12, 1)
+        )

@@ -23,7 +23,9 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
     ``MeanReducer``) reduces them.
 
     With ``collect_stats`` it records ``mean_sample_margin`` and ``min_sample_margin`` (cosine
-    units, over the whole batch, before miner weights).
+    units, over the whole batch, before miner weights); each call resets them first, so after an
+    empty batch they are PML's reset value 0, not the previous batch's. An empty batch gives
+    ``R_sm = 0`` on the graph.
     """
 
     def __init__(self, **kwargs):
@@ -40,6 +42,15 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
                 self.mean_sample_margin = margins.mean().item()
                 self.min_sample_margin = margins.min().item()
         losses = -margins if miner_weights is None else -margins * miner_weights
+        if not margins.numel():
+            # No samples: a zero on the graph (a reducer's mean of nothing would be NaN).
+            return {
+                "loss": {
+                    "losses": losses.sum(),
+                    "indices": None,
+                    "reduction_type": "already_reduced",
+                }
+            }
         return {
             "loss": {
                 "losses": losses,
