@@ -8,6 +8,11 @@ import torch
 from pytorch_metric_learning.reducers import DoNothingReducer
 
 
+def seeded_randn(*shape: int) -> torch.Tensor:
+    """Normal random numbers for inputs built at collection time (parametrize lists), seeded."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
 def unreduced_losses(loss_fn, embeddings, labels) -> torch.Tensor:
     """The loss's per-sample losses, read through PML's DoNothingReducer."""
     reducer = loss_fn.reducer

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_utils import seeded_randn
 
 from pml_largest_margin.margins import (
     class_margin,
@@ -81,11 +82,11 @@ def test_sample_margins_hand_made():
 @pytest.mark.parametrize(
     "embeddings,labels,W,error",
     [
-        (torch.randn(4, 3), torch.tensor([0, 1, 2, 5]), torch.randn(3, 4), ValueError),
-        (torch.randn(4, 3), torch.tensor([0, 1, 2]), torch.randn(3, 4), ValueError),
-        (torch.randn(4, 3), torch.tensor([0.0, 1, 2, 3]), torch.randn(3, 4), TypeError),
-        (torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), torch.randn(4, 3), ValueError),
-        (torch.full((4, 3), math.nan), torch.tensor([0, 1, 2, 3]), torch.randn(3, 4), ValueError),
+        (seeded_randn(4, 3), torch.tensor([0, 1, 2, 5]), seeded_randn(3, 4), ValueError),
+        (seeded_randn(4, 3), torch.tensor([0, 1, 2]), seeded_randn(3, 4), ValueError),
+        (seeded_randn(4, 3), torch.tensor([0.0, 1, 2, 3]), seeded_randn(3, 4), TypeError),
+        (seeded_randn(4, 3), torch.tensor([0, 1, 2, 3]), seeded_randn(4, 3), ValueError),
+        (torch.full((4, 3), math.nan), torch.tensor([0, 1, 2, 3]), seeded_randn(3, 4), ValueError),
     ],
 )
 def test_sample_margins_bad_input(embeddings, labels, W, error):

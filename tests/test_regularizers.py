@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from loss_utils import seeded_randn
 from pytorch_metric_learning import losses, miners, reducers, trainers
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
@@ -92,13 +93,13 @@ def test_sample_margin_regularizer_gradcheck():
     "kwargs,error,match",
     [
         ({}, ValueError, "exactly one"),
-        ({"W": torch.randn(8, 5), "cosines": torch.randn(12, 5)}, ValueError, "exactly one"),
-        ({"cosines": torch.randn(11, 5)}, ValueError, "rows"),
+        ({"W": seeded_randn(8, 5), "cosines": seeded_randn(12, 5)}, ValueError, "exactly one"),
+        ({"cosines": seeded_randn(11, 5)}, ValueError, "rows"),
         ({"cosines": torch.full((12, 5), math.nan)}, ValueError, "NaN"),
-        ({"W": torch.randn(7, 5)}, ValueError, "rows"),
-        ({"W": torch.randn(8, 3)}, ValueError, "labels"),
-        ({"W": torch.randn(8, 5), "miner_weights": torch.ones(3)}, ValueError, "miner_weights"),
-        ({"W": torch.randn(8, 5), "margins": torch.zeros(12)}, ValueError, "exactly one"),
+        ({"W": seeded_randn(7, 5)}, ValueError, "rows"),
+        ({"W": seeded_randn(8, 3)}, ValueError, "labels"),
+        ({"W": seeded_randn(8, 5), "miner_weights": torch.ones(3)}, ValueError, "miner_weights"),
+        ({"W": seeded_randn(8, 5), "margins": torch.zeros(12)}, ValueError, "exactly one"),
         ({"margins": torch.zeros(11)}, ValueError, r"shape \(12,\)"),
         ({"margins": torch.zeros(12, 1)}, ValueError, r"shape \(12,\)"),
     ],
