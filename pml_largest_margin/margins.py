@@ -2,6 +2,12 @@
 
 Prototypes are taken in PML's layout: ``W`` of shape (embedding_size, num_classes), one column per
 class, as stored by ``ArcFaceLoss.W`` and this package's losses.
+
+Zero vectors follow one rule package-wide, the fused loss kernel's: a norm is clamped to at least
+``NORM_EPS`` (1e-12) before dividing, as ``torch.nn.functional.normalize`` does, so a zero
+embedding or a zero prototype column has cosine 0 with everything (a prototype at 90° to all
+others, a sample margin of 0 for a zero embedding). :func:`cosine_logits`, :func:`sample_margins`,
+:func:`class_margin` and the losses (their values, ``get_logits`` and their stats) agree on it.
 """
 
 from __future__ import annotations
@@ -11,7 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import check_embeddings, check_labels, check_prototypes
+from .validation import (
+    NORM_EPS,
+    check_embeddings,
+    check_integer,
+    check_labels,
+    check_prototypes,
+)
 
 # Elements of one block of the N × C cosine matrix; 2**24 float32 values are 64 MB.
 _BLOCK_ELEMENTS = 2**24
@@ -33,16 +45,20 @@ class ClassMargin:
 
 
 def _inverse_column_norms(weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    norms = torch.linalg.vector_norm(weights, dim=0, dtype=dtype)
-    if bool((norms == 0).any()):
-        raise ValueError("W has a zero prototype column; its direction is undefined")
-    return norms.reciprocal()
+    """``1/max(‖w_j‖, NORM_EPS)`` per column (a zero column gets cosine 0 with everything)."""
+    return torch.linalg.vector_norm(weights, dim=0, dtype=dtype).clamp_min(NORM_EPS).reciprocal()
 
 
 def _angle(u: torch.Tensor, v: torch.Tensor) -> float:
-    """Angle between two vectors as ``2·atan2(‖û − v̂‖, ‖û + v̂‖)`` in float64, accurate near 0 and π."""
-    u = torch.nn.functional.normalize(u.double(), dim=0)
-    v = torch.nn.functional.normalize(v.double(), dim=0)
+    """Angle between two vectors as ``2·atan2(‖û − v̂‖, ‖û + v̂‖)`` in float64, accurate near 0 and π.
+
+    A vector of norm below ``NORM_EPS`` has cosine 0 with every vector, so its angle is π/2.
+    """
+    u, v = u.double(), v.double()
+    if min(float(torch.linalg.vector_norm(u)), float(torch.linalg.vector_norm(v))) < NORM_EPS:
+        return math.pi / 2
+    u = torch.nn.functional.normalize(u, dim=0)
+    v = torch.nn.functional.normalize(v, dim=0)
     return 2.0 * math.atan2(
         float(torch.linalg.vector_norm(u - v)), float(torch.linalg.vector_norm(u + v))
     )
@@ -84,17 +100,18 @@ def class_margin(W: torch.Tensor, block_size: int | None = None) -> ClassMargin:
     The upper triangle of the cosine matrix is visited in ``block_size × block_size`` tiles
     (1024 by default, 4 MB of float32), so memory stays at a few tiles plus the C column norms
     whatever C is, and no normalised copy of W is made: each tile normalises its own columns.
-    Time is O(C²d). float16/bfloat16 prototypes are compared in float32; the angle of the closest
-    pair is recomputed in float64 from a formula that stays accurate for nearly (anti)parallel pairs.
+    Time is O(C²d). float16/bfloat16 prototypes are compared in float32 (their squared norms can
+    overflow float16); the angle of the closest pair is recomputed in float64 from a formula that
+    stays accurate for nearly (anti)parallel pairs. A zero column is at π/2 from every other
+    (module docstring).
     """
     check_prototypes(W)
     num_classes = W.shape[1]
     if num_classes < 2:
         raise ValueError(f"the class margin needs at least 2 classes, got {num_classes}")
-    if block_size is None:
-        block_size = _TILE_SIZE
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    block_size = (
+        _TILE_SIZE if block_size is None else check_integer(block_size, "block_size", at_least=1)
+    )
     weights = W.detach()
     # Half-precision tiles are promoted to float32 by the float32 norms, tile by tile.
     half = weights.dtype in (torch.float16, torch.bfloat16)
@@ -125,9 +142,13 @@ def cosine_logits(embeddings: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """``cos_ij = ŵ_j · ẑ_i`` for embeddings (N, d) and prototypes W (d, C), shape (N, C).
 
     The columns of W are scaled after the product, so no normalised copy of W is materialised.
+    Norms are clamped to at least ``NORM_EPS``: a zero row or column gives cosines 0. Mixed
+    dtypes are computed in the promoted one (float64 embeddings with float32 W in float64).
     """
-    unit_embeddings = torch.nn.functional.normalize(embeddings, dim=1)
-    return (unit_embeddings @ W) / torch.linalg.vector_norm(W, dim=0)
+    dtype = torch.promote_types(embeddings.dtype, W.dtype)
+    embeddings, W = embeddings.to(dtype), W.to(dtype)
+    unit_embeddings = torch.nn.functional.normalize(embeddings, dim=1, eps=NORM_EPS)
+    return (unit_embeddings @ W) / torch.linalg.vector_norm(W, dim=0).clamp_min(NORM_EPS)
 
 
 def sample_margins_from_cosines(cosines: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +169,7 @@ def max_over_sub_centers(cosines: torch.Tensor, sub_centers: int) -> torch.Tenso
     """
     if sub_centers == 1:
         return cosines
-    return cosines.view(cosines.shape[0], -1, sub_centers).amax(dim=2)
+    return cosines.view(cosines.shape[0], cosines.shape[1] // sub_centers, sub_centers).amax(dim=2)
 
 
 def sample_margins(
@@ -164,32 +185,28 @@ def sample_margins(
     ``W`` is (d, C), or (d, C·k) with ``sub_centers=k`` (a class's cosine is then the largest
     over its k sub-centres). Differentiable; rows are processed in blocks of ``block_size`` so
     that measuring a whole data set never holds more than one block of the N × C cosine matrix.
+    A zero embedding or prototype has cosine 0 with everything (module docstring); an empty batch
+    gives an empty result.
     """
     check_embeddings(embeddings)
     check_prototypes(W, embedding_size=embeddings.shape[1])
-    if not isinstance(sub_centers, int) or sub_centers < 1:
-        raise ValueError(f"sub_centers must be a positive int, got {sub_centers!r}")
+    sub_centers = check_integer(sub_centers, "sub_centers", at_least=1)
     if W.shape[1] % sub_centers:
         raise ValueError(f"W has {W.shape[1]} columns, not a multiple of sub_centers={sub_centers}")
     num_classes = W.shape[1] // sub_centers
     if num_classes < 2:
         raise ValueError(f"sample margins need at least 2 classes, got {num_classes}")
     check_labels(labels, num_classes, embeddings.shape[0])
-    _inverse_column_norms(W.detach())
-    if bool((torch.linalg.vector_norm(embeddings.detach(), dim=1) == 0).any()):
-        raise ValueError("embeddings has a zero row; its direction is undefined")
     if block_size is None:
         block_size = max(1, _BLOCK_ELEMENTS // W.shape[1])
-    if block_size < 1:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    block_size = check_integer(block_size, "block_size", at_least=1)
     labels = labels.long()
     margins = []
-    for start in range(0, embeddings.shape[0], block_size):
+    # An empty batch still runs one (empty) block, so the result is on the graph of both inputs.
+    for start in range(0, max(1, embeddings.shape[0]), block_size):
         cosines = cosine_logits(embeddings[start : start + block_size], W)
         cosines = max_over_sub_centers(cosines, sub_centers)
         margins.append(sample_margins_from_cosines(cosines, labels[start : start + block_size]))
-    if not margins:
-        return embeddings.new_zeros(0)
     return torch.cat(margins)
 
 

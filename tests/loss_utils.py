@@ -8,6 +8,11 @@ import torch
 from pytorch_metric_learning.reducers import DoNothingReducer
 
 
+def seeded_randn(*shape: int) -> torch.Tensor:
+    """Normal random numbers for inputs built at collection time (parametrize lists), seeded."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
 def unreduced_losses(loss_fn, embeddings, labels) -> torch.Tensor:
     """The loss's per-sample losses, read through PML's DoNothingReducer."""
     reducer = loss_fn.reducer
@@ -19,9 +24,10 @@ def unreduced_losses(loss_fn, embeddings, labels) -> torch.Tensor:
 
 
 def reference_cosines(embeddings, W) -> torch.Tensor:
-    """cos_ij written out: normalise both sides, then dot products."""
-    unit_embeddings = embeddings / embeddings.norm(dim=1, keepdim=True)
-    unit_prototypes = W / W.norm(dim=0, keepdim=True)
+    """cos_ij written out: normalise both sides (norms clamped to 1e-12, the package's rule for
+    zero vectors), then dot products."""
+    unit_embeddings = embeddings / embeddings.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit_prototypes = W / W.norm(dim=0, keepdim=True).clamp_min(1e-12)
     return unit_embeddings @ unit_prototypes
 
 
@@ -46,3 +52,34 @@ def reference_gm_softmax(embeddings, W, labels, scale, psi_of_angle) -> list[flo
         denominator = sum(math.exp(v - top) for v in [target, *others])
         losses.append(-(target - top - math.log(denominator)))
     return losses
+
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def float32_tolerances(function, inputs, *, trials: int = 8, safety: float = 4.0) -> list[float]:
+    """How far a float32 evaluation of ``function(*inputs)`` may be from its float64 value.
+
+    To first order, a float32 evaluation of these losses is the exact function of inputs perturbed
+    relatively by at most about ``(d + 4)·eps32`` per entry: the rounding of the inputs, of the
+    d-term dot products and of the normalisations (d = the inputs' last dimension), the log-sum-exp
+    and the heads adding a few eps on logits of size s. So the tolerance follows the conditioning:
+    the largest move of each output (∞-norm, in float64) under ``trials`` random perturbations of
+    that size, times ``safety``, plus the rounding of the output itself, ``2·eps32·max|output|``.
+    ``inputs`` are float64 tensors; ``function`` returns a tuple of tensors. Seeded, deterministic.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    relative = (inputs[0].shape[-1] + 4) * FLOAT32_EPS
+    reference = function(*inputs)
+    largest = [0.0] * len(reference)
+    for _ in range(trials):
+        perturbed = [
+            x * (1 + relative * (2 * torch.rand(x.shape, generator=generator, dtype=x.dtype) - 1))
+            for x in inputs
+        ]
+        for index, (moved, value) in enumerate(zip(function(*perturbed), reference, strict=True)):
+            largest[index] = max(largest[index], float((moved - value).abs().max()))
+    return [
+        safety * move + 2 * FLOAT32_EPS * float(value.abs().max())
+        for move, value in zip(largest, reference, strict=True)
+    ]

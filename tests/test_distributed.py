@@ -287,6 +287,20 @@ def check_gm_constructor_errors(rank, world_size):
             )
         ),
         "preset arguments": loss_class.preset("cosface", 4, 3, margin=0.2).m3,
+        "numpy and torch scales": [
+            loss_class(4, 3, scale=np.float32(16)).scale,
+            ClassParallelLargestMarginSoftmaxLoss(4, 3, scale=torch.tensor(16.0)).scale,
+        ],
+        "bool scale": _error_text(lambda: ClassParallelLargestMarginSoftmaxLoss(4, 3, scale=True)),
+        "float num_classes": _error_text(lambda: loss_class(4.0, 3)),
+        "infinite sphereface margin": _error_text(
+            lambda: loss_class.preset("sphereface", 4, 3, margin=float("inf"))
+        ),
+        "zero sample rate": _error_text(lambda: loss_class(4, 3, sample_rate=0.0)),
+        "sample rate above 1": _error_text(
+            lambda: ClassParallelLargestMarginSoftmaxLoss(4, 3, sample_rate=1.5)
+        ),
+        "too few classes for the ranks": _error_text(lambda: loss_class(world_size - 1, 3)),
     }
 
 
@@ -558,6 +572,11 @@ def test_gm_softmax_constructor_errors(worker_results):
         assert errors.pop("preset arguments") == 0.2
         assert "unknown preset" in errors.pop("unknown preset")
         assert errors.pop("psi not callable").startswith("TypeError: psi must be callable")
+        assert errors.pop("numpy and torch scales") == [16.0, 16.0]
+        assert errors.pop("bool scale").startswith("TypeError: scale must be a real number")
+        assert errors.pop("float num_classes").startswith(
+            "TypeError: num_classes must be an integer"
+        )
         for case, error in errors.items():
             assert error is not None and error.startswith("ValueError"), (case, error)
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_utils import seeded_randn
 
 from pml_largest_margin.margins import (
     class_margin,
@@ -81,11 +82,11 @@ def test_sample_margins_hand_made():
 @pytest.mark.parametrize(
     "embeddings,labels,W,error",
     [
-        (torch.randn(4, 3), torch.tensor([0, 1, 2, 5]), torch.randn(3, 4), ValueError),
-        (torch.randn(4, 3), torch.tensor([0, 1, 2]), torch.randn(3, 4), ValueError),
-        (torch.randn(4, 3), torch.tensor([0.0, 1, 2, 3]), torch.randn(3, 4), TypeError),
-        (torch.randn(4, 3), torch.tensor([0, 1, 2, 3]), torch.randn(4, 3), ValueError),
-        (torch.full((4, 3), math.nan), torch.tensor([0, 1, 2, 3]), torch.randn(3, 4), ValueError),
+        (seeded_randn(4, 3), torch.tensor([0, 1, 2, 5]), seeded_randn(3, 4), ValueError),
+        (seeded_randn(4, 3), torch.tensor([0, 1, 2]), seeded_randn(3, 4), ValueError),
+        (seeded_randn(4, 3), torch.tensor([0.0, 1, 2, 3]), seeded_randn(3, 4), TypeError),
+        (seeded_randn(4, 3), torch.tensor([0, 1, 2, 3]), seeded_randn(4, 3), ValueError),
+        (torch.full((4, 3), math.nan), torch.tensor([0, 1, 2, 3]), seeded_randn(3, 4), ValueError),
     ],
 )
 def test_sample_margins_bad_input(embeddings, labels, W, error):
@@ -96,8 +97,6 @@ def test_sample_margins_bad_input(embeddings, labels, W, error):
 def test_class_margin_bad_input():
     with pytest.raises(ValueError, match="at least 2"):
         class_margin(torch.randn(3, 1))
-    with pytest.raises(ValueError, match="zero prototype"):
-        class_margin(torch.zeros(3, 4))
     with pytest.raises(ValueError, match="NaN"):
         class_margin(torch.tensor([[math.inf, 1.0], [0.0, 1.0]]))
 
@@ -123,6 +122,16 @@ def test_sample_margins_match_naive(block):
         sample_margins(embeddings, labels, W, block_size=block),
         naive_sample_margins(embeddings, labels, W),
     )
+
+
+def test_mixed_dtypes_are_promoted():
+    generator = torch.Generator().manual_seed(6)
+    embeddings = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    W = torch.randn(3, 4, generator=generator)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    mixed = sample_margins(embeddings, labels, W)
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, sample_margins(embeddings, labels, W.double()))
 
 
 def test_sample_margins_from_cosines_agrees_with_sample_margins():
@@ -243,11 +252,7 @@ def test_sample_margin_invariants(batch, num_classes, dim, seed):
     )
 
 
-def test_zero_rows_and_columns_are_rejected():
-    with pytest.raises(ValueError, match="zero prototype"):
-        sample_margins(torch.randn(2, 3), torch.tensor([0, 1]), torch.zeros(3, 2))
-    with pytest.raises(ValueError, match="zero row"):
-        sample_margins(torch.zeros(2, 3), torch.tensor([0, 1]), torch.randn(3, 2))
+def test_bad_sizes_and_types_are_rejected():
     with pytest.raises(ValueError, match="at least 2"):
         sample_margins(torch.randn(2, 3), torch.tensor([0, 0]), torch.randn(3, 1))
     with pytest.raises(ValueError, match="block_size"):
@@ -259,3 +264,97 @@ def test_zero_rows_and_columns_are_rejected():
         class_margin(torch.ones(3, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="PML's layout"):
         class_margin(torch.randn(3))
+
+
+# --- zero vectors: one rule, the clamped norm (cosine 0 with everything) ----------------------
+
+
+def test_zero_prototype_and_zero_embedding_have_cosine_zero():
+    W = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # column 1 is zero
+    embeddings = torch.tensor([[3.0, 0.0], [0.0, 0.0], [-1.0, 1.0]])
+    cosines = cosine_logits(embeddings, W)
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-(0.5**0.5), 0.0, 0.5**0.5]])
+    torch.testing.assert_close(cosines, expected)
+    labels = torch.tensor([1, 0, 2])
+    # γ = cos_target − max_other: (0 − 1), (0 − 0), (√½ − 0)
+    torch.testing.assert_close(
+        sample_margins(embeddings, labels, W), torch.tensor([-1.0, 0.0, 0.5**0.5])
+    )
+    torch.testing.assert_close(
+        sample_margins_from_cosines(cosines, labels), sample_margins(embeddings, labels, W)
+    )
+
+
+def test_sample_margins_with_zero_vectors_match_the_fused_kernel_and_have_finite_gradients():
+    from pml_largest_margin.losses.fused import fused_nontarget_logsumexp
+
+    generator = torch.Generator().manual_seed(7)
+    embeddings = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    W = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    embeddings[2], W[:, 3] = 0.0, 0.0
+    labels = torch.tensor([0, 3, 1, 2, 4, 3])
+    z, w = embeddings.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    margins = sample_margins(z, labels, w)
+    _, _, fused = fused_nontarget_logsumexp(embeddings, W, labels, 8.0, with_margins=True)
+    torch.testing.assert_close(margins, fused, rtol=0, atol=1e-15)
+    margins.sum().backward()
+    assert torch.isfinite(z.grad).all() and torch.isfinite(w.grad).all()
+
+
+@pytest.mark.parametrize("position", [0, 2, 3])
+def test_class_margin_puts_a_zero_prototype_at_a_right_angle(position):
+    # The other prototypes are 60° apart; a zero column is at 90° from each, so it never wins.
+    W = torch.tensor([[1.0, 0.5, -0.5], [0.0, 0.75**0.5, 0.75**0.5]], dtype=torch.float64)
+    W = torch.cat([W[:, :position], torch.zeros(2, 1, dtype=torch.float64), W[:, position:]], 1)
+    result = class_margin(W)
+    assert result.radians == pytest.approx(math.pi / 3, abs=1e-12)
+    only_zero_columns_left = torch.cat([W[:, :1] * 0, torch.tensor([[1.0], [0.0]])], dim=1)
+    assert class_margin(only_zero_columns_left.double()).radians == pytest.approx(math.pi / 2)
+    assert class_margin(torch.zeros(3, 4)).radians == pytest.approx(math.pi / 2)
+
+
+# --- edges ----------------------------------------------------------------------------------
+
+
+def test_class_margin_of_float16_prototypes_whose_squared_norms_overflow_float16():
+    # ‖(60000, 60000)‖ is inf in float16: compared in float16, that column would look like cosine 0
+    # with everything and the 45° pair (0, 2) would be lost to the 90° pair (0, 1).
+    W = torch.tensor([[1.0, 0.0, 60000.0], [0.0, -3.0, 60000.0]], dtype=torch.float16)
+    assert torch.isinf(torch.linalg.vector_norm(W[:, 2]))
+    result = class_margin(W)
+    assert result.closest_pair == (0, 2)
+    assert result.radians == pytest.approx(math.pi / 4, abs=1e-12)
+
+
+def test_sub_centers_must_be_a_positive_integer():
+    embeddings, labels, W = torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=0)
+    with pytest.raises(TypeError, match="sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=True)
+    with pytest.raises(TypeError, match="sub_centers"):
+        sample_margins(embeddings, labels, W, sub_centers=2.0)
+
+
+@pytest.mark.parametrize("block_size", [None, 1])
+def test_sample_margins_of_an_empty_batch(block_size):
+    W = torch.randn(3, 4, dtype=torch.float64)
+    embeddings = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    margins = sample_margins(embeddings, torch.zeros(0, dtype=torch.long), W, block_size)
+    assert margins.shape == (0,) and margins.dtype == torch.float64
+    margins.sum().backward()  # on the graph, like a non-empty batch
+    assert embeddings.grad.shape == (0, 3)
+    mixed = sample_margins(embeddings, torch.zeros(0, dtype=torch.long), W.float(), block_size)
+    assert mixed.dtype == torch.float64  # promoted, as for a non-empty batch
+    sub_centered = sample_margins(
+        embeddings.detach(), torch.zeros(0, dtype=torch.long), torch.randn(3, 6), sub_centers=3
+    )
+    assert sub_centered.shape == (0,)
+
+
+def test_sample_margin_upper_bound_of_two_classes_is_two():
+    # Two antipodal prototypes, each sample on its own: γ = 1 − (−1) = 2 = C/(C − 1).
+    assert sample_margin_upper_bound(2) == 2.0
+    W = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    margins = sample_margins(W.t() * 5, torch.tensor([0, 1]), W)
+    assert margins.tolist() == [2.0, 2.0]

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from loss_utils import seeded_randn
 from pytorch_metric_learning import losses, miners, reducers, trainers
 from pytorch_metric_learning.losses import BaseMetricLossFunction
 from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
@@ -92,13 +93,13 @@ def test_sample_margin_regularizer_gradcheck():
     "kwargs,error,match",
     [
         ({}, ValueError, "exactly one"),
-        ({"W": torch.randn(8, 5), "cosines": torch.randn(12, 5)}, ValueError, "exactly one"),
-        ({"cosines": torch.randn(11, 5)}, ValueError, "rows"),
+        ({"W": seeded_randn(8, 5), "cosines": seeded_randn(12, 5)}, ValueError, "exactly one"),
+        ({"cosines": seeded_randn(11, 5)}, ValueError, "rows"),
         ({"cosines": torch.full((12, 5), math.nan)}, ValueError, "NaN"),
-        ({"W": torch.randn(7, 5)}, ValueError, "rows"),
-        ({"W": torch.randn(8, 3)}, ValueError, "labels"),
-        ({"W": torch.randn(8, 5), "miner_weights": torch.ones(3)}, ValueError, "miner_weights"),
-        ({"W": torch.randn(8, 5), "margins": torch.zeros(12)}, ValueError, "exactly one"),
+        ({"W": seeded_randn(7, 5)}, ValueError, "rows"),
+        ({"W": seeded_randn(8, 3)}, ValueError, "labels"),
+        ({"W": seeded_randn(8, 5), "miner_weights": torch.ones(3)}, ValueError, "miner_weights"),
+        ({"W": seeded_randn(8, 5), "margins": torch.zeros(12)}, ValueError, "exactly one"),
         ({"margins": torch.zeros(11)}, ValueError, r"shape \(12,\)"),
         ({"margins": torch.zeros(12, 1)}, ValueError, r"shape \(12,\)"),
     ],
@@ -370,3 +371,37 @@ def test_regularizers_under_bfloat16_autocast():
     half = ZeroCentroidRegularizer()(loss.W.detach().t().to(torch.bfloat16))
     reference = ZeroCentroidRegularizer()(loss.W.detach().t())
     assert float(half) == pytest.approx(float(reference), abs=2e-2)
+
+
+# --- edges of SampleMarginRegularizer --------------------------------------------------------
+
+
+def test_sample_margin_regularizer_records_no_stats_without_collect_stats():
+    embeddings, labels = batch(dtype=torch.float64)
+    W = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    quiet = SampleMarginRegularizer(collect_stats=False)
+    quiet(embeddings, labels, W)
+    quiet(embeddings, labels, margins=sample_margins(embeddings, labels, W))
+    assert not hasattr(quiet, "mean_sample_margin") and not hasattr(quiet, "min_sample_margin")
+
+
+def test_sample_margin_regularizer_stats_reset_on_an_empty_batch():
+    embeddings, labels = batch(dtype=torch.float64)
+    W = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    regularizer = SampleMarginRegularizer(collect_stats=True)
+    regularizer(embeddings, labels, W)
+    assert regularizer.min_sample_margin != 0.0
+    empty = torch.zeros(0, 8, dtype=torch.float64, requires_grad=True)
+    value = regularizer(empty, torch.zeros(0, dtype=torch.long), W)
+    assert (regularizer.mean_sample_margin, regularizer.min_sample_margin) == (0, 0)
+    assert float(value) == 0.0  # not the NaN of a mean over nothing
+    value.backward()
+    assert empty.grad is not None and empty.grad.shape == (0, 8)
+
+
+def test_sample_margin_regularizer_refuses_one_column_of_cosines():
+    embeddings, _ = batch()
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        SampleMarginRegularizer()(
+            embeddings, torch.zeros(12, dtype=torch.long), cosines=torch.rand(12, 1)
+        )

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.functional import generalized_margin_softmax_head
-from ..losses.margin_functions import MarginFunction, target_margin_function
+from ..losses.margin_functions import MarginFunction, check_margins, target_margin_function
 from ..losses.margin_presets_mixin import MarginPresetsMixin
 from ._sharded_cosine_statistics import ShardedCosineStatistics
 from .class_parallel_loss_base import ClassParallelLossBase
@@ -35,7 +35,7 @@ class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParalle
     ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
         self.psi = target_margin_function(m1, m2, m3, psi)
-        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+        self.m1, self.m2, self.m3 = check_margins(m1, m2, m3)
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
     def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:

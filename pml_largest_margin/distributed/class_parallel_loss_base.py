@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..regularizers import SampleMarginRegularizerMixin
+from ..validation import check_loss_arguments, check_real
 from ._collectives import (
     all_gather_rows,
     check_and_exchange_batch,
@@ -73,24 +74,17 @@ class ClassParallelLossBase(
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("class-parallel losses need torch.distributed to be initialised")
         ranks = world_size(process_group)
-        if not isinstance(num_classes, int) or num_classes < max(2, ranks):
-            raise ValueError(
-                f"num_classes must be an integer >= max(2, world size = {ranks}), got {num_classes}"
-            )
-        if not isinstance(embedding_size, int) or embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive integer, got {embedding_size}")
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be positive and finite, got {scale}")
-        if not 0 < sample_rate <= 1:
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
-        if not math.isfinite(self.sample_margin_reg_weight):
-            raise ValueError(
-                f"sample_margin_reg_weight must be finite, got {self.sample_margin_reg_weight}"
-            )
+        # At least one class per rank (and 2 in all); sample_margin_reg_weight is checked by the mixin.
+        num_classes, embedding_size, scale = check_loss_arguments(
+            num_classes, embedding_size, scale, min_classes=max(2, ranks)
+        )
+        sample_rate = check_real(
+            sample_rate, "sample_rate", greater_than=0, at_most=1, bounds_text="in (0, 1]"
+        )
         self.num_classes = num_classes
         self.embedding_size = embedding_size
-        self.scale = float(scale)
-        self.sample_rate = float(sample_rate)
+        self.scale = scale
+        self.sample_rate = sample_rate
         self.process_group = process_group
         self.generator = generator
         self.class_range = shard_bounds(num_classes, ranks, rank(process_group))

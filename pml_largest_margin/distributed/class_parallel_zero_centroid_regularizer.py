@@ -4,9 +4,9 @@ import torch
 import torch.distributed as dist
 from pytorch_metric_learning.regularizers import BaseRegularizer
 
+from ..regularizers.zero_centroid_regularizer import FORMS
+from ..validation import check_choice
 from ._collectives import replicated_all_reduce_sum, world_size
-
-_FORMS = ("mean", "sum")
 
 
 class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
@@ -27,9 +27,8 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
     """
 
     def __init__(self, process_group=None, form: str = "mean", **kwargs):
+        form = check_choice(form, "form", FORMS)
         super().__init__(**kwargs)
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
         self.process_group = process_group
         self.form = form
         self.add_to_recordable_attributes(name="form", is_stat=False)

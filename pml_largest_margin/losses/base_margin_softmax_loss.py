@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.losses import BaseMetricLossFunction
@@ -13,7 +11,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..margins import class_margin, cosine_logits
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
-from ..validation import check_embeddings, check_labels
+from ..validation import check_embeddings, check_flag, check_labels, check_loss_arguments
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -39,10 +37,16 @@ class BaseMarginSoftmaxLoss(
     float32 (autocast disabled inside the loss), and the loss comes back in float32; float64
     embeddings are computed in float64. ``W`` is moved to the embeddings' device if needed.
 
+    A zero embedding or prototype column has cosine 0 with everything, in the loss, ``get_logits``
+    and the stats alike (norms clamped as in :mod:`pml_largest_margin.margins`).
+
     Args:
+        num_classes, embedding_size, scale: checked by
+            :func:`~pml_largest_margin.validation.check_loss_arguments` (integers >= 2 and >= 1, a
+            finite number > 0; numpy and 0-d torch scalars accepted, bools refused).
         validate_inputs: check embeddings for NaN/Inf (a ValueError). The check reads the
             embeddings once; turn it off in hot loops whose inputs are known to be finite.
-            Labels are always checked.
+            Labels are always checked (a torch integer tensor, in range).
         record_class_margin: with ``collect_stats``, also record ``class_margin_degrees``, the
             class margin of ``W`` (:func:`~pml_largest_margin.margins.class_margin`). It costs
             O(C²d) per call (about 6 s at C = 100k, d = 128 on 2 CPU cores), so turn it off, or
@@ -59,19 +63,18 @@ class BaseMarginSoftmaxLoss(
         record_class_margin: bool = True,
         **kwargs,
     ):
+        num_classes, embedding_size, scale = check_loss_arguments(
+            num_classes, embedding_size, scale
+        )
+        validate_inputs = check_flag(validate_inputs, "validate_inputs")
+        record_class_margin = check_flag(record_class_margin, "record_class_margin")
         super().__init__(**kwargs)
         c_f.assert_distance_type(self, CosineSimilarity)
-        if int(num_classes) != num_classes or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes}")
-        if int(embedding_size) != embedding_size or embedding_size < 1:
-            raise ValueError(f"embedding_size must be an integer >= 1, got {embedding_size}")
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a finite number > 0, got {scale}")
-        self.num_classes = int(num_classes)
-        self.embedding_size = int(embedding_size)
-        self.scale = float(scale)
-        self.validate_inputs = bool(validate_inputs)
-        self.record_class_margin = bool(record_class_margin)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.scale = scale
+        self.validate_inputs = validate_inputs
+        self.record_class_margin = record_class_margin
         self.W = torch.nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
         self.weight_init_func(self.W)
         self.add_to_recordable_attributes(
@@ -105,12 +108,16 @@ class BaseMarginSoftmaxLoss(
         ref_emb: torch.Tensor | None = None,
         ref_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """PML's ``forward`` on float32 copies of half-precision embeddings.
+        """PML's ``forward`` on float32 copies of half-precision embeddings, inputs checked first.
 
-        PML's ``MultipleReducers`` (built as soon as a regularizer adds a sub-loss) sums the
-        sub-losses in the embeddings' dtype, which would round the float32 loss to bfloat16;
-        the cast is differentiable, so gradients still reach the caller in its own dtype.
+        Embeddings and labels are checked before PML sees them (a list of labels is a TypeError
+        here, not an AttributeError inside PML). PML's ``MultipleReducers`` (built as soon as a
+        regularizer adds a sub-loss) sums the sub-losses in the embeddings' dtype, which would
+        round the float32 loss to bfloat16; the cast is differentiable, so gradients still reach
+        the caller in its own dtype.
         """
+        c_f.labels_required(labels)
+        self._check_inputs(embeddings, labels)
         if embeddings.dtype in _HALF_DTYPES:
             embeddings = embeddings.float()
         return super().forward(embeddings, labels, indices_tuple, ref_emb, ref_labels)
@@ -123,9 +130,7 @@ class BaseMarginSoftmaxLoss(
         ref_emb: torch.Tensor | None,
         ref_labels: torch.Tensor | None,
     ) -> dict:
-        c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
-        self._check_inputs(embeddings, labels)
         weights = self._compute_weights(embeddings)
         if embeddings.shape[0] == 0:
             # No samples: a zero on the graph of both inputs, so backward() gives zero gradients.

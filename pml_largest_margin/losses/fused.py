@@ -37,8 +37,10 @@ import math
 
 import torch
 
-# Norms below this are clamped, as torch.nn.functional.normalize does.
-NORM_EPS = 1e-12
+# Norms below NORM_EPS are clamped, as torch.nn.functional.normalize does; it is defined with the
+# checks so that margins.py (imported by this package) applies the same rule.
+from ..validation import NORM_EPS
+
 # Columns per block when taking column-wise dot products of two (d, C) matrices.
 _COLUMN_BLOCK = 4096
 # Elements per block when searching the (N, C) buffer for row maxima (a bool temporary of 4 MB).

@@ -23,7 +23,9 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
     ``MeanReducer``) reduces them.
 
     With ``collect_stats`` it records ``mean_sample_margin`` and ``min_sample_margin`` (cosine
-    units, over the whole batch, before miner weights).
+    units, over the whole batch, before miner weights); each call resets them first, so after an
+    empty batch they are PML's reset value 0, not the previous batch's. An empty batch gives
+    ``R_sm = 0`` on the graph.
     """
 
     def __init__(self, **kwargs):
@@ -40,6 +42,15 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
                 self.mean_sample_margin = margins.mean().item()
                 self.min_sample_margin = margins.min().item()
         losses = -margins if miner_weights is None else -margins * miner_weights
+        if not margins.numel():
+            # No samples: a zero on the graph (a reducer's mean of nothing would be NaN).
+            return {
+                "loss": {
+                    "losses": losses.sum(),
+                    "indices": None,
+                    "reduction_type": "already_reduced",
+                }
+            }
         return {
             "loss": {
                 "losses": losses,
@@ -72,7 +83,11 @@ class SampleMarginRegularizer(ModuleWithRecordsAndReducer):
         self.reset_stats()
         if sum(source is not None for source in (W, cosines, margins)) != 1:
             raise ValueError("give exactly one of W (d, C), cosines (N, C) and margins (N,)")
+        check_embeddings(embeddings, finite=False)
         if margins is not None:
+            check_labels(labels, None, embeddings.shape[0])
+            if not (isinstance(margins, torch.Tensor) and margins.is_floating_point()):
+                raise TypeError(f"margins must be a floating-point tensor, got {margins!r}")
             if margins.shape != (embeddings.shape[0],):
                 raise ValueError(
                     f"margins must have shape ({embeddings.shape[0]},), one per embedding, "

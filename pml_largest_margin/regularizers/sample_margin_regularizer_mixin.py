@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..validation import check_real
 from .sample_margin_regularizer import SampleMarginRegularizer
 
 
@@ -35,6 +36,9 @@ class SampleMarginRegularizerMixin:
                 "sample_margin_regularizer must be a SampleMarginRegularizer, "
                 f"got {type(sample_margin_regularizer).__name__}"
             )
+        sample_margin_reg_weight = check_real(
+            sample_margin_reg_weight, "sample_margin_reg_weight", at_least=0
+        )
         # Set before the base __init__, which asks sub_loss_names() while building the reducer;
         # a module cannot be assigned before torch.nn.Module.__init__ (PML does the same).
         self.sample_margin_regularizer = sample_margin_regularizer is not None

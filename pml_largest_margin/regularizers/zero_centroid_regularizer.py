@@ -8,9 +8,9 @@ import torch
 from pytorch_metric_learning.regularizers import BaseRegularizer
 
 from ..margins import class_margin
-from ..validation import check_prototypes
+from ..validation import check_choice, check_flag, check_prototypes
 
-_FORMS = ("mean", "sum")
+FORMS = ("mean", "sum")
 
 
 class ZeroCentroidRegularizer(BaseRegularizer):
@@ -32,9 +32,9 @@ class ZeroCentroidRegularizer(BaseRegularizer):
     """
 
     def __init__(self, form: str = "mean", record_class_margin: bool = True, **kwargs):
+        form = check_choice(form, "form", FORMS)
+        record_class_margin = check_flag(record_class_margin, "record_class_margin")
         super().__init__(**kwargs)
-        if form not in _FORMS:
-            raise ValueError(f"form must be one of {_FORMS}, got {form!r}")
         self.form = form
         self.record_class_margin = record_class_margin
         self.add_to_recordable_attributes(name="form", is_stat=False)
