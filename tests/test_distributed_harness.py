@@ -1,10 +1,16 @@
-"""The 2-process harness itself: a crashed worker fails fast instead of blocking the run."""
+"""The 2-process harness itself: a crashed worker fails fast instead of blocking the run, and
+results survive their worker."""
 
+import functools
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
-from _distributed_harness import run_in_workers
+import torch
+import torch.multiprocessing as mp
+from _distributed_harness import _collect, _worker, run_in_workers
 
 
 def check_rank_zero_crashes(rank, world_size):
@@ -18,3 +24,34 @@ def test_crashed_worker_fails_the_call_promptly():
     with pytest.raises(RuntimeError, match=r"worker\(s\) \[0\] died"):
         run_in_workers([check_rank_zero_crashes], timeout_s=60)
     assert time.monotonic() - started < 40
+
+
+def check_returns_tensors(rank, world_size):
+    return {"tensor": torch.arange(6.0), "nested": [(rank, torch.ones(2, 3) * rank)]}
+
+
+def check_with_offset(rank, world_size, offset):
+    return rank + offset
+
+
+def test_results_can_be_read_after_the_worker_has_exited():
+    """A tensor put on a queue as torch shares it (by file descriptor) can only be read while its
+    sender lives; the harness must send results that do not depend on the worker."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory(prefix="pml-lm-dist-") as folder:
+        worker = context.Process(
+            target=_worker, args=(0, 1, str(Path(folder) / "store"), [check_returns_tensors], results, 30)
+        )
+        worker.start()
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+        outcome = _collect(results, [worker], timeout_s=30)[0]["check_returns_tensors"]
+    torch.testing.assert_close(outcome["tensor"], torch.arange(6.0))
+    assert outcome["nested"][0][0] == 0
+    torch.testing.assert_close(outcome["nested"][0][1], torch.zeros(2, 3))
+
+
+def test_partial_checks_report_under_their_function_name():
+    per_rank = run_in_workers([functools.partial(check_with_offset, offset=10)])
+    assert [per_rank[rank]["check_with_offset"] for rank in (0, 1)] == [10, 11]
