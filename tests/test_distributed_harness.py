@@ -41,7 +41,8 @@ def test_results_can_be_read_after_the_worker_has_exited():
     results = context.Queue()
     with tempfile.TemporaryDirectory(prefix="pml-lm-dist-") as folder:
         worker = context.Process(
-            target=_worker, args=(0, 1, str(Path(folder) / "store"), [check_returns_tensors], results, 30)
+            target=_worker,
+            args=(0, 1, str(Path(folder) / "store"), [check_returns_tensors], results, 30),
         )
         worker.start()
         worker.join(timeout=60)
