@@ -406,8 +406,62 @@ def check_sharded_evaluation(rank, world_size):
     return results
 
 
+def _gallery_split(num_gallery, rank, empty_rank):
+    """Rank ``empty_rank`` holds no gallery item, the other rank all of them."""
+    return (0, 0) if rank == empty_rank else (0, num_gallery)
+
+
+def check_sharded_evaluation_with_empty_shards(rank, world_size):
+    distances, q_pids, g_pids, q_camids, g_camids, queries, gallery = _reid_problem()
+    results = {}
+    for empty_rank in (0, 1):
+        start, stop = _gallery_split(distances.shape[1], rank, empty_rank)
+        results[f"reid, rank {empty_rank} empty"] = sharded_reid_from_distances(
+            distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop],
+            max_rank=10,
+        )  # fmt: skip
+        results[f"top_5, rank {empty_rank} empty"] = sharded_top_k(
+            queries, gallery[start:stop], 5, metric="l2"
+        )
+    # A one-item gallery: smaller than the world size, so rank 1's shard is empty.
+    start, stop = shard_bounds(1, world_size, rank)
+    results["one-item gallery"] = sharded_reid_from_distances(
+        distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop]
+    )
+    results["top_1 of a one-item gallery"] = sharded_top_k(queries, gallery[start:stop], 1)
+    start, stop = shard_bounds(distances.shape[1], world_size, rank)
+    local = (distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop])
+    with_nan = local[0].copy()
+    with_nan[0, 0] = np.nan if rank == 1 else with_nan[0, 0]
+    other_pids = q_pids + rank
+    results["errors"] = {
+        "NaN distance on rank 1": _error_text(
+            lambda: sharded_reid_from_distances(with_nan, *local[1:])
+        ),
+        "q_pids differ across ranks": _error_text(
+            lambda: sharded_reid_from_distances(local[0], other_pids, *local[2:])
+        ),
+        "max_rank differs across ranks": _error_text(
+            lambda: sharded_reid_from_distances(*local, max_rank=5 + rank)
+        ),
+        "bad metric on rank 0": _error_text(
+            lambda: sharded_top_k(queries, gallery[start:stop], 3, "l1" if rank == 0 else "l2")
+        ),
+        "k differs across ranks": _error_text(
+            lambda: sharded_top_k(queries, gallery[start:stop], 3 + rank)
+        ),
+        "gallery dimension on rank 1": _error_text(
+            lambda: sharded_top_k(queries, gallery[start:stop, : 8 - rank], 3)
+        ),
+    }
+    # Every rank took part in each exchange: the group is still usable.
+    results["valid call afterwards"] = sharded_reid_from_distances(*local, max_rank=10)
+    return results
+
+
 CHECKS = [
     check_sharded_evaluation,
+    check_sharded_evaluation_with_empty_shards,
     check_lm_softmax,
     check_lm_softmax_with_regularizers,
     check_gm_softmax_with_regularizers,
@@ -735,3 +789,51 @@ def test_sharded_top_k_equals_single_process(worker_results):
             np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
     for result in per_rank:
         assert result["k too large"].startswith("ValueError: k must lie in [1, 53]")
+
+
+def _assert_same_reid(got, expected):
+    assert isinstance(got, ReIDResult)
+    np.testing.assert_array_equal(got.average_precision, expected.average_precision)
+    np.testing.assert_array_equal(got.cmc, expected.cmc)
+    assert (got.mAP, got.mINP) == (expected.mAP, expected.mINP)
+    assert (got.num_valid_queries, got.num_skipped_queries) == (
+        expected.num_valid_queries,
+        expected.num_skipped_queries,
+    )
+
+
+def test_sharded_evaluation_with_empty_shards_equals_single_process(worker_results):
+    per_rank = _results(worker_results, check_sharded_evaluation_with_empty_shards)
+    distances, q_pids, g_pids, q_camids, g_camids, queries, gallery = _reid_problem()
+    single = evaluate_reid_from_distances(
+        distances, q_pids, g_pids, q_camids, g_camids, max_rank=10
+    )
+    one_item = evaluate_reid_from_distances(
+        distances[:, :1], q_pids, g_pids[:1], q_camids, g_camids[:1]
+    )
+    assert one_item.num_valid_queries > 0
+    scores, indices = top_k(queries, gallery, 5, metric="l2")
+    one_scores, one_indices = top_k(queries, gallery[:1], 1)
+    for result in per_rank:
+        for empty_rank in (0, 1):
+            _assert_same_reid(result[f"reid, rank {empty_rank} empty"], single)
+            merged_scores, merged_indices = result[f"top_5, rank {empty_rank} empty"]
+            np.testing.assert_array_equal(merged_indices, indices)
+            np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
+        _assert_same_reid(result["one-item gallery"], one_item)
+        merged_scores, merged_indices = result["top_1 of a one-item gallery"]
+        np.testing.assert_array_equal(merged_indices, one_indices)
+        np.testing.assert_allclose(merged_scores, one_scores, rtol=1e-6)
+        _assert_same_reid(result["valid call afterwards"], single)
+        for case, error in result["errors"].items():
+            assert error is not None and error.startswith("ValueError"), (case, error)
+    errors = [result["errors"] for result in per_rank]
+    assert "NaN" in errors[1]["NaN distance on rank 1"]
+    assert "rank(s) [1]" in errors[0]["NaN distance on rank 1"]
+    assert "metric must be one of" in errors[0]["bad metric on rank 0"]
+    assert "rank(s) [0]" in errors[1]["bad metric on rank 0"]
+    assert "rank(s) [1]" in errors[0]["gallery dimension on rank 1"]
+    for error in errors:
+        assert "q_pids (checksum) differs across ranks" in error["q_pids differ across ranks"]
+        assert "max_rank differs across ranks: [5, 6]" in error["max_rank differs across ranks"]
+        assert "k differs across ranks: [3, 4]" in error["k differs across ranks"]
