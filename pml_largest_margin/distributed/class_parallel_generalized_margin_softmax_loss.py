@@ -38,6 +38,11 @@ class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParalle
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
+    def settings_that_must_agree(self) -> dict[str, object]:
+        # m1, m2, m3 are recorded attributes; a custom psi is compared by its name.
+        psi_name = getattr(self.psi, "__qualname__", type(self.psi).__qualname__)
+        return {**super().settings_that_must_agree(), "psi": psi_name}
+
     def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
         return generalized_margin_softmax_head(
             statistics.non_target_logsumexp, self.psi(statistics.target_cosine), self.scale
