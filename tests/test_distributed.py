@@ -314,6 +314,8 @@ def check_zero_centroid_forms(rank, world_size):
     results["1-D weights on rank 0"] = _error_text(
         lambda: regularizer(W[0] if rank == 0 else W.t())
     )
+    form_per_rank = ClassParallelZeroCentroidRegularizer(form=("mean", "sum")[rank])
+    results["form differs across ranks"] = _error_text(lambda: form_per_rank(local.t()))
     # The group must still be usable after the errors: every rank took part in each exchange.
     results["valid call afterwards"] = _error_text(lambda: regularizer(W.t()))
     return results
@@ -856,6 +858,8 @@ def test_zero_centroid_bad_prototypes_raise_on_every_rank(worker_results):
     assert "rank(s) [0]" in per_rank[1]["NaN on rank 0"]
     assert "2-D floating-point" in per_rank[0]["1-D weights on rank 0"]
     assert "rank(s) [0]" in per_rank[1]["1-D weights on rank 0"]
+    for result in per_rank:
+        assert "form differs across ranks: ['mean', 'sum']" in result["form differs across ranks"]
     # The single-process regularizer rejects the same prototypes.
     _, _, W, _ = _problem()
     W[:, 5] = 0
