@@ -85,7 +85,17 @@ def _collect(results, workers, timeout_s):
     return outcomes
 
 
-def run_in_workers(checks, world_size=WORLD_SIZE, timeout_s=90, collective_timeout_s=30):
+# Generous: on a 2-core machine shared with other test runs, spawning the workers and running the
+# checks has taken over 90 s. A crashed worker is still noticed within a second (exit codes).
+DEFAULT_TIMEOUT_S, DEFAULT_COLLECTIVE_TIMEOUT_S = 600, 300
+
+
+def run_in_workers(
+    checks,
+    world_size=WORLD_SIZE,
+    timeout_s=DEFAULT_TIMEOUT_S,
+    collective_timeout_s=DEFAULT_COLLECTIVE_TIMEOUT_S,
+):
     """``{rank: {check name: result}}`` from running ``checks`` (module-level functions taking
     ``(rank, world_size)``, or ``functools.partial`` objects of such functions) in ``world_size``
     freshly spawned processes."""

@@ -1,7 +1,6 @@
 """The 2-process harness itself: a crashed worker fails fast instead of blocking the run, and
 results survive their worker."""
 
-import functools
 import os
 import tempfile
 import time
@@ -22,16 +21,13 @@ def check_rank_zero_crashes(rank, world_size):
 def test_crashed_worker_fails_the_call_promptly():
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"worker\(s\) \[0\] died"):
-        run_in_workers([check_rank_zero_crashes], timeout_s=60)
-    assert time.monotonic() - started < 40
+        run_in_workers([check_rank_zero_crashes])
+    # Long before the 600 s timeout (spawning alone can take tens of seconds on a busy machine).
+    assert time.monotonic() - started < 150
 
 
 def check_returns_tensors(rank, world_size):
     return {"tensor": torch.arange(6.0), "nested": [(rank, torch.ones(2, 3) * rank)]}
-
-
-def check_with_offset(rank, world_size, offset):
-    return rank + offset
 
 
 def test_results_can_be_read_after_the_worker_has_exited():
@@ -45,14 +41,9 @@ def test_results_can_be_read_after_the_worker_has_exited():
             args=(0, 1, str(Path(folder) / "store"), [check_returns_tensors], results, 30),
         )
         worker.start()
-        worker.join(timeout=60)
+        worker.join(timeout=300)
         assert worker.exitcode == 0
         outcome = _collect(results, [worker], timeout_s=30)[0]["check_returns_tensors"]
     torch.testing.assert_close(outcome["tensor"], torch.arange(6.0))
     assert outcome["nested"][0][0] == 0
     torch.testing.assert_close(outcome["nested"][0][1], torch.zeros(2, 3))
-
-
-def test_partial_checks_report_under_their_function_name():
-    per_rank = run_in_workers([functools.partial(check_with_offset, offset=10)])
-    assert [per_rank[rank]["check_with_offset"] for rank in (0, 1)] == [10, 11]
