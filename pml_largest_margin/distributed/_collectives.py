@@ -101,7 +101,7 @@ def flat_mined_indices(indices_tuple, batch_size: int) -> torch.Tensor:
     return flat
 
 
-def comparable_setting(value) -> object:
+def comparable_setting(value: object) -> object:
     """A setting as a value that compares and prints the same on every rank: numbers by value
     (so 32 and 32.0 agree), strings, bools and None as they are, anything else by its type."""
     if value is None or isinstance(value, (bool, str)):
