@@ -39,8 +39,10 @@ class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParalle
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
     def settings_that_must_agree(self) -> dict[str, object]:
-        # m1, m2, m3 are recorded attributes; a custom psi is compared by its name.
-        psi_name = getattr(self.psi, "__qualname__", type(self.psi).__qualname__)
+        # m1, m2, m3 are recorded attributes; a custom psi is compared by its name (a preset's
+        # functools.partial by its function's).
+        function = getattr(self.psi, "func", self.psi)
+        psi_name = getattr(function, "__qualname__", type(function).__qualname__)
         return {**super().settings_that_must_agree(), "psi": psi_name}
 
     def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
