@@ -569,6 +569,17 @@ def check_empty_batches(rank, world_size):
             "embedding_grad": local.grad.numpy().copy(),
             "class_range": loss_fn.class_range,
         }
+    # float32 W, bfloat16 embeddings, empty everywhere: computed (and reduced) in float32.
+    loss_fn = _regularized(
+        ClassParallelLargestMarginSoftmaxLoss,
+        ClassParallelZeroCentroidRegularizer(),
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+    )
+    loss_fn.load_full_W(W.float())
+    loss = loss_fn(torch.zeros(0, EMBEDDING_SIZE, dtype=torch.bfloat16), labels[:0])
+    results["every rank empty, bfloat16"] = (loss.item(), str(loss.dtype))
     return results
 
 
@@ -1083,6 +1094,19 @@ def test_empty_batches_match_single_process(worker_results):
                 np.testing.assert_allclose(got["embedding_grad"], 2 * embeddings.grad.numpy())
             elif rank == 1 or case == "every rank empty":
                 assert got["embedding_grad"].shape == (0, EMBEDDING_SIZE)
+    single = _regularized(
+        LargestMarginSoftmaxLoss,
+        _single_process_zero_centroid(),
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+    )
+    with torch.no_grad():
+        single.W.copy_(W.float())
+    half_empty = single(torch.zeros(0, EMBEDDING_SIZE, dtype=torch.bfloat16), labels[:0])
+    assert str(half_empty.dtype) == "torch.float32"
+    for result in per_rank:
+        assert result["every rank empty, bfloat16"] == (half_empty.item(), "torch.float32")
     # The classification part of the empty batch is exactly zero: only R_w remains.
     centroid = torch.nn.functional.normalize(W, dim=0).mean(dim=1).square().sum()
     assert per_rank[0]["every rank empty"]["loss"] == pytest.approx(

@@ -26,6 +26,13 @@ from .sharding import shard_bounds
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _widened(embeddings: torch.Tensor) -> torch.Tensor:
+    """Half-precision embeddings (gathered exactly, at half the bytes) as float32, as the
+    single-process losses take them: nothing, the normalisation included, rounds in half
+    precision, and PML's reducers do not sum the sub-losses in half precision."""
+    return embeddings.float() if embeddings.dtype in _HALF_DTYPES else embeddings
+
+
 class ClassParallelLossBase(
     SampleMarginRegularizerMixin, WeightRegularizerMixin, BaseMetricLossFunction
 ):
@@ -193,14 +200,12 @@ class ClassParallelLossBase(
         )
         if sum(sizes) == 0:
             # No sample on any rank: nothing to gather; compute_loss returns a zero loss.
-            return super().forward(embeddings, labels.to(torch.int64))
-        all_embeddings = gather_rows_with_gradient(
-            embeddings.to(self.W.device), sizes, self.process_group
+            return super().forward(
+                _widened(embeddings.to(self.W.device)), labels.to(self.W.device, torch.int64)
+            )
+        all_embeddings = _widened(
+            gather_rows_with_gradient(embeddings.to(self.W.device), sizes, self.process_group)
         )
-        if all_embeddings.dtype in _HALF_DTYPES:
-            # Gathered in half precision (exactly), computed in float32 from here on, as the
-            # single-process losses do: the normalisation must not round in half precision.
-            all_embeddings = all_embeddings.float()
         all_labels = all_gather_rows(
             labels.to(self.W.device, torch.int64), sizes, self.process_group
         )
