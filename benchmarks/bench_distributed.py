@@ -1,12 +1,17 @@
 """Per-rank peak memory and step time of class-parallel training against world size.
 
-Each case starts fresh processes (gloo on CPU) that run a few SGD-with-momentum steps of a small
-backbone (DDP) plus a classification loss owning W (d, C). Reported per rank: peak RSS, the peak
-above the process's RSS just before the loss is built (W, its gradient, the optimizer state and
-the step's buffers), and the median step time. Incumbent: PML's ArcFaceLoss, whose W is whole on
-every rank (under DistributedLossWrapper when there are 2 ranks).
+Each case runs in a fresh process (``_harness.measure_in_fresh_process``), which spawns the case's
+ranks (gloo on CPU, joined through a store file). Every rank runs a few SGD-with-momentum steps of
+a small backbone (DDP) plus a classification loss owning W (d, C). Reported per case, as the
+largest over its ranks (what has to fit on one device): peak RSS, the peak above the RSS just
+before the loss is built (W, its gradient, the optimizer state and the step's buffers), and the
+best step time after a warm-up step. Incumbent: PML's ArcFaceLoss, whose W is whole on every rank
+(under DistributedLossWrapper when there are 2 ranks).
 
     flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_distributed.py
+
+Options of the class-parallel loss travel to every rank as ``loss_options`` (a JSON-able dict of
+constructor arguments), so a new loss option needs one command-line flag that adds to it.
 """
 
 from __future__ import annotations
@@ -14,90 +19,124 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import resource
-import socket
-import statistics
-import time
+import queue
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _harness import (
+    best_seconds,
+    current_rss_bytes,
+    machine_description,
+    measure_in_fresh_process,
+    peak_rss_bytes,
+    ratio,
+    run_case_if_asked,
+)
+from pytorch_metric_learning.losses import ArcFaceLoss
+from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
 
-STEPS = 4  # the first is a warm-up and is not timed
+# The losses are imported here, before any rank measures its baseline: their modules never count.
+from pml_largest_margin.distributed import ClassParallelLargestMarginSoftmaxLoss
+
+TIMED_STEPS = 3  # after one untimed warm-up step
 INPUT_SIZE = 64
+KINDS = ("class-parallel LM-Softmax", "PML ArcFaceLoss (W on every rank)")
+CASE_TIMEOUT_S = 1200
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _build_loss(kind, num_classes, embedding_size):
-    if kind == "class-parallel LM-Softmax":
-        from pml_largest_margin.distributed import ClassParallelLargestMarginSoftmaxLoss
-
-        return ClassParallelLargestMarginSoftmaxLoss(num_classes, embedding_size, scale=32.0)
-    from pytorch_metric_learning.losses import ArcFaceLoss
-    from pytorch_metric_learning.utils.distributed import DistributedLossWrapper
-
+def _build_loss(kind: str, num_classes: int, embedding_size: int, loss_options: dict):
+    if kind == KINDS[0]:
+        return ClassParallelLargestMarginSoftmaxLoss(
+            num_classes, embedding_size, scale=32.0, **loss_options
+        )
     loss = ArcFaceLoss(num_classes, embedding_size)
     return DistributedLossWrapper(loss) if dist.get_world_size() > 1 else loss
 
 
-def _worker(rank, world_size, port, kind, num_classes, embedding_size, batch_size, results):
+def _rank(rank, world_size, store_file, case, results):
     torch.set_num_threads(max(1, os.cpu_count() // world_size))
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=Path(store_file).as_uri(),
         rank=rank,
         world_size=world_size,
-        timeout=datetime.timedelta(seconds=600),
+        timeout=datetime.timedelta(seconds=CASE_TIMEOUT_S),
     )
-    torch.manual_seed(rank)
-    backbone = torch.nn.parallel.DistributedDataParallel(
-        torch.nn.Linear(INPUT_SIZE, embedding_size)
-    )
-    local_batch = batch_size // world_size
-    inputs = torch.randn(local_batch, INPUT_SIZE)
-    labels = torch.randint(num_classes, (local_batch,))
-    baseline = _rss_bytes()
-    loss_fn = _build_loss(kind, num_classes, embedding_size)
-    optimizer = torch.optim.SGD(
-        [*backbone.parameters(), *loss_fn.parameters()], lr=0.01, momentum=0.9
-    )
-    times = []
-    for _ in range(STEPS):
+    try:
+        torch.manual_seed(rank)
+        backbone = torch.nn.parallel.DistributedDataParallel(
+            torch.nn.Linear(INPUT_SIZE, case["embedding_size"])
+        )
+        local_batch = case["batch_size"] // world_size
+        inputs = torch.randn(local_batch, INPUT_SIZE)
+        labels = torch.randint(case["num_classes"], (local_batch,))
+        baseline = current_rss_bytes()
+        loss_fn = _build_loss(
+            case["kind"], case["num_classes"], case["embedding_size"], case["loss_options"]
+        )
+        optimizer = torch.optim.SGD(
+            [*backbone.parameters(), *loss_fn.parameters()], lr=0.01, momentum=0.9
+        )
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(backbone(inputs), labels).backward()
+            optimizer.step()
+
+        seconds = best_seconds(step, TIMED_STEPS, synchronize=dist.barrier)
+        peak = peak_rss_bytes()
+        results.put((rank, peak, peak - baseline, seconds))  # plain numbers only
         dist.barrier()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(backbone(inputs), labels).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    results.put((rank, peak, peak - baseline, statistics.median(times[1:])))
-    dist.barrier()
-    dist.destroy_process_group()
+    finally:
+        dist.destroy_process_group()
 
 
-def run_case(kind, world_size, num_classes, embedding_size, batch_size):
+def run_case(
+    kind: str,
+    world_size: int,
+    num_classes: int,
+    embedding_size: int,
+    batch_size: int,
+    loss_options: dict,
+) -> dict:
+    """One case's ranks, spawned from this (fresh) process; the largest figure over the ranks."""
+    case = {
+        "kind": kind,
+        "num_classes": num_classes,
+        "embedding_size": embedding_size,
+        "batch_size": batch_size,
+        "loss_options": loss_options,
+    }
     context = mp.get_context("spawn")
     results = context.Queue()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    args = (world_size, port, kind, num_classes, embedding_size, batch_size, results)
-    workers = [context.Process(target=_worker, args=(rank, *args)) for rank in range(world_size)]
-    for worker in workers:
-        worker.start()
-    rows = sorted(results.get(timeout=1200) for _ in workers)
-    for worker in workers:
-        worker.join()
-    # The largest rank is what has to fit on a device.
-    return max(row[1] for row in rows), max(row[2] for row in rows), max(row[3] for row in rows)
+    with tempfile.TemporaryDirectory(prefix="bench-distributed-") as folder:
+        store_file = str(Path(folder) / "store")
+        ranks = [
+            context.Process(target=_rank, args=(rank, world_size, store_file, case, results))
+            for rank in range(world_size)
+        ]
+        for process in ranks:
+            process.start()
+        try:
+            rows = [results.get(timeout=CASE_TIMEOUT_S) for _ in ranks]
+        except queue.Empty as error:
+            raise RuntimeError(f"the ranks of case {case} gave no result") from error
+        finally:
+            for process in ranks:
+                process.join(timeout=60)
+    return {
+        "peak_rss_bytes": max(row[1] for row in rows),
+        "above_baseline_bytes": max(row[2] for row in rows),
+        "step_seconds": max(row[3] for row in rows),
+    }
 
 
 def main():
+    if run_case_if_asked(run_case):
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--embedding-size", type=int, default=128)
     parser.add_argument(
@@ -106,12 +145,17 @@ def main():
         help="comma-separated num_classes:global_batch pairs",
     )
     parser.add_argument("--world-sizes", default="1,2")
+    parser.add_argument(
+        "--sample-rate",
+        type=float,
+        default=1.0,
+        help="the class-parallel loss's sample_rate (PML's loss always uses every class)",
+    )
     args = parser.parse_args()
     world_sizes = [int(size) for size in args.world_sizes.split(",")]
-    print(
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"torch {torch.__version__}, gloo; SGD with momentum; d = {args.embedding_size}"
-    )
+    loss_options = {"sample_rate": args.sample_rate}
+    print(f"Machine: {machine_description()}; gloo; SGD with momentum; d = {args.embedding_size}")
+    print(f"Class-parallel loss options: {loss_options}")
     print()
     print(
         "| loss | C | global batch | ranks | peak RSS / rank (MB) | above baseline / rank (MB) "
@@ -119,19 +163,27 @@ def main():
     )
     print("|---|---|---|---|---|---|---|---|")
     mb = 2**20
+    script = os.path.abspath(__file__)
     for case in args.cases.split(","):
         num_classes, batch_size = map(int, case.split(":"))
-        for kind in ("class-parallel LM-Softmax", "PML ArcFaceLoss (W on every rank)"):
+        for kind in KINDS:
             single = None
             for world_size in world_sizes:
-                peak, above, step = run_case(
-                    kind, world_size, num_classes, args.embedding_size, batch_size
+                result = measure_in_fresh_process(
+                    script,
+                    kind=kind,
+                    world_size=world_size,
+                    num_classes=num_classes,
+                    embedding_size=args.embedding_size,
+                    batch_size=batch_size,
+                    loss_options=loss_options if kind == KINDS[0] else {},
                 )
+                peak, above = result["peak_rss_bytes"], result["above_baseline_bytes"]
                 single = single or (peak, above)
                 print(
                     f"| {kind} | {num_classes:,} | {batch_size} | {world_size} | {peak / mb:,.0f} "
-                    f"| {above / mb:,.0f} | {peak / single[0]:.2f} (above baseline: "
-                    f"{above / single[1]:.2f}) | {step:.3f} |",
+                    f"| {above / mb:,.0f} | {ratio(peak, single[0])} (above baseline: "
+                    f"{ratio(above, single[1])}) | {result['step_seconds']:.3f} |",
                     flush=True,
                 )
 

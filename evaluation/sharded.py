@@ -12,9 +12,16 @@ holds gallery items 0..n_0-1, and so on); results are identical on every rank.
   distance, or equal distance and smaller global index), and one all-reduce sums the counts.
   The kept rank of positive k is then ``negatives before + k + 1``: no rank ever holds the
   whole distance row, and the result equals single-process evaluation on the full matrix.
+
+A shard may be empty (a gallery smaller than the world size). Each function first checks its
+own rank's input and exchanges the outcome, with the shard sizes and the settings that must
+agree (query count, ``k``, ...), in one all-gather before any other collective: bad input on
+one rank raises ``ValueError`` on every rank instead of leaving the others waiting.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -22,10 +29,10 @@ import torch.distributed as dist
 from numba import njit, prange
 from numpy.typing import ArrayLike
 
-from .knn import top_k
+from .knn import METRICS, top_k
 from .reid._ranking_kernel import positives_before
 from .reid.protocol import ReIDResult, result_from_positive_ranks
-from .validation import check_features, check_ids, check_positive_integer
+from .validation import check_features, check_ids, check_positive_integer, to_numpy
 
 
 def _collective_device(group):
@@ -48,10 +55,43 @@ def _all_reduce_array(array: np.ndarray, op, group) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def _shard_offset(local_size: int, group) -> tuple[int, int]:
-    """(global index of this rank's first gallery item, total gallery size)."""
-    sizes = np.concatenate(_all_gather_array(np.array([local_size], dtype=np.int64), group))
+def _agree_on_shards(local_size: int, settings: dict[str, int], error, group) -> tuple[int, int]:
+    """(global index of this rank's first gallery item, total gallery size), once every rank has
+    reported its shard size, whether its input passed the checks (``error`` is ``None``), and
+    ``settings`` that must be the same on every rank.
+
+    Raises:
+        ValueError: on every rank, when some rank's input is bad (that rank raises its own
+            error) or a setting differs across ranks.
+    """
+    mine = np.array([local_size, error is not None, *settings.values()], dtype=np.int64)
+    table = np.stack(_all_gather_array(mine, group))
+    if error is not None:
+        raise error
+    bad_ranks = np.flatnonzero(table[:, 1]).tolist()
+    if bad_ranks:
+        raise ValueError(f"invalid input on rank(s) {bad_ranks}; see their errors")
+    for column, name in enumerate(settings, start=2):
+        if len(set(table[:, column].tolist())) > 1:
+            raise ValueError(f"{name} differs across ranks: {table[:, column].tolist()}")
+    sizes = table[:, 0]
     return int(sizes[: dist.get_rank(group)].sum()), int(sizes.sum())
+
+
+def _digest(array: np.ndarray) -> int:
+    """A checksum of an id vector's values, to compare replicated ids across ranks cheaply."""
+    return zlib.crc32(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+
+
+def _check_local_distances(local_distances) -> np.ndarray:
+    """A finite (num_query, n_local) floating-point matrix; n_local = 0 is an empty shard."""
+    array = to_numpy(local_distances, "local_distances")
+    if array.ndim == 2 and array.shape[1] == 0:
+        # check_features refuses zero columns (no feature dimensions); here they are a shard
+        # that holds no gallery items, which is legal.
+        check_features(np.zeros((array.shape[0], 1), array.dtype), "local_distances")
+        return array
+    return check_features(array, "local_distances")
 
 
 def sharded_top_k(
@@ -67,9 +107,30 @@ def sharded_top_k(
     Scores follow :func:`evaluation.knn.top_k` (larger is closer); indices are global gallery
     indices. Equal scores are ordered by global index. Same result on every rank.
     """
-    query_array = check_features(queries, "queries")
-    gallery = check_features(local_gallery, "local_gallery", allow_empty=True)
-    offset, total = _shard_offset(gallery.shape[0], group)
+    error, settings = None, dict.fromkeys(("number of queries", "dimension", "k", "metric"), 0)
+    gallery = np.empty((0, 0))
+    try:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        query_array = check_features(queries, "queries")
+        gallery = check_features(local_gallery, "local_gallery", allow_empty=True)
+        if gallery.shape[1] != query_array.shape[1]:
+            raise ValueError(
+                f"local_gallery has dimension {gallery.shape[1]} but the queries have "
+                f"{query_array.shape[1]}"
+            )
+        k = check_positive_integer(k, "k")
+        settings.update(
+            {
+                "number of queries": query_array.shape[0],
+                "dimension": query_array.shape[1],
+                "k": k,
+                "metric": METRICS.index(metric),
+            }
+        )
+    except ValueError as caught:
+        error, gallery = caught, np.empty((0, 0))
+    offset, total = _agree_on_shards(gallery.shape[0], settings, error, group)
     if not 1 <= k <= total:
         raise ValueError(f"k must lie in [1, {total}] (the whole gallery), got {k}")
     scores = np.full((query_array.shape[0], k), -np.inf, dtype=np.float32)
@@ -124,21 +185,29 @@ def sharded_reid_from_distances(
     :class:`evaluation.reid.ReIDResult` that :func:`evaluation.reid.evaluate_reid_from_distances`
     gives for the whole matrix (the same ranks go through the same final step).
     """
-    distances = check_features(local_distances, "local_distances", allow_empty=True)
-    num_query, num_local = distances.shape
-    q_pids = check_ids(q_pids, "q_pids", num_query)
-    q_camids = check_ids(q_camids, "q_camids", num_query)
-    g_pids = check_ids(local_g_pids, "local_g_pids", num_local)
-    g_camids = check_ids(local_g_camids, "local_g_camids", num_local)
-    max_rank = check_positive_integer(max_rank, "max_rank")
-    offset, total = _shard_offset(num_local, group)
+    names = ("number of queries", "max_rank", "q_pids (checksum)", "q_camids (checksum)")
+    error, num_local, settings = None, 0, dict.fromkeys(names, 0)
+    try:
+        distances = _check_local_distances(local_distances)
+        num_query, num_local = distances.shape
+        q_pids = check_ids(q_pids, "q_pids", num_query)
+        q_camids = check_ids(q_camids, "q_camids", num_query)
+        g_pids = check_ids(local_g_pids, "local_g_pids", num_local)
+        g_camids = check_ids(local_g_camids, "local_g_camids", num_local)
+        max_rank = check_positive_integer(max_rank, "max_rank")
+        values = (num_query, max_rank, _digest(q_pids), _digest(q_camids))
+        settings.update(zip(names, values, strict=True))
+    except ValueError as caught:
+        error, num_local = caught, 0
+    offset, total = _agree_on_shards(num_local, settings, error, group)
 
     is_positive = (q_pids[:, None] == g_pids[None, :]) & (q_camids[:, None] != g_camids[None, :])
     local_counts = is_positive.sum(axis=1)
     width = int(
         _all_reduce_array(np.array([local_counts.max(initial=0)]), dist.ReduceOp.MAX, group)[0]
     )
-    positive_distances = np.full((num_query, width), np.inf, dtype=distances.dtype)
+    # float64 holds every input dtype exactly and is the same on every rank.
+    positive_distances = np.full((num_query, width), np.inf, dtype=np.float64)
     positive_indices = np.full((num_query, width), np.iinfo(np.int64).max, dtype=np.int64)
     rows, columns = np.nonzero(is_positive)
     slots = np.arange(len(rows)) - np.repeat(np.cumsum(local_counts) - local_counts, local_counts)

@@ -3,9 +3,13 @@
     torchrun --nproc_per_node=2 examples/torchrun_class_parallel.py            # gloo on CPU
     torchrun --nproc_per_node=2 examples/torchrun_class_parallel.py --loss arcface
     torchrun --nproc_per_node=8 examples/torchrun_class_parallel.py --classes 1000000  # NCCL
+    torchrun --nproc_per_node=2 examples/torchrun_class_parallel.py --checkpoint loss.pt
+    torchrun --nproc_per_node=3 examples/torchrun_class_parallel.py --checkpoint loss.pt  # resumes the loss
 
 The backbone is replicated with DDP; the prototypes W are split by class over the ranks and are
-NOT wrapped in DDP: each rank updates its own slice with the exact gradient.
+NOT wrapped in DDP: each rank updates its own slice with the exact gradient. ``--checkpoint``
+saves the loss as one world-size-free (single-process) state dict, and resumes from it on any
+number of ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pml_largest_margin.distributed import (
     ClassParallelGeneralizedMarginSoftmaxLoss,
     ClassParallelLargestMarginSoftmaxLoss,
     ClassParallelZeroCentroidRegularizer,
+    consolidate_class_parallel_checkpoint,
+    shard_class_parallel_checkpoint,
 )
 from pml_largest_margin.regularizers import SampleMarginRegularizer
 
@@ -36,6 +42,10 @@ def main():
         default="lm",
         choices=["lm", *ClassParallelGeneralizedMarginSoftmaxLoss.preset_names()],
         help="LM-Softmax, or a GM-Softmax preset",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="resume the loss from this file if it exists, and save it there at the end",
     )
     args = parser.parse_args()
 
@@ -75,6 +85,9 @@ def train(args, device):
             args.loss, args.classes, args.embedding_size, **shared
         )
     loss_fn = loss_fn.to(device)
+    if args.checkpoint and os.path.exists(args.checkpoint):
+        full = torch.load(args.checkpoint, map_location=device)
+        loss_fn.load_state_dict(shard_class_parallel_checkpoint(full, rank, dist.get_world_size()))
     optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.1, momentum=0.9)
     # A synthetic problem: each class is a random direction in input space.
     class_inputs = torch.randn(args.classes, 32, generator=torch.Generator().manual_seed(0))
@@ -87,6 +100,21 @@ def train(args, device):
         optimizer.step()
         if rank == 0 and step % 5 == 0:
             print(f"step {step}: loss {loss.item():.4f}, classes on rank 0: {loss_fn.class_range}")
+    if args.checkpoint:
+        save_consolidated(loss_fn, args.checkpoint)
+
+
+def save_consolidated(loss_fn, path):
+    """Gather every rank's slice on rank 0 and save one state dict that any world size loads."""
+    state = {
+        key: value.cpu() if isinstance(value, torch.Tensor) else value
+        for key, value in loss_fn.state_dict().items()
+    }
+    shards = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(state, shards, dst=0)
+    if dist.get_rank() == 0:
+        torch.save(consolidate_class_parallel_checkpoint(shards), path)
+        print(f"saved the loss's {loss_fn.num_classes} prototypes to {path}")
 
 
 if __name__ == "__main__":

@@ -278,6 +278,8 @@ def check_gm_constructor_errors(rank, world_size):
         "psi and margins": _error_text(lambda: loss_class(4, 3, m2=0.3, psi=torch.cos)),
         "psi not callable": _error_text(lambda: loss_class(4, 3, psi=0.5)),
         "m2 out of range": _error_text(lambda: loss_class(4, 3, m2=4.0)),
+        "sample_rate 0": _error_text(lambda: loss_class(4, 3, sample_rate=0.0)),
+        "sample_rate above 1": _error_text(lambda: loss_class(4, 3, sample_rate=1.5)),
         "infinite sample-margin weight": _error_text(
             lambda: loss_class(
                 4,
@@ -326,6 +328,8 @@ def check_zero_centroid_forms(rank, world_size):
     results["1-D weights on rank 0"] = _error_text(
         lambda: regularizer(W[0] if rank == 0 else W.t())
     )
+    form_per_rank = ClassParallelZeroCentroidRegularizer(form=("mean", "sum")[rank])
+    results["form differs across ranks"] = _error_text(lambda: form_per_rank(local.t()))
     # The group must still be usable after the errors: every rank took part in each exchange.
     results["valid call afterwards"] = _error_text(lambda: regularizer(W.t()))
     return results
@@ -420,8 +424,225 @@ def check_sharded_evaluation(rank, world_size):
     return results
 
 
+def _gallery_split(num_gallery, rank, empty_rank):
+    """Rank ``empty_rank`` holds no gallery item, the other rank all of them."""
+    return (0, 0) if rank == empty_rank else (0, num_gallery)
+
+
+def check_sharded_evaluation_with_empty_shards(rank, world_size):
+    distances, q_pids, g_pids, q_camids, g_camids, queries, gallery = _reid_problem()
+    results = {}
+    for empty_rank in (0, 1):
+        start, stop = _gallery_split(distances.shape[1], rank, empty_rank)
+        results[f"reid, rank {empty_rank} empty"] = sharded_reid_from_distances(
+            distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop],
+            max_rank=10,
+        )  # fmt: skip
+        results[f"top_5, rank {empty_rank} empty"] = sharded_top_k(
+            queries, gallery[start:stop], 5, metric="l2"
+        )
+    # A one-item gallery: smaller than the world size, so rank 1's shard is empty.
+    start, stop = shard_bounds(1, world_size, rank)
+    results["one-item gallery"] = sharded_reid_from_distances(
+        distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop]
+    )
+    results["top_1 of a one-item gallery"] = sharded_top_k(queries, gallery[start:stop], 1)
+    start, stop = shard_bounds(distances.shape[1], world_size, rank)
+    local = (distances[:, start:stop], q_pids, g_pids[start:stop], q_camids, g_camids[start:stop])
+    with_nan = local[0].copy()
+    with_nan[0, 0] = np.nan if rank == 1 else with_nan[0, 0]
+    other_pids = q_pids + rank
+    results["errors"] = {
+        "NaN distance on rank 1": _error_text(
+            lambda: sharded_reid_from_distances(with_nan, *local[1:])
+        ),
+        "q_pids differ across ranks": _error_text(
+            lambda: sharded_reid_from_distances(local[0], other_pids, *local[2:])
+        ),
+        "max_rank differs across ranks": _error_text(
+            lambda: sharded_reid_from_distances(*local, max_rank=5 + rank)
+        ),
+        "bad metric on rank 0": _error_text(
+            lambda: sharded_top_k(queries, gallery[start:stop], 3, "l1" if rank == 0 else "l2")
+        ),
+        "k differs across ranks": _error_text(
+            lambda: sharded_top_k(queries, gallery[start:stop], 3 + rank)
+        ),
+        "gallery dimension on rank 1": _error_text(
+            lambda: sharded_top_k(queries, gallery[start:stop, : 8 - rank], 3)
+        ),
+    }
+    # Every rank took part in each exchange: the group is still usable.
+    results["valid call afterwards"] = sharded_reid_from_distances(*local, max_rank=10)
+    return results
+
+
+def check_settings_that_differ_across_ranks(rank, world_size):
+    """Each case builds a different loss on each rank and calls it with valid local input."""
+    inputs, labels, W, backbone = _problem()
+    local_labels = _local_rows(labels, rank)
+    embeddings = backbone(_local_rows(inputs, rank)).detach()
+
+    def lm(**kwargs):
+        return ClassParallelLargestMarginSoftmaxLoss(
+            kwargs.pop("num_classes", NUM_CLASSES),
+            kwargs.pop("embedding_size", EMBEDDING_SIZE),
+            **{"scale": SCALE, **kwargs},
+        ).double()
+
+    def call(loss_fn, width=EMBEDDING_SIZE):
+        return _error_text(lambda: loss_fn(embeddings[:, :width], local_labels))
+
+    other = rank == 1
+    return {
+        "num_classes": call(lm(num_classes=9 if other else NUM_CLASSES)),
+        "scale": call(lm(scale=SCALE + other)),
+        "embedding_size": call(lm(embedding_size=EMBEDDING_SIZE - other), EMBEDDING_SIZE - other),
+        "loss class": call(
+            _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, "cosface").double()
+            if other
+            else lm()
+        ),
+        "arcface margin": call(
+            ClassParallelGeneralizedMarginSoftmaxLoss.preset(
+                "arcface", NUM_CLASSES, EMBEDDING_SIZE, margin=0.5 - 0.1 * other
+            ).double()
+        ),
+        "sample_rate": call(lm(sample_rate=1.0 - 0.5 * other)),
+        "weight regularizer on rank 1 only": call(
+            lm(weight_regularizer=ClassParallelZeroCentroidRegularizer() if other else None)
+        ),
+        "zero-centroid form": call(
+            lm(weight_regularizer=ClassParallelZeroCentroidRegularizer(form=("mean", "sum")[rank]))
+        ),
+        "sample-margin weight": call(
+            lm(
+                sample_margin_regularizer=SampleMarginRegularizer(),
+                sample_margin_reg_weight=0.1 * (1 + other),
+            )
+        ),
+        # 32 and 32.0 are the same setting: no error.
+        "int and float scale agree": call(lm(scale=(32, 32.0)[rank])),
+        "valid call afterwards": call(lm()),
+    }
+
+
+def check_half_precision_matches_single_process(rank, world_size):
+    """bfloat16 / float16 embeddings with float32 W, for the comparison with the single-process
+    losses on the same half-precision inputs."""
+    inputs, labels, W, backbone = _problem()
+    embeddings = backbone(_local_rows(inputs, rank)).detach().float()
+    results = {}
+    for case in ("lm", "arcface"):
+        if case == "lm":
+            loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+                NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE
+            )
+        else:
+            loss_fn = _gm_loss(ClassParallelGeneralizedMarginSoftmaxLoss, case)
+        loss_fn.load_full_W(W.float())
+        for dtype in (torch.bfloat16, torch.float16):
+            loss_fn.W.grad = None
+            half = embeddings.to(dtype).requires_grad_(True)
+            loss = loss_fn(half, _local_rows(labels, rank))
+            loss.backward()
+            results[case, str(dtype)] = {
+                "loss": loss.item(),
+                "W_grad": loss_fn.W.grad.numpy().copy(),
+                "embedding_grad": half.grad.float().numpy(),
+            }
+    return results
+
+
+def _with_both_regularizers(loss_class, *args, **kwargs):
+    return _regularized(loss_class, *args, **kwargs)
+
+
+def check_empty_batches(rank, world_size):
+    """Every rank empty, and only rank 1 empty, with both regularizers."""
+    inputs, labels, W, backbone = _problem()
+    results = {}
+    for case, rows in (("every rank empty", slice(0, 0)), ("rank 1 empty", None)):
+        loss_fn = _regularized(
+            ClassParallelLargestMarginSoftmaxLoss,
+            ClassParallelZeroCentroidRegularizer(),
+            NUM_CLASSES,
+            EMBEDDING_SIZE,
+            scale=SCALE,
+            collect_stats=True,
+        ).double()
+        loss_fn.load_full_W(W)
+        if rows is None:  # rank 0 holds the whole batch
+            rows = slice(0, len(labels)) if rank == 0 else slice(0, 0)
+        local = backbone(inputs[rows]).detach().requires_grad_(True)
+        loss = loss_fn(local, labels[rows])
+        loss.backward()
+        results[case] = {
+            "loss": loss.item(),
+            "W_grad": loss_fn.W.grad.numpy().copy(),
+            "embedding_grad": local.grad.numpy().copy(),
+            "class_range": loss_fn.class_range,
+        }
+    # float32 W, bfloat16 embeddings, empty everywhere: computed (and reduced) in float32.
+    loss_fn = _regularized(
+        ClassParallelLargestMarginSoftmaxLoss,
+        ClassParallelZeroCentroidRegularizer(),
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+    )
+    loss_fn.load_full_W(W.float())
+    loss = loss_fn(torch.zeros(0, EMBEDDING_SIZE, dtype=torch.bfloat16), labels[:0])
+    results["every rank empty, bfloat16"] = (loss.item(), str(loss.dtype))
+    return results
+
+
+# 100 classes, 50 per rank; sample_rate 0.05 keeps ceil(2.5) = 3 classes of each rank. The batch
+# holds 2 classes of each rank, so 1 random class joins them: batch classes dropped by the draw
+# would leave their samples without a target.
+PRIORITY_CLASSES, PRIORITY_RATE = 100, 0.05
+PRIORITY_LABELS = (torch.tensor([10, 60, 37, 91, 10]), torch.tensor([91, 60, 37]))
+PRIORITY_SEEDS = range(8)
+
+
+def _priority_problem():
+    generator = torch.Generator().manual_seed(5)
+    W = torch.randn(EMBEDDING_SIZE, PRIORITY_CLASSES, generator=generator, dtype=torch.float64)
+    embeddings = [
+        torch.randn(len(labels), EMBEDDING_SIZE, generator=generator, dtype=torch.float64)
+        for labels in PRIORITY_LABELS
+    ]
+    return W, embeddings
+
+
+def check_class_sampling_priority(rank, world_size):
+    W, embeddings = _priority_problem()
+    results = []
+    for seed in PRIORITY_SEEDS:
+        loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+            PRIORITY_CLASSES,
+            EMBEDDING_SIZE,
+            scale=SCALE,
+            sample_rate=PRIORITY_RATE,
+            generator=torch.Generator().manual_seed(100 * seed + rank),
+        ).double()
+        loss_fn.load_full_W(W)
+        loss = loss_fn(embeddings[rank], PRIORITY_LABELS[rank])
+        loss.backward()
+        start = loss_fn.class_range[0]
+        with_gradient = loss_fn.W.grad.abs().sum(dim=0) > 0
+        kept = (start + with_gradient.nonzero().squeeze(1)).tolist()
+        results.append({"loss": loss.item(), "kept": kept, "class_range": loss_fn.class_range})
+    return results
+
+
 CHECKS = [
+    check_settings_that_differ_across_ranks,
+    check_half_precision_matches_single_process,
+    check_empty_batches,
+    check_class_sampling_priority,
     check_sharded_evaluation,
+    check_sharded_evaluation_with_empty_shards,
     check_lm_softmax,
     check_lm_softmax_with_regularizers,
     check_gm_softmax_with_regularizers,
@@ -667,6 +888,8 @@ def test_zero_centroid_bad_prototypes_raise_on_every_rank(worker_results):
     assert "rank(s) [0]" in per_rank[1]["NaN on rank 0"]
     assert "2-D floating-point" in per_rank[0]["1-D weights on rank 0"]
     assert "rank(s) [0]" in per_rank[1]["1-D weights on rank 0"]
+    for result in per_rank:
+        assert "form differs across ranks: ['mean', 'sum']" in result["form differs across ranks"]
     # The single-process regularizer rejects the same prototypes.
     _, _, W, _ = _problem()
     W[:, 5] = 0
@@ -754,3 +977,184 @@ def test_sharded_top_k_equals_single_process(worker_results):
             np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
     for result in per_rank:
         assert result["k too large"].startswith("ValueError: k must lie in [1, 53]")
+
+
+def _assert_same_reid(got, expected):
+    assert isinstance(got, ReIDResult)
+    np.testing.assert_array_equal(got.average_precision, expected.average_precision)
+    np.testing.assert_array_equal(got.cmc, expected.cmc)
+    assert (got.mAP, got.mINP) == (expected.mAP, expected.mINP)
+    assert (got.num_valid_queries, got.num_skipped_queries) == (
+        expected.num_valid_queries,
+        expected.num_skipped_queries,
+    )
+
+
+def test_sharded_evaluation_with_empty_shards_equals_single_process(worker_results):
+    per_rank = _results(worker_results, check_sharded_evaluation_with_empty_shards)
+    distances, q_pids, g_pids, q_camids, g_camids, queries, gallery = _reid_problem()
+    single = evaluate_reid_from_distances(
+        distances, q_pids, g_pids, q_camids, g_camids, max_rank=10
+    )
+    one_item = evaluate_reid_from_distances(
+        distances[:, :1], q_pids, g_pids[:1], q_camids, g_camids[:1]
+    )
+    assert one_item.num_valid_queries > 0
+    scores, indices = top_k(queries, gallery, 5, metric="l2")
+    one_scores, one_indices = top_k(queries, gallery[:1], 1)
+    for result in per_rank:
+        for empty_rank in (0, 1):
+            _assert_same_reid(result[f"reid, rank {empty_rank} empty"], single)
+            merged_scores, merged_indices = result[f"top_5, rank {empty_rank} empty"]
+            np.testing.assert_array_equal(merged_indices, indices)
+            np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
+        _assert_same_reid(result["one-item gallery"], one_item)
+        merged_scores, merged_indices = result["top_1 of a one-item gallery"]
+        np.testing.assert_array_equal(merged_indices, one_indices)
+        np.testing.assert_allclose(merged_scores, one_scores, rtol=1e-6)
+        _assert_same_reid(result["valid call afterwards"], single)
+        for case, error in result["errors"].items():
+            assert error is not None and error.startswith("ValueError"), (case, error)
+    errors = [result["errors"] for result in per_rank]
+    assert "NaN" in errors[1]["NaN distance on rank 1"]
+    assert "rank(s) [1]" in errors[0]["NaN distance on rank 1"]
+    assert "metric must be one of" in errors[0]["bad metric on rank 0"]
+    assert "rank(s) [0]" in errors[1]["bad metric on rank 0"]
+    assert "rank(s) [1]" in errors[0]["gallery dimension on rank 1"]
+    for error in errors:
+        assert "q_pids (checksum) differs across ranks" in error["q_pids differ across ranks"]
+        assert "max_rank differs across ranks: [5, 6]" in error["max_rank differs across ranks"]
+        assert "k differs across ranks: [3, 4]" in error["k differs across ranks"]
+
+
+def test_settings_that_differ_across_ranks_raise_the_same_error_on_every_rank(worker_results):
+    per_rank = _results(worker_results, check_settings_that_differ_across_ranks)
+    for result in per_rank:
+        assert result.pop("valid call afterwards") is None
+        assert result.pop("int and float scale agree") is None
+    expected = {
+        "num_classes": "num_classes: [7, 9]",
+        "scale": "scale: [3, 4]",
+        "embedding_size": "embedding_size: [6, 5]",
+        "loss class": "loss: ['ClassParallelLargestMarginSoftmaxLoss', "
+        "'ClassParallelGeneralizedMarginSoftmaxLoss']",
+        "arcface margin": "m2: [0.5, 0.4]",
+        "sample_rate": "sample_rate: [1, 0.5]",
+        "weight regularizer on rank 1 only": "weight_regularizer: "
+        "[None, 'ClassParallelZeroCentroidRegularizer']",
+        "zero-centroid form": "weight_regularizer.form: ['mean', 'sum']",
+        "sample-margin weight": "sample_margin_reg_weight: [0.1, 0.2]",
+    }
+    assert set(per_rank[0]) == set(expected)
+    for case, fragment in expected.items():
+        errors = [result[case] for result in per_rank]
+        assert errors[0] == errors[1], case  # one error, the same on every rank
+        assert errors[0].startswith("ValueError: the ranks' class-parallel losses differ"), case
+        assert fragment in errors[0], (case, errors[0])
+
+
+@pytest.mark.parametrize("case", ["lm", "arcface"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_single_process_on_the_same_inputs(worker_results, case, dtype):
+    """The single-process loss widens half-precision embeddings to float32 before anything else;
+    so must the class-parallel loss (normalising in half precision costs ~1e-3)."""
+    per_rank = _results(worker_results, check_half_precision_matches_single_process)
+    inputs, labels, W, backbone = _problem()
+    if case == "lm":
+        single = LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    else:
+        single = _gm_loss(GeneralizedMarginSoftmaxLoss, case)
+    with torch.no_grad():
+        single.W.copy_(W.float())
+    half = backbone(inputs).detach().float().to(dtype).requires_grad_(True)
+    loss = single(half, labels)
+    loss.backward()
+    embedding_grad = half.grad.float().numpy()
+    for rank, result in enumerate(per_rank):
+        got = result[case, str(dtype)]
+        assert got["loss"] == pytest.approx(loss.item(), rel=2e-6)
+        start, stop = shard_bounds(NUM_CLASSES, 2, rank)
+        np.testing.assert_allclose(
+            got["W_grad"], single.W.grad[:, start:stop].numpy(), rtol=1e-5, atol=1e-7
+        )
+        # world_size × the single-process gradient, rounded to the embeddings' dtype.
+        np.testing.assert_allclose(
+            got["embedding_grad"], 2 * _local_rows(embedding_grad, rank), rtol=1e-2, atol=1e-4
+        )
+
+
+def test_empty_batches_match_single_process(worker_results):
+    """An empty batch on every rank is a zero classification loss (plus the weight
+    regularization), like the single-process loss on an empty batch; one empty rank is fine."""
+    per_rank = _results(worker_results, check_empty_batches)
+    inputs, labels, W, backbone = _problem()
+    for case, rows in (("every rank empty", slice(0, 0)), ("rank 1 empty", slice(None))):
+        single = _regularized(
+            LargestMarginSoftmaxLoss,
+            _single_process_zero_centroid(),
+            NUM_CLASSES,
+            EMBEDDING_SIZE,
+            scale=SCALE,
+        ).double()
+        with torch.no_grad():
+            single.W.copy_(W)
+        embeddings = backbone(inputs[rows]).detach().requires_grad_(True)
+        loss = single(embeddings, labels[rows])
+        loss.backward()
+        for rank, result in enumerate(per_rank):
+            got = result[case]
+            assert np.isfinite(got["loss"])
+            assert got["loss"] == pytest.approx(loss.item(), rel=1e-9), case
+            start, stop = got["class_range"]
+            np.testing.assert_allclose(
+                got["W_grad"], single.W.grad[:, start:stop].numpy(), rtol=1e-9, atol=1e-12
+            )
+            if case == "rank 1 empty" and rank == 0:
+                np.testing.assert_allclose(got["embedding_grad"], 2 * embeddings.grad.numpy())
+            elif rank == 1 or case == "every rank empty":
+                assert got["embedding_grad"].shape == (0, EMBEDDING_SIZE)
+    single = _regularized(
+        LargestMarginSoftmaxLoss,
+        _single_process_zero_centroid(),
+        NUM_CLASSES,
+        EMBEDDING_SIZE,
+        scale=SCALE,
+    )
+    with torch.no_grad():
+        single.W.copy_(W.float())
+    half_empty = single(torch.zeros(0, EMBEDDING_SIZE, dtype=torch.bfloat16), labels[:0])
+    assert str(half_empty.dtype) == "torch.float32"
+    for result in per_rank:
+        assert result["every rank empty, bfloat16"] == (half_empty.item(), "torch.float32")
+    # The classification part of the empty batch is exactly zero: only R_w remains.
+    centroid = torch.nn.functional.normalize(W, dim=0).mean(dim=1).square().sum()
+    assert per_rank[0]["every rank empty"]["loss"] == pytest.approx(
+        CENTROID_WEIGHT * centroid.item(), rel=1e-12
+    )
+
+
+def test_class_sampling_keeps_every_batch_class(worker_results):
+    """With 3 of 50 classes kept per rank and 2 of them in the batch, a draw that ignored the
+    batch would drop a batch class in nearly every run: the kept classes must be the batch's
+    plus one other, and the loss LM-Softmax over exactly the kept classes."""
+    per_rank = _results(worker_results, check_class_sampling_priority)
+    W, local_embeddings = _priority_problem()
+    embeddings = torch.cat(local_embeddings)
+    labels = torch.cat(PRIORITY_LABELS)
+    cosines = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(
+        W, dim=0
+    )
+    target = cosines.gather(1, labels[:, None])
+    for run in range(len(PRIORITY_SEEDS)):
+        kept = []
+        for result in per_rank:
+            start, stop = result[run]["class_range"]
+            batch_classes = {label for label in labels.tolist() if start <= label < stop}
+            assert len(batch_classes) == 2
+            assert batch_classes <= set(result[run]["kept"]), (run, result[run]["kept"])
+            assert len(result[run]["kept"]) == 3
+            kept += result[run]["kept"]
+        non_target = cosines[:, kept].masked_fill(labels[:, None] == torch.tensor(kept), -torch.inf)
+        expected = (torch.logsumexp(SCALE * (non_target - target), dim=1) / SCALE).mean()
+        for result in per_rank:
+            assert result[run]["loss"] == pytest.approx(expected.item(), rel=1e-12)

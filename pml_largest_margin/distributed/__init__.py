@@ -1,5 +1,6 @@
 """Class-parallel largest-margin losses over torch.distributed (NCCL on GPUs, gloo on CPUs)."""
 
+from .checkpoints import consolidate_class_parallel_checkpoint, shard_class_parallel_checkpoint
 from .class_parallel_generalized_margin_softmax_loss import (
     ClassParallelGeneralizedMarginSoftmaxLoss,
 )
@@ -13,5 +14,7 @@ __all__ = [
     "ClassParallelLargestMarginSoftmaxLoss",
     "ClassParallelLossBase",
     "ClassParallelZeroCentroidRegularizer",
+    "consolidate_class_parallel_checkpoint",
     "shard_bounds",
+    "shard_class_parallel_checkpoint",
 ]

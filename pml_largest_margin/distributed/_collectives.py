@@ -15,6 +15,10 @@ rank holds for it is the full gradient of that objective. Hence:
 
 from __future__ import annotations
 
+import hashlib
+import numbers
+from collections.abc import Mapping
+
 import torch
 import torch.distributed as dist
 
@@ -97,18 +101,60 @@ def flat_mined_indices(indices_tuple, batch_size: int) -> torch.Tensor:
     return flat
 
 
+def comparable_setting(value: object) -> object:
+    """A setting as a value that compares and prints the same on every rank: numbers by value
+    (so 32 and 32.0 agree), strings, bools and None as they are, anything else by its type."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return type(value).__qualname__
+
+
+def _settings_digest(settings: Mapping[str, object]) -> int:
+    """A 64-bit fingerprint of the settings, the same on ranks with equal settings (unlike
+    ``hash``, which is salted per process)."""
+    text = repr(sorted(settings.items())).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+
+
+def _settings_mismatch(settings: Mapping[str, object], group) -> str:
+    """Which settings differ and each rank's value (every rank calls this, on the error path)."""
+    everyone = [None] * world_size(group)
+    dist.all_gather_object(everyone, dict(settings), group=group)
+    # Rank 0's order first, then names only other ranks have: the same text on every rank.
+    names = list(dict.fromkeys(name for ranks_settings in everyone for name in ranks_settings))
+    missing = "<absent>"
+    differing = [
+        f"{name}: {[ranks_settings.get(name, missing) for ranks_settings in everyone]}"
+        for name in names
+        if len({repr(ranks_settings.get(name, missing)) for ranks_settings in everyone}) > 1
+    ]
+    return "; ".join(differing)
+
+
 def check_and_exchange_batch(
     embeddings, labels, num_classes: int, embedding_size: int, device, group=None,
-    indices_tuple=None,
+    indices_tuple=None, settings: Mapping[str, object] | None = None,
 ) -> tuple[list[int], list[int] | None]:  # fmt: skip
-    """Validate this rank's batch and agree on it with the other ranks.
+    """Validate this rank's batch and agree on it, and on the loss's settings, with the other
+    ranks.
 
     Returns the batch sizes of all ranks and, when some rank passed an ``indices_tuple``, the
     number of mined indices of each rank (``flat_mined_indices``; 0 where a rank passed none),
     else ``None``. Every rank takes part in the exchange even when its own input is bad, so that
     a bad batch on one rank raises ``ValueError`` on all ranks instead of leaving the others
     hanging in a collective.
+
+    ``settings`` (name → value, see :func:`comparable_setting`) must be equal on every rank: a
+    fingerprint of them rides in the same all-gather, and when they differ every rank raises
+    the same ``ValueError`` naming each differing setting with every rank's value (this takes
+    precedence over batch errors, which differing settings such as ``embedding_size`` cause).
     """
+    settings = {name: comparable_setting(value) for name, value in (settings or {}).items()}
     error = None
     num_mined = -1
     try:
@@ -128,10 +174,16 @@ def check_and_exchange_batch(
         info = [embeddings.shape[0], _FLOAT_DTYPES.index(embeddings.dtype), 0, num_mined]
     else:
         info = [0, 0, 1, -1]
+    info.append(_settings_digest(settings))
     mine = torch.tensor(info, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world_size(group))]
     dist.all_gather(table, mine, group=group)
     table = torch.stack(table).cpu().tolist()
+    if len({row[4] for row in table}) > 1:
+        raise ValueError(
+            "the ranks' class-parallel losses differ; every rank must build the same loss: "
+            + _settings_mismatch(settings, group)
+        )
     if error is not None:
         raise error
     bad_ranks = [index for index, row in enumerate(table) if row[2]]

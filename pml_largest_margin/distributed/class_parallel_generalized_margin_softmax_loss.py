@@ -38,6 +38,13 @@ class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParalle
         self.m1, self.m2, self.m3 = check_margins(m1, m2, m3)
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
 
+    def settings_that_must_agree(self) -> dict[str, object]:
+        # m1, m2, m3 are recorded attributes; a custom psi is compared by its name (a preset's
+        # functools.partial by its function's).
+        function = getattr(self.psi, "func", self.psi)
+        psi_name = getattr(function, "__qualname__", type(function).__qualname__)
+        return {**super().settings_that_must_agree(), "psi": psi_name}
+
     def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:
         return generalized_margin_softmax_head(
             statistics.non_target_logsumexp, self.psi(statistics.target_cosine), self.scale

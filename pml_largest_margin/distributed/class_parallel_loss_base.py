@@ -24,6 +24,15 @@ from ._collectives import (
 from ._sharded_cosine_statistics import ShardedCosineStatistics, sharded_cosine_statistics
 from .sharding import shard_bounds
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _widened(embeddings: torch.Tensor) -> torch.Tensor:
+    """Half-precision embeddings (gathered exactly, at half the bytes) as float32, as the
+    single-process losses take them: nothing, the normalisation included, rounds in half
+    precision, and PML's reducers do not sum the sub-losses in half precision."""
+    return embeddings.float() if embeddings.dtype in _HALF_DTYPES else embeddings
+
 
 class ClassParallelLossBase(
     SampleMarginRegularizerMixin, WeightRegularizerMixin, BaseMetricLossFunction
@@ -58,6 +67,20 @@ class ClassParallelLossBase(
 
     A miner's ``indices_tuple`` weights the per-sample terms of both sub-losses as in PML's
     ``ArcFaceLoss``; see :meth:`forward`.
+
+    Every rank must build the same loss: on every call the ranks compare
+    :meth:`settings_that_must_agree` (``num_classes``, ``embedding_size``, ``scale``, the
+    margins, the regularizers, ...) in the all-gather that already exchanges the batch sizes,
+    and raise the same ``ValueError`` on every rank when any differs.
+
+    An empty batch on every rank gives a zero loss on the graph of the embeddings and of W (zero
+    gradients), as the single-process losses do. Half-precision embeddings are gathered as they
+    are and widened to float32 before anything else is computed from them, as in the
+    single-process losses.
+
+    ``state_dict()`` records ``num_classes`` and this rank's ``class_range`` (as extra state),
+    and ``load_state_dict`` refuses a shard of other classes; checkpoints move between world
+    sizes through :mod:`pml_largest_margin.distributed.checkpoints`.
     """
 
     def __init__(
@@ -97,6 +120,49 @@ class ClassParallelLossBase(
             list_of_names=["mean_sample_margin", "min_sample_margin"], is_stat=True
         )
 
+    def settings_that_must_agree(self) -> dict[str, object]:
+        """The settings that make the ranks' losses one loss (name → value).
+
+        The class, ``num_classes``, ``embedding_size``, the class-sampling rate in effect, and
+        every non-stat recordable attribute (PML's ``add_to_recordable_attributes``: ``scale``,
+        margins, regularizer weights, ...) of the loss, of its regularizers and of its reducer,
+        with their classes. Subclasses extend it for settings not recorded so.
+        """
+        settings = {
+            "loss": type(self).__qualname__,
+            "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size,
+            "sample rate in effect": self.sample_rate if self.training else 1.0,
+        }
+        parts = {
+            "": self,
+            "weight_regularizer": self.weight_regularizer,
+            "embedding_regularizer": self.embedding_regularizer,
+            "sample_margin_regularizer": self.sample_margin_regularizer,
+            "reducer": self.reducer,
+        }
+        for prefix, module in parts.items():
+            if prefix:
+                settings[prefix] = None if module is None else type(module).__qualname__
+            for name in getattr(module, "_record_these", ()):
+                settings[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
+        return settings
+
+    def get_extra_state(self) -> dict:
+        """Saved by ``state_dict()``: which classes this rank's W holds."""
+        return {"num_classes": self.num_classes, "class_range": tuple(self.class_range)}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Called by ``load_state_dict``: refuse a shard of other classes than this rank's."""
+        saved_classes, saved_range = state.get("num_classes"), tuple(state.get("class_range", ()))
+        if (saved_classes, saved_range) != (self.num_classes, tuple(self.class_range)):
+            raise ValueError(
+                f"this checkpoint holds the classes {saved_range} (start, stop) of "
+                f"num_classes={saved_classes}, but this rank owns {tuple(self.class_range)} of "
+                f"num_classes={self.num_classes}; re-shard it with "
+                "pml_largest_margin.distributed.shard_class_parallel_checkpoint"
+            )
+
     @property
     def num_local_classes(self) -> int:
         return self.class_range[1] - self.class_range[0]
@@ -124,11 +190,15 @@ class ClassParallelLossBase(
             self.W.device,
             self.process_group,
             indices_tuple,
+            self.settings_that_must_agree(),
         )
         if sum(sizes) == 0:
-            raise ValueError("embeddings are empty on every rank")
-        all_embeddings = gather_rows_with_gradient(
-            embeddings.to(self.W.device), sizes, self.process_group
+            # No sample on any rank: nothing to gather; compute_loss returns a zero loss.
+            return super().forward(
+                _widened(embeddings.to(self.W.device)), labels.to(self.W.device, torch.int64)
+            )
+        all_embeddings = _widened(
+            gather_rows_with_gradient(embeddings.to(self.W.device), sizes, self.process_group)
         )
         all_labels = all_gather_rows(
             labels.to(self.W.device, torch.int64), sizes, self.process_group
@@ -148,9 +218,14 @@ class ClassParallelLossBase(
         raise NotImplementedError
 
     def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if embeddings.shape[0] == 0:
+            return self._zero_loss_dict(embeddings)
         weights, local_targets = self._scored_columns(labels)
+        compute_dtype = torch.promote_types(embeddings.dtype, self.W.dtype)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            unit_embeddings = torch.nn.functional.normalize(embeddings.to(compute_dtype), dim=1)
         statistics = sharded_cosine_statistics(
-            torch.nn.functional.normalize(embeddings, dim=1),
+            unit_embeddings,
             weights,
             local_targets,
             self.scale,
@@ -173,6 +248,17 @@ class ClassParallelLossBase(
         self.add_sample_margin_regularization_to_loss_dict(
             loss_dict, embeddings, labels, indices_tuple, margins=margins
         )
+        self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
+        return loss_dict
+
+    def _zero_loss_dict(self, embeddings: torch.Tensor) -> dict:
+        """An empty batch on every rank: zeros on the graph of the embeddings and of W, so that
+        backward() gives zero gradients, as in the single-process losses."""
+        zero = embeddings.sum().to(self.W.dtype) * 0 + self.W[:, :0].sum()
+        loss = {"losses": zero, "indices": None, "reduction_type": "already_reduced"}
+        loss_dict = {"loss": loss}
+        if self.sample_margin_regularizer is not None:
+            loss_dict["sample_margin_loss"] = dict(loss)
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 

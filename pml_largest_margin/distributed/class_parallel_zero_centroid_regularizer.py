@@ -21,7 +21,8 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
     Like the single-process regularizer it raises ``ValueError`` on a zero prototype (its
     direction is undefined), on NaN/Inf, and on fewer than 2 classes in all; the ranks first
     exchange what they found, so a bad slice on one rank raises on every rank instead of
-    leaving the others waiting in a collective. With ``collect_stats`` it records
+    leaving the others waiting in a collective; so does a ``form`` that differs across ranks.
+    With ``collect_stats`` it records
     ``centroid_norm`` (``‖(1/C) Σ_j ŵ_j‖``). It does not record the class margin: that needs
     every pair of prototypes, i.e. the whole W on one rank.
     """
@@ -67,11 +68,21 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
                 problem = "weights has a zero prototype row; its direction is undefined"
         device = weights.device if isinstance(weights, torch.Tensor) else None
         dimension = weights.shape[1] if norms is not None else -1
-        mine = [weights.shape[0] if norms is not None else 0, dimension, int(bool(problem))]
+        mine = [
+            weights.shape[0] if norms is not None else 0,
+            dimension,
+            int(bool(problem)),
+            _FORMS.index(self.form),
+        ]
         mine = torch.tensor(mine, dtype=torch.int64, device=device)
         table = [torch.empty_like(mine) for _ in range(world_size(self.process_group))]
         dist.all_gather(table, mine, group=self.process_group)
-        rows, dimensions, bad = torch.stack(table).cpu().t().tolist()
+        rows, dimensions, bad, forms = torch.stack(table).cpu().t().tolist()
+        if len(set(forms)) > 1:
+            raise ValueError(
+                f"form differs across ranks: {[_FORMS[form] for form in forms]}; every rank "
+                "must build the same regularizer"
+            )
         if problem:
             raise ValueError(problem)
         if any(bad):
