@@ -49,6 +49,9 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         if process_group is not None and not dist.is_initialized():
             raise RuntimeError("process_group was given but torch.distributed is not initialised")
         self.process_group = process_group
+        # Set by a class-parallel wrapper: the group over which the batch is replicated, so
+        # that random draws must agree (see broadcast_from_first_rank).
+        self.replica_group = None
 
     def target_logits(
         self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
@@ -116,3 +119,12 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         from ..distributed._collectives import all_gather_rows
 
         return all_gather_rows(values, [int(s) for s in sizes], self.process_group)
+
+    @torch.no_grad()
+    def broadcast_from_first_rank(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` as drawn on the first rank of ``replica_group`` (in place); unchanged
+        without one."""
+        if self.replica_group is not None:
+            group = self.replica_group
+            dist.broadcast(values, src=dist.get_global_rank(group, 0), group=group)
+        return values

@@ -61,6 +61,7 @@ class ElasticFaceLoss(BaseMarginHeadLoss):
             return torch.full_like(like, self.margin)
         device = like.device if self.generator is None else self.generator.device
         noise = torch.randn(like.shape, generator=self.generator, device=device)
+        self.broadcast_from_first_rank(noise)
         return self.margin + self.std * noise.to(like)
 
     def target_logits(self, target_cosines, norms, labels):
