@@ -380,3 +380,35 @@ def test_empty_batch_gives_zero_loss_and_leaves_state(name):
     assert float(loss) == 0.0
     for key, value in loss_fn.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+# --- the loss factory behind pml-lm train and demo ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, loss_class, settings",
+    [
+        ("adaface", AdaFaceLoss, {"margin": 0.4, "scale": 10.0}),
+        ("magface", MagFaceLoss, {"scale": 10.0, "lambda_g": 35.0}),
+        ("elasticface-arc", ElasticFaceLoss, {"variant": "arc", "margin": 0.5}),
+        ("elasticface-cos", ElasticFaceLoss, {"variant": "cos", "margin": 0.35}),
+        ("adacos", AdaCosLoss, {"dynamic": True, "scale": math.sqrt(2) * math.log(8)}),
+        ("adacos-fixed", AdaCosLoss, {"dynamic": False}),
+        ("dynamic-margin", DynamicMarginLoss, {"scale": 10.0}),
+    ],
+)
+def test_loss_factory_builds_every_head(name, loss_class, settings):
+    from pml_largest_margin.training.loss_factory import LOSS_NAMES, build_loss
+
+    assert name in LOSS_NAMES
+    loss_fn = build_loss(name, NUM_CLASSES, DIM, scale=10.0, class_counts=COUNTS)
+    assert type(loss_fn) is loss_class
+    for key, value in settings.items():
+        assert getattr(loss_fn, key) == pytest.approx(value)
+    if name == "dynamic-margin":
+        expected = 0.5 * torch.tensor(COUNTS, dtype=torch.float64) ** -0.25 + 0.05
+        torch.testing.assert_close(loss_fn.class_margins, expected)
+        with pytest.raises(ValueError, match="class_counts"):
+            build_loss(name, NUM_CLASSES, DIM)
+    if "margin" in settings:
+        assert build_loss(name, NUM_CLASSES, DIM, margin=0.2).margin == pytest.approx(0.2)
