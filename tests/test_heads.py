@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pml_largest_margin.losses import (
     AdaCosLoss,
     AdaFaceLoss,
+    CurricularFaceLoss,
     DynamicMarginLoss,
     ElasticFaceLoss,
     GeneralizedMarginSoftmaxLoss,
@@ -95,6 +96,22 @@ def reference_adacos_scale(embeddings, W, labels, old_scale):
         b_avg = others.sum() / len(labels)
         theta_med = torch.median(torch.acos(cosines.gather(1, labels[:, None])[:, 0]))
         return float(torch.log(b_avg) / torch.cos(torch.clamp(theta_med, max=math.pi / 4)))
+
+
+def reference_curricular(embeddings, W, labels, hardness, m=0.5, s=64.0, update=True):
+    """The reference's steps: clamp, cos(θ+m), hard-negative mask, T updated first, modulate."""
+    cosines = reference_cosines(embeddings, W).clamp(-1, 1)
+    target = cosines.gather(1, labels[:, None])
+    if update:
+        with torch.no_grad():
+            hardness = 0.01 * target.mean() + 0.99 * hardness
+    cos_theta_m = torch.cos(torch.acos(target) + m)
+    hard = (cosines > cos_theta_m).detach()
+    final_target = torch.where(target > math.cos(math.pi - m), cos_theta_m,
+                               target - m * math.sin(math.pi - m))  # fmt: skip
+    logits = torch.where(hard, cosines * (hardness + cosines), cosines)
+    logits = logits.scatter(1, labels[:, None], final_target)
+    return F.cross_entropy(s * logits, labels), hard, hardness
 
 
 def grads(loss_fn, embeddings, labels):
@@ -226,6 +243,34 @@ def test_adacos_dynamic_updates_the_scale_before_the_loss_and_freezes_in_eval():
     )
 
 
+@pytest.mark.parametrize(
+    "block_elements", [2**22, 2 * NUM_CLASSES + 1]
+)  # one block; blocks of 2 rows
+def test_curricular_face_matches_formula_over_steps(monkeypatch, block_elements):
+    from pml_largest_margin.losses import curricular_face_loss
+
+    monkeypatch.setattr(curricular_face_loss, "_BLOCK_ELEMENTS", block_elements)
+    embeddings, labels, W = problem()
+    loss_fn = head(CurricularFaceLoss, W)
+    hardness = torch.tensor(0.0, dtype=torch.float64)
+    batches = (slice(0, BATCH), slice(2, 11), slice(0, BATCH))
+    for step, batch in enumerate(batches):
+        z, y = embeddings[batch] * (1 + step), labels[batch]
+        _, hard, next_hardness = reference_curricular(z, W, y, hardness)
+        non_target_hard = hard & ~F.one_hot(y, NUM_CLASSES).bool()
+        assert non_target_hard.any() and not non_target_hard.all()
+        assert_parity(loss_fn, lambda z, w, y, h=hardness: reference_curricular(z, w, y, h)[0],
+                      z, W, y)  # fmt: skip
+        hardness = next_hardness
+        assert float(loss_fn.running_hardness) == pytest.approx(float(hardness), abs=1e-14)
+    assert float(hardness) != 0.0
+    loss_fn.eval()
+    frozen = float(loss_fn.running_hardness)
+    assert_parity(loss_fn, lambda z, w, y: reference_curricular(z, w, y, frozen, update=False)[0],
+                  embeddings, W, labels)  # fmt: skip
+    assert float(loss_fn.running_hardness) == frozen
+
+
 # --- the heads that are GM-Softmax settings equal the GM class ---------------------------------
 
 
@@ -267,6 +312,7 @@ HEADS = {
     "elastic-cos": lambda: ElasticFaceLoss(NUM_CLASSES, DIM, variant="cos"),
     "adacos": lambda: AdaCosLoss(NUM_CLASSES, DIM),
     "dynamic": lambda: DynamicMarginLoss(NUM_CLASSES, DIM, class_counts=COUNTS),
+    "curricular": lambda: CurricularFaceLoss(NUM_CLASSES, DIM),
 }  # fmt: skip
 
 
@@ -334,6 +380,11 @@ def test_cpu_autocast_computes_in_float32(name):
         (lambda: DynamicMarginLoss(NUM_CLASSES, DIM, class_counts=[0] * NUM_CLASSES), "> 0"),
         (lambda: DynamicMarginLoss(NUM_CLASSES, DIM, class_counts=COUNTS, b=-1.0), r"\[0, π\)"),
         (lambda: MagFaceLoss(NUM_CLASSES, DIM, scale=0.0), "scale"),
+        (lambda: CurricularFaceLoss(NUM_CLASSES, DIM, margin=-1.0), "margin"),
+        (
+            lambda: CurricularFaceLoss(NUM_CLASSES, DIM, sample_margin_regularizer=lambda *a: 0),
+            "sample_margin_regularizer",
+        ),
     ],
 )
 def test_bad_arguments_raise_value_error(build, message):
@@ -390,6 +441,7 @@ def test_empty_batch_gives_zero_loss_and_leaves_state(name):
     [
         ("adaface", AdaFaceLoss, {"margin": 0.4, "scale": 10.0}),
         ("magface", MagFaceLoss, {"scale": 10.0, "lambda_g": 35.0}),
+        ("curricularface", CurricularFaceLoss, {"margin": 0.5, "scale": 10.0}),
         ("elasticface-arc", ElasticFaceLoss, {"variant": "arc", "margin": 0.5}),
         ("elasticface-cos", ElasticFaceLoss, {"variant": "cos", "margin": 0.35}),
         ("adacos", AdaCosLoss, {"dynamic": True, "scale": math.sqrt(2) * math.log(8)}),

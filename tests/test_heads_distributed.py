@@ -15,6 +15,7 @@ from pml_largest_margin.distributed import ClassParallelMarginHeadLoss
 from pml_largest_margin.losses import (
     AdaCosLoss,
     AdaFaceLoss,
+    CurricularFaceLoss,
     DynamicMarginLoss,
     ElasticFaceLoss,
     MagFaceLoss,
@@ -146,6 +147,9 @@ def check_bad_wrapping(rank, world_size):
     errors = {}
     for name, build in {
         "not a head": lambda: ClassParallelMarginHeadLoss(torch.nn.Linear(2, 2)),
+        "curricular": lambda: ClassParallelMarginHeadLoss(
+            CurricularFaceLoss(NUM_CLASSES, EMBEDDING_SIZE)
+        ),
         "head with a group": lambda: ClassParallelMarginHeadLoss(
             AdaFaceLoss(NUM_CLASSES, EMBEDDING_SIZE, process_group=dist.group.WORLD)
         ),
@@ -255,5 +259,8 @@ def test_ddp_ranks_with_different_batches_end_with_identical_running_statistics(
 def test_bad_wrapping_raises(worker_results):
     for errors in _results(worker_results, check_bad_wrapping):
         assert errors["not a head"].startswith("TypeError")
+        assert errors["curricular"].startswith(
+            "TypeError: CurricularFaceLoss has no class-parallel"
+        )
         assert errors["head with a group"].startswith("ValueError")
         assert errors["taken twice"].startswith("ValueError")

@@ -34,6 +34,8 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
     def __init__(self, head: BaseMarginHeadLoss, process_group=None, **kwargs):
         if not isinstance(head, BaseMarginHeadLoss):
             raise TypeError(f"head must be a BaseMarginHeadLoss, got {type(head).__name__}")
+        if not head.supports_class_parallel:
+            raise TypeError(f"{type(head).__name__} has no class-parallel version")
         if head.process_group is not None:
             raise ValueError(
                 "the head's statistics are taken on the gathered batch, identical on every rank; "

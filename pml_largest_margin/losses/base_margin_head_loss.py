@@ -42,6 +42,9 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
     hands every rank the gathered batch).
     """
 
+    # False for a head whose non-target logits are not plain cosines (CurricularFace).
+    supports_class_parallel = True
+
     def __init__(
         self, num_classes: int, embedding_size: int, scale: float, process_group=None, **kwargs
     ):

@@ -10,6 +10,7 @@ from pytorch_metric_learning import losses as pml_losses
 from pml_largest_margin.losses import (
     AdaCosLoss,
     AdaFaceLoss,
+    CurricularFaceLoss,
     DynamicMarginLoss,
     ElasticFaceLoss,
     LargestMarginSoftmaxLoss,
@@ -30,6 +31,7 @@ DEFAULT_MARGINS = {
     "arcface": math.degrees(0.5),
     "sphereface": 4,
     "adaface": 0.4,
+    "curricularface": 0.5,
     "elasticface-arc": 0.5,
     "elasticface-cos": 0.35,
 }
@@ -38,6 +40,7 @@ DEFAULT_MARGINS = {
 _HEADS = {
     "adaface": (AdaFaceLoss, {}),
     "magface": (MagFaceLoss, {}),
+    "curricularface": (CurricularFaceLoss, {}),
     "elasticface-arc": (ElasticFaceLoss, {"variant": "arc"}),
     "elasticface-cos": (ElasticFaceLoss, {"variant": "cos"}),
     "adacos": (AdaCosLoss, {"dynamic": True}),
