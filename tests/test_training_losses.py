@@ -36,7 +36,7 @@ def test_softmax_cross_entropy_gradcheck():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_every_loss_owns_prototypes_in_pml_layout(name):
     torch.manual_seed(0)
-    loss = build_loss(name, 6, 8, scale=10.0)
+    loss = build_loss(name, 6, 8, scale=10.0, class_counts=[1, 2, 3, 4, 5, 6])
     assert loss.W.shape == (8, 6)
     value = loss(torch.randn(10, 8), torch.randint(0, 6, (10,)))
     assert torch.isfinite(value)

@@ -54,6 +54,9 @@ BALANCED_METHODS = (
     Method("CosFace", "cosface"),
     Method("ArcFace", "arcface"),
     Method("LM-Softmax", "lm-softmax"),
+    Method("AdaFace", "adaface"),
+    Method("CurricularFace", "curricularface"),
+    Method("MagFace", "magface"),
     Method("NormFace + R_sm", "normface", sample_margin_weight=SAMPLE_MARGIN_WEIGHT),
     Method("LM-Softmax + R_sm", "lm-softmax", sample_margin_weight=SAMPLE_MARGIN_WEIGHT),
 )

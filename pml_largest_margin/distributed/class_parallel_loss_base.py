@@ -217,9 +217,9 @@ class ClassParallelLossBase(
         """The loss of each gathered sample from the exact sharded statistics."""
         raise NotImplementedError
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
-        if embeddings.shape[0] == 0:
-            return self._zero_loss_dict(embeddings)
+    def per_sample_losses_and_margins(self, embeddings, labels):
+        """Losses and sample margins (N,) of the gathered batch, from the exact sharded
+        statistics; the margins are differentiable when a sample-margin regularizer is set."""
         weights, local_targets = self._scored_columns(labels)
         compute_dtype = torch.promote_types(embeddings.dtype, self.W.dtype)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -233,10 +233,15 @@ class ClassParallelLossBase(
             track_max=self.sample_margin_regularizer is not None,
         )
         margins = statistics.target_cosine - statistics.non_target_max
+        return self.losses_from_statistics(statistics), margins
+
+    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+        if embeddings.shape[0] == 0:
+            return self._zero_loss_dict(embeddings)
+        losses, margins = self.per_sample_losses_and_margins(embeddings, labels)
         if self.collect_stats:
             self.mean_sample_margin = float(margins.detach().mean())
             self.min_sample_margin = float(margins.detach().min())
-        losses = self.losses_from_statistics(statistics)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
         loss_dict = {
             "loss": {

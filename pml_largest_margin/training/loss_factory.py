@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from pytorch_metric_learning import losses as pml_losses
 
-from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+from pml_largest_margin.losses import (
+    AdaCosLoss,
+    AdaFaceLoss,
+    CurricularFaceLoss,
+    DynamicMarginLoss,
+    ElasticFaceLoss,
+    LargestMarginSoftmaxLoss,
+    MagFaceLoss,
+)
 from pml_largest_margin.regularizers import (
     SampleMarginRegularizer,
     SampleMarginRegularizerMixin,
@@ -17,7 +26,27 @@ from pml_largest_margin.regularizers import (
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
 # Margins where a loss has one, in the units its class takes (PML's ArcFace margin is in degrees).
-DEFAULT_MARGINS = {"cosface": 0.35, "arcface": math.degrees(0.5), "sphereface": 4}
+DEFAULT_MARGINS = {
+    "cosface": 0.35,
+    "arcface": math.degrees(0.5),
+    "sphereface": 4,
+    "adaface": 0.4,
+    "curricularface": 0.5,
+    "elasticface-arc": 0.5,
+    "elasticface-cos": 0.35,
+}
+# The margin heads (docs/losses.md, "Margin heads"): class and fixed options. AdaCos sets its own
+# scale; the dynamic margins need the training set's class counts.
+_HEADS = {
+    "adaface": (AdaFaceLoss, {}),
+    "magface": (MagFaceLoss, {}),
+    "curricularface": (CurricularFaceLoss, {}),
+    "elasticface-arc": (ElasticFaceLoss, {"variant": "arc"}),
+    "elasticface-cos": (ElasticFaceLoss, {"variant": "cos"}),
+    "adacos": (AdaCosLoss, {"dynamic": True}),
+    "adacos-fixed": (AdaCosLoss, {"dynamic": False}),
+    "dynamic-margin": (DynamicMarginLoss, {}),
+}
 
 
 def _loss_class_and_options(name: str, scale: float, margin: float | None) -> tuple[type, dict]:
@@ -29,13 +58,17 @@ def _loss_class_and_options(name: str, scale: float, margin: float | None) -> tu
         return pml_losses.CosFaceLoss, {"margin": margin, "scale": scale}
     if name == "arcface":
         return pml_losses.ArcFaceLoss, {"margin": margin, "scale": scale}
+    if name in _HEADS:
+        loss_class, options = _HEADS[name]
+        options = dict(options) if loss_class is AdaCosLoss else {**options, "scale": scale}
+        return loss_class, options if margin is None else {**options, "margin": margin}
     if name == "sphereface":
         # PML's SphereFace multiplies the logits by ‖x‖ itself; its ``scale`` stays 1 as in PML.
         return pml_losses.SphereFaceLoss, {"margin": margin}
     return LargestMarginSoftmaxLoss, {"scale": scale}
 
 
-LOSS_NAMES = ("softmax", "normface", "cosface", "arcface", "sphereface", "lm-softmax")
+LOSS_NAMES = ("softmax", "normface", "cosface", "arcface", "sphereface", "lm-softmax", *_HEADS)
 
 
 def build_loss(
@@ -47,12 +80,14 @@ def build_loss(
     margin: float | None = None,
     sample_margin_weight: float = 0.0,
     zero_centroid_weight: float = 0.0,
+    class_counts: Sequence[int] | None = None,
 ):
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
     ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
     ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form) as PML's
-    ``weight_reg_loss``.
+    ``weight_reg_loss``. ``class_counts`` (the training set's count of each class) is needed by
+    ``dynamic-margin`` and ignored by the other losses.
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
@@ -70,6 +105,10 @@ def build_loss(
     loss_class, options = _loss_class_and_options(
         name, scale, DEFAULT_MARGINS.get(name) if margin is None else margin
     )
+    if name == "dynamic-margin":
+        if class_counts is None:
+            raise ValueError("loss 'dynamic-margin' needs the training set's class_counts")
+        options["class_counts"] = class_counts
     if zero_centroid_weight > 0:
         options.update(
             weight_regularizer=ZeroCentroidRegularizer(form="mean", record_class_margin=False),

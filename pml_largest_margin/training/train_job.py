@@ -142,6 +142,7 @@ def run_training(
         margin=options.margin,
         sample_margin_weight=options.sample_margin_weight,
         zero_centroid_weight=options.zero_centroid_weight,
+        class_counts=np.bincount(train.labels, minlength=len(train.class_names)).tolist(),
     )
     trainer = build_trainer(
         model,

@@ -1,0 +1,44 @@
+"""``pml-lm train --loss <head>`` end to end on tiny generated images.
+
+The factory test in test_heads.py builds every head; here the two whose construction needs the
+training job: the dynamic margins (class counts of the training split) and AdaFace (norm
+statistics over the trainer's batches)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pml_largest_margin.cli import main
+
+Image = pytest.importorskip("PIL.Image")
+
+FAST = ["--epochs", "1", "--batch-size", "8", "--image-size", "12", "--workers", "0"]
+FAST += ["--embedding-size", "8", "--device", "cpu"]
+HEADS = ("adaface", "dynamic-margin")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("heads") / "images"
+    for label, count in enumerate((10, 8, 6)):  # unequal counts: distinct dynamic margins
+        (root / f"class_{label}").mkdir(parents=True)
+        for index in range(count):
+            pixels = rng.integers(0, 60, (12, 12, 3))
+            pixels[..., label] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class_{label}" / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_train_runs_every_head(image_folder, tmp_path, name):
+    assert (
+        main(["train", str(image_folder), "--output-dir", str(tmp_path), "--loss", name, *FAST])
+        == 0
+    )
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["settings"]["loss"] == name
+    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
