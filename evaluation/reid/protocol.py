@@ -85,6 +85,7 @@ def evaluate_reid(
     seed: int = 0,
     device=None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    rerank=None,
 ) -> ReIDResult:
     """CMC, mAP and mINP of query features against gallery features (see the module docstring).
 
@@ -93,15 +94,30 @@ def evaluate_reid(
     Distances are computed in the features' precision (float16 is widened to float32) with
     torch on ``device`` (default: CUDA when available, else CPU), one block of queries of at
     most ``block_bytes`` at a time, each block counted as soon as it is computed.
+
+    ``rerank``: ``True``, a :class:`~evaluation.reid.rerank.KReciprocalOptions` or a dict of
+    its fields ranks by the k-reciprocal re-ranked distance of docs/theory.md §8 instead
+    (:func:`~evaluation.reid.rerank.k_reciprocal_rerank`, sparse and blocked).
     """
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
     ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
-    block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
-    blocks = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
+    blocks = _feature_blocks(query, gallery, metric, device, block_bytes, rerank)
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+
+
+def _feature_blocks(query, gallery, metric, device, block_bytes, rerank) -> DistanceBlocks:
+    from .rerank import as_rerank_options, k_reciprocal_rerank
+
+    options = as_rerank_options(rerank)
+    if options is not None:
+        return k_reciprocal_rerank(
+            query, gallery, metric, options, device=device, block_bytes=block_bytes
+        )
+    block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
+    return DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
 
 
 def evaluate_reid_from_distances(
