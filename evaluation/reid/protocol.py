@@ -86,6 +86,7 @@ def evaluate_reid(
     device=None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     rerank=None,
+    query_expansion=None,
 ) -> ReIDResult:
     """CMC, mAP and mINP of query features against gallery features (see the module docstring).
 
@@ -98,20 +99,29 @@ def evaluate_reid(
     ``rerank``: ``True``, a :class:`~evaluation.reid.rerank.KReciprocalOptions` or a dict of
     its fields ranks by the k-reciprocal re-ranked distance of docs/theory.md §8 instead
     (:func:`~evaluation.reid.rerank.k_reciprocal_rerank`, sparse and blocked).
+    ``query_expansion``: ``"average"``, ``"alpha"``, a
+    :class:`~evaluation.reid.query_expansion.QueryExpansionOptions` or a dict of its fields
+    replaces the features by their query-expanded versions first (docs/theory.md §9).
     """
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
     ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
-    blocks = _feature_blocks(query, gallery, metric, device, block_bytes, rerank)
+    blocks = _feature_blocks(query, gallery, metric, device, block_bytes, rerank, query_expansion)
     return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
 
 
-def _feature_blocks(query, gallery, metric, device, block_bytes, rerank) -> DistanceBlocks:
+def _feature_blocks(
+    query, gallery, metric, device, block_bytes, rerank, query_expansion
+) -> DistanceBlocks:
+    from .query_expansion import as_query_expansion_options, expand_queries
     from .rerank import as_rerank_options, k_reciprocal_rerank
 
     options = as_rerank_options(rerank)
+    expansion = as_query_expansion_options(query_expansion)
+    if expansion is not None:
+        query, gallery = expand_queries(query, gallery, expansion)
     if options is not None:
         return k_reciprocal_rerank(
             query, gallery, metric, options, device=device, block_bytes=block_bytes
