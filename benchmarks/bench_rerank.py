@@ -43,7 +43,7 @@ CASES = {"market": ("sparse", "dense"), "msmt17": ("sparse",)}
 def make_problem(name: str, seed: int = 0):
     num_query, num_gallery, num_ids, num_cams, dim = PROBLEMS[name]
     rng = np.random.default_rng(seed)
-    scale = 2.2 / dim**0.25
+    scale = 1.4 / dim**0.25
     centres = rng.standard_normal((num_ids, dim), dtype=np.float32) * scale
     camera_bias = rng.standard_normal((num_cams, dim), dtype=np.float32) * (scale / 2)
     q_pids, g_pids = rng.integers(0, num_ids, num_query), rng.integers(0, num_ids, num_gallery)

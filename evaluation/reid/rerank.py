@@ -116,8 +116,8 @@ def k_reciprocal_rerank(
     the final distance ``(1 − λ) J + λ D`` (zero offsets, scale 1): hand it to the evaluator,
     or call ``.dense()`` on a small problem. ``options`` defaults to the paper's parameters.
     Products run with torch on ``device``; the neighbour search is FAISS (``use_gpu`` as in
-    :func:`evaluation.knn.top_k`). Each block holds at most ``block_bytes`` of products plus
-    twice that of float64 output.
+    :func:`evaluation.knn.top_k`). A block (the products of its query rows and their float64
+    final distances) holds at most about ``block_bytes``.
 
     Raises:
         ValueError: bad features, ``metric``, parameters, ``k1 + 1`` or ``k2`` above the
@@ -157,7 +157,8 @@ def k_reciprocal_rerank(
     weights = _expanded_weights(joint, norms, neighbours, scales, options, cosine)
     query_rows = weights[:num_query]
     gallery_columns = weights[num_query:].tocsc()
-    block_rows = max(1, block_bytes // (num_gallery * max(query.itemsize, 4)))
+    # Per gallery item, a block holds the products and the float64 final distance.
+    block_rows = max(1, block_bytes // (num_gallery * (query.itemsize + 8)))
     originals = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
 
     def blocks():
@@ -188,18 +189,21 @@ def k_reciprocal_rerank(
 def _largest_distances(joint, norms, metric, device, block_bytes) -> np.ndarray:
     """``max_j b(i, j)`` for every item: a blocked pass picks a few farthest candidates by the
     evaluator's formula, whose distances are then recomputed exactly."""
+    import torch
+
     num_items = len(joint)
     num_candidates = min(_FARTHEST_CANDIDATES, num_items)
-    block_rows = max(1, block_bytes // (num_items * max(joint.itemsize, 4)))
+    # A quarter of the budget: this pass runs while the joint features are held as well.
+    block_rows = max(1, block_bytes // (4 * num_items * max(joint.itemsize, 4)))
     blocks = DistanceBlocks.from_features(joint, joint, metric, device, block_rows)
     candidates = np.empty((num_items, num_candidates), dtype=np.int64)
     for first, products, query_offsets in blocks.blocks:
-        distances = products
+        distances = torch.from_numpy(products)
         distances *= blocks.scale
-        distances += query_offsets[:, None]
-        distances += blocks.gallery_offsets
-        farthest = np.argpartition(distances, num_items - num_candidates, axis=1)
-        candidates[first : first + len(products)] = farthest[:, num_items - num_candidates :]
+        distances += torch.from_numpy(query_offsets)[:, None]
+        distances += torch.from_numpy(blocks.gallery_offsets)
+        farthest = torch.topk(distances, num_candidates, dim=1, sorted=False).indices
+        candidates[first : first + len(products)] = farthest.numpy()
     return row_maxima(joint, norms, candidates, metric == "cosine")
 
 
