@@ -36,7 +36,7 @@ def test_unit_weights_give_the_report(levels):
     genuine = np.bincount(runs.genuine_runs, minlength=len(runs.thresholds))
     impostor = np.bincount(runs.impostor_runs, minlength=len(runs.thresholds))
     band = np.array([0.05, 0.2])
-    values = weighted_metrics(runs, genuine, impostor, TARGETS, band)
+    values = weighted_metrics(genuine, impostor, TARGETS, band)
     report = verification_report(scores, labels, TARGETS)
     np.testing.assert_allclose(values[: -len(band)], report_values(report), rtol=1e-12, atol=0)
     band_report = verification_report(scores, labels, band)
@@ -49,17 +49,16 @@ def brute_force(scores, labels, num_resamples, seed, confidence, subjects=None):
     genuine, impostor = np.flatnonzero(labels), np.flatnonzero(~labels)
     if subjects is not None:
         unique, inverse = np.unique(subjects, return_inverse=True)
+
+    def draw(size):  # item floor(u * size) for each uniform u
+        return np.floor(rng.random(size) * size).astype(np.int64)
+
     rows = []
     for _ in range(num_resamples):
         if subjects is None:
-            picked = np.concatenate(
-                [
-                    genuine[rng.integers(0, len(genuine), len(genuine))],
-                    impostor[rng.integers(0, len(impostor), len(impostor))],
-                ]
-            )
+            picked = np.concatenate([genuine[draw(len(genuine))], impostor[draw(len(impostor))]])
         else:
-            drawn = np.bincount(rng.integers(0, len(unique), len(unique)), minlength=len(unique))
+            drawn = np.bincount(draw(len(unique)), minlength=len(unique))
             picked = np.repeat(np.arange(len(scores)), drawn[inverse])
         rows.append(report_values(verification_report(scores[picked], labels[picked], TARGETS)))
     q = [50 * (1 - confidence), 50 * (1 + confidence)]
@@ -132,6 +131,8 @@ def test_bad_bootstrap_input():
     report = verification_report(scores, labels, bootstrap=50, subjects=subjects)
     assert report.intervals.num_degenerate > 0
     # Two subjects, one per class: a resample drawing the same one twice has a single class.
-    seed = next(s for s in range(100) if len(set(np.random.default_rng(s).integers(0, 2, 2))) == 1)
+    seed = next(
+        s for s in range(100) if len(set((np.random.default_rng(s).random(2) * 2).astype(int))) == 1
+    )
     with pytest.raises(ValueError, match="every subject resample"):
         verification_report(scores, labels, bootstrap=1, subjects=np.where(labels, 0, 1), seed=seed)

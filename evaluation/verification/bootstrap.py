@@ -12,8 +12,8 @@ Two resampling units:
 
 Both give integer multiplicities of the pairs, so each resample is the metric of a multiset of
 pairs, computed exactly: the scores are sorted once, each run of equal scores is one ROC point,
-and a resample only needs the weighted genuine and impostor counts per run (two ``bincount``
-calls), their cumulative sums, and the same rules as :mod:`evaluation.verification.pair_metrics`
+and a resample only needs the weighted genuine and impostor counts per run, their cumulative
+sums (one compiled pass, :mod:`evaluation.verification._bootstrap_kernel`), and the same rules as :mod:`evaluation.verification.pair_metrics`
 (AUC as the Mann–Whitney statistic with ties counting one half, EER by linear interpolation,
 TAR@FAR by the "nearest" and "threshold" rules). Intervals are percentile intervals
 (``numpy.nanpercentile``, linear interpolation); a subject resample without genuine or without
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..reid.bootstrap import check_resampling, percentile_interval
 from ..validation import check_ids
-from .pair_metrics import _eer_of, _Roc, _tar_nearest
+from ._bootstrap_kernel import count_draws, count_subject_draws, resample_metrics
 
 # FAR grid of the TAR band drawn on ROC figures.
 BAND_POINTS = 60
@@ -106,49 +106,23 @@ class _SortedRuns:
 
 
 def weighted_metrics(
-    runs: _SortedRuns,
     genuine_counts: np.ndarray,
     impostor_counts: np.ndarray,
     far_targets: np.ndarray,
     band_far: np.ndarray,
 ) -> np.ndarray | None:
     """AUC, EER, TAR@FAR (nearest, then threshold rule) and the TAR band of the multiset of
-    pairs with the given per-run genuine and impostor multiplicities, as one vector; None when
-    one class is empty."""
-    true_accepts = np.cumsum(genuine_counts)
-    false_accepts = np.cumsum(impostor_counts)
-    num_genuine, num_impostor = true_accepts[-1], false_accepts[-1]
-    if num_genuine == 0 or num_impostor == 0:
+    pairs with the given per-run genuine and impostor multiplicities (runs in descending
+    score), as one vector; None when one class is empty."""
+    from ._bootstrap_kernel import resample_metrics
+
+    num_runs = len(genuine_counts)
+    out = np.empty(2 + 2 * len(far_targets) + len(band_far))
+    buffers = np.empty(num_runs, dtype=np.int64), np.empty(num_runs, dtype=np.int64)
+    genuine, impostor = (np.asarray(c, dtype=np.int64) for c in (genuine_counts, impostor_counts))
+    if not resample_metrics(genuine, impostor, far_targets, band_far, *buffers, out):
         return None
-    auc = float(
-        np.dot(genuine_counts, (num_impostor - false_accepts) + 0.5 * impostor_counts)
-        / (num_genuine * num_impostor)
-    )
-    present = (genuine_counts + impostor_counts) > 0
-    tar = np.r_[0.0, true_accepts[present] / num_genuine]
-    far = np.r_[0.0, false_accepts[present] / num_impostor]
-    run_genuine, run_impostor = genuine_counts[present], impostor_counts[present]
-    if len(run_genuine) == 1:
-        corners = np.zeros(1, dtype=np.int64)
-    else:
-        changes = (np.diff(run_genuine) != 0) | (np.diff(run_impostor) != 0)
-        corners = np.flatnonzero(np.r_[True, changes[1:], True])
-    curve = _Roc(None, None, None, far, tar, corners, int(num_genuine), int(num_impostor))
-    nearest = _tar_nearest(curve, far_targets)
-    threshold = [
-        _tar_threshold_weighted(true_accepts, false_accepts, num_genuine, num_impostor, targets)
-        for targets in (far_targets, band_far)
-    ]
-    return np.concatenate([[auc, _eer_of(curve)], nearest, threshold[0], threshold[1]])
-
-
-def _tar_threshold_weighted(true_accepts, false_accepts, num_genuine, num_impostor, targets):
-    # The run holding the (k+1)-th highest impostor (k = floor(FAR · I)) sets the threshold;
-    # the genuine pairs strictly above it are those of the earlier runs.
-    allowed = np.floor(targets * num_impostor).astype(np.int64)
-    run = np.searchsorted(false_accepts, allowed + 1, side="left")
-    accepted = np.where(run > 0, true_accepts[np.maximum(run - 1, 0)], 0)
-    return np.where(allowed < num_impostor, accepted / num_genuine, 1.0)
+    return out
 
 
 def bootstrap_verification(
@@ -163,8 +137,10 @@ def bootstrap_verification(
     """Intervals of AUC, EER and TAR@FAR (both rules) of validated ``(scores, labels)``.
 
     ``subjects``: one integer subject id per pair to resample subjects; pairs otherwise.
-    Seeded by ``numpy.random.default_rng(seed)``; per resample, pairs: one ``integers`` draw
-    for the genuine pairs then one for the impostors; subjects: one draw over the subjects.
+    Seeded by ``numpy.random.default_rng(seed)``; per resample, pairs: ``rng.random(n_genuine)``
+    then ``rng.random(n_impostor)``, a uniform ``u`` picking item ``floor(u·n)`` of its class
+    (in input order); subjects: ``rng.random(num_subjects)``, picking subject ``floor(u·S)`` in
+    ascending id order.
 
     Raises:
         ValueError: ``num_resamples``/``confidence`` out of range, ``subjects`` of the wrong
@@ -176,31 +152,34 @@ def bootstrap_verification(
     num_genuine, num_impostor = len(runs.genuine_pairs), len(runs.impostor_pairs)
     band_far = np.geomspace(1 / num_impostor, 1.0, BAND_POINTS)
     rng = np.random.default_rng(seed)
-    if subjects is not None:
+    # Buffers reused by every resample (see _bootstrap_kernel).
+    genuine_counts = np.empty(num_runs, dtype=np.int64)
+    impostor_counts = np.empty(num_runs, dtype=np.int64)
+    cumulative = np.empty(num_runs, dtype=np.int64), np.empty(num_runs, dtype=np.int64)
+    values = np.full((num_resamples, 2 + 2 * len(far_targets) + BAND_POINTS), np.nan)
+    if subjects is None:
+        genuine_uniforms, impostor_uniforms = np.empty(num_genuine), np.empty(num_impostor)
+    else:
         subject_ids = check_ids(subjects, "subjects", len(scores))
         unique, subject_of_pair = np.unique(subject_ids, return_inverse=True)
         genuine_subjects = subject_of_pair[runs.genuine_pairs]
         impostor_subjects = subject_of_pair[runs.impostor_pairs]
-
-    num_values = 2 + 2 * len(far_targets) + BAND_POINTS
-    samples = []
-    for _ in range(num_resamples):
+        subject_uniforms = np.empty(len(unique))
+        subject_counts = np.empty(len(unique), dtype=np.int64)
+    for resample in range(num_resamples):
         if subjects is None:
-            genuine = runs.genuine_runs[rng.integers(0, num_genuine, num_genuine)]
-            impostor = runs.impostor_runs[rng.integers(0, num_impostor, num_impostor)]
-            genuine_counts = np.bincount(genuine, minlength=num_runs)
-            impostor_counts = np.bincount(impostor, minlength=num_runs)
+            count_draws(rng.random(out=genuine_uniforms), runs.genuine_runs, genuine_counts)
+            count_draws(rng.random(out=impostor_uniforms), runs.impostor_runs, impostor_counts)
         else:
-            drawn = np.bincount(rng.integers(0, len(unique), len(unique)), minlength=len(unique))
-            genuine_counts = np.bincount(
-                runs.genuine_runs, drawn[genuine_subjects], minlength=num_runs
-            ).astype(np.int64)
-            impostor_counts = np.bincount(
-                runs.impostor_runs, drawn[impostor_subjects], minlength=num_runs
-            ).astype(np.int64)
-        metrics = weighted_metrics(runs, genuine_counts, impostor_counts, far_targets, band_far)
-        samples.append(np.full(num_values, np.nan) if metrics is None else metrics)
-    values = np.array(samples)
+            rng.random(out=subject_uniforms)
+            for counts, items, item_runs in (
+                (genuine_counts, genuine_subjects, runs.genuine_runs),
+                (impostor_counts, impostor_subjects, runs.impostor_runs),
+            ):
+                count_subject_draws(subject_uniforms, subject_counts, items, item_runs, counts)
+        resample_metrics(
+            genuine_counts, impostor_counts, far_targets, band_far, *cumulative, values[resample]
+        )
     kept = ~np.isnan(values[:, 0])
     if not kept.any():
         raise ValueError("every subject resample lacks genuine or impostor pairs")
