@@ -97,7 +97,8 @@ def dense_rerank(query, gallery, k1=20, k2=6, lambda_value=0.3):
             expanded_weights[item] = weights[rank[item, :k2]].mean(axis=0)
         weights = expanded_weights
     rank = None  # free the (N, N) ranks before the Jaccard pass
-    columns = [np.nonzero(weights[:, column])[0] for column in range(num_items)]
+    # Non-zero rows of each column (the authors' inverted index), read from a transposed copy.
+    columns = [np.nonzero(row)[0] for row in np.ascontiguousarray(weights.T)]
     final = np.empty((num_query, num_items - num_query), dtype=np.float32)
     for item in range(num_query):
         shared = np.zeros(num_items, dtype=np.float32)

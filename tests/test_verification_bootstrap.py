@@ -6,7 +6,7 @@ import pytest
 from evaluation.verification import verification_report
 from evaluation.verification.bootstrap import (
     BAND_POINTS,
-    _SortedRuns,
+    _ScoreBlocks,
     bootstrap_verification,
     weighted_metrics,
 )
@@ -24,19 +24,39 @@ def make_pairs(seed, num_pairs=400, levels=None):
 
 
 def report_values(report):
-    return np.concatenate(
-        [[report.auc, report.eer], report.tar_at_far_nearest, report.tar_at_far_threshold]
-    )
+    return np.concatenate([[report.auc, report.eer], report.tar_at_far_threshold])
+
+
+def blocks_by_definition(scores, labels):
+    """Descending distinct scores; a score holding a genuine pair is a block of its own, each
+    maximal stretch of impostor-only scores one block. Returns the pairs of each block."""
+    distinct = np.unique(scores)[::-1]
+    blocks, stretch = [], []
+    for value in distinct:
+        members = np.flatnonzero(scores == value)
+        if labels[members].any():
+            if stretch:
+                blocks.append(np.concatenate(stretch))
+                stretch = []
+            blocks.append(members)
+        else:
+            stretch.append(members)
+    if stretch:
+        blocks.append(np.concatenate(stretch))
+    return blocks
 
 
 @pytest.mark.parametrize("levels", [None, 4])
-def test_unit_weights_give_the_report(levels):
+def test_blocks_and_unit_weights_give_the_report(levels):
     scores, labels = make_pairs(0, levels=levels)
-    runs = _SortedRuns.from_pairs(scores, labels)
-    genuine = np.bincount(runs.genuine_runs, minlength=len(runs.thresholds))
-    impostor = np.bincount(runs.impostor_runs, minlength=len(runs.thresholds))
+    blocks = _ScoreBlocks.from_pairs(scores, labels)
+    expected_blocks = blocks_by_definition(scores, labels)
+    assert blocks.num_blocks == len(expected_blocks) < len(np.unique(scores))
+    for index, members in enumerate(expected_blocks):
+        assert blocks.genuine_sizes[index] == labels[members].sum()
+        assert blocks.impostor_sizes[index] == (~labels[members]).sum()
     band = np.array([0.05, 0.2])
-    values = weighted_metrics(genuine, impostor, TARGETS, band)
+    values = weighted_metrics(blocks.genuine_sizes, blocks.impostor_sizes, TARGETS, band)
     report = verification_report(scores, labels, TARGETS)
     np.testing.assert_allclose(values[: -len(band)], report_values(report), rtol=1e-12, atol=0)
     band_report = verification_report(scores, labels, band)
@@ -44,21 +64,33 @@ def test_unit_weights_give_the_report(levels):
 
 
 def brute_force(scores, labels, num_resamples, seed, confidence, subjects=None):
-    """Each resample materialised as an array of pairs and scored by verification_report."""
+    """Each resample materialised as an array of pairs and scored by verification_report.
+
+    Pairs: the documented multinomial counts per block, each count taken as that many copies of
+    the block's first pair of the class (within a block of impostor-only scores, which ones
+    does not matter: that is the claim under test). Subjects: every pair repeated as often as
+    its subject was drawn."""
     rng = np.random.default_rng(seed)
-    genuine, impostor = np.flatnonzero(labels), np.flatnonzero(~labels)
+    blocks = blocks_by_definition(scores, labels)
+    genuine_sizes = np.array([labels[b].sum() for b in blocks])
+    impostor_sizes = np.array([(~labels[b]).sum() for b in blocks])
     if subjects is not None:
         unique, inverse = np.unique(subjects, return_inverse=True)
-
-    def draw(size):  # item floor(u * size) for each uniform u
-        return np.floor(rng.random(size) * size).astype(np.int64)
-
     rows = []
     for _ in range(num_resamples):
         if subjects is None:
-            picked = np.concatenate([genuine[draw(len(genuine))], impostor[draw(len(impostor))]])
+            genuine = rng.multinomial(labels.sum(), genuine_sizes / labels.sum())
+            impostor = rng.multinomial((~labels).sum(), impostor_sizes / (~labels).sum())
+            picked = []
+            for block, num_g, num_i in zip(blocks, genuine, impostor, strict=True):
+                if num_g:
+                    picked.append(np.repeat(block[labels[block]][:1], num_g))
+                if num_i:
+                    picked.append(np.repeat(block[~labels[block]][:1], num_i))
+            picked = np.concatenate(picked)
         else:
-            drawn = np.bincount(draw(len(unique)), minlength=len(unique))
+            draw = np.floor(rng.random(len(unique)) * len(unique)).astype(np.int64)
+            drawn = np.bincount(draw, minlength=len(unique))
             picked = np.repeat(np.arange(len(scores)), drawn[inverse])
         rows.append(report_values(verification_report(scores[picked], labels[picked], TARGETS)))
     q = [50 * (1 - confidence), 50 * (1 + confidence)]
@@ -72,18 +104,8 @@ def test_bootstrap_equals_materialised_resamples(levels, by_subject):
     subjects = np.random.default_rng(2).integers(0, 40, len(scores)) if by_subject else None
     intervals = bootstrap_verification(scores, labels, TARGETS, 60, 3, 0.9, subjects)
     low, high = brute_force(scores, labels, 60, 3, 0.9, subjects)
-    ours_low = np.concatenate(
-        [
-            [intervals.auc[0], intervals.eer[0]],
-            *[p[0] for p in (intervals.tar_at_far_nearest, intervals.tar_at_far_threshold)],
-        ]
-    )
-    ours_high = np.concatenate(
-        [
-            [intervals.auc[1], intervals.eer[1]],
-            *[p[1] for p in (intervals.tar_at_far_nearest, intervals.tar_at_far_threshold)],
-        ]
-    )
+    ours_low = np.r_[intervals.auc[0], intervals.eer[0], intervals.tar_at_far_threshold[0]]
+    ours_high = np.r_[intervals.auc[1], intervals.eer[1], intervals.tar_at_far_threshold[1]]
     np.testing.assert_allclose(ours_low, low, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(ours_high, high, rtol=1e-12, atol=1e-15)
     assert intervals.unit.startswith("subjects" if by_subject else "pairs")

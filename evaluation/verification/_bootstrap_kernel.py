@@ -12,18 +12,9 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def count_draws(uniforms, runs_of_items, counts):
-    """``counts[r]`` = draws landing on items of run ``r``; draw ``u`` picks item ``floor(u·n)``."""
-    counts[:] = 0
-    size = runs_of_items.shape[0]
-    for u in uniforms:
-        counts[runs_of_items[min(int(u * size), size - 1)]] += 1
-
-
-@njit(cache=True, nogil=True)
 def count_subject_draws(uniforms, subject_counts, subjects_of_items, runs_of_items, counts):
-    """Per run, the summed multiplicities of its items, each item counting as often as its
-    subject was drawn (subject ``floor(u·S)`` per uniform ``u``)."""
+    """Per run (or block), the summed multiplicities of its items, each item counting as often
+    as its subject was drawn (subject ``floor(u·S)`` per uniform ``u``)."""
     subject_counts[:] = 0
     num_subjects = subject_counts.shape[0]
     for u in uniforms:
@@ -36,7 +27,7 @@ def count_subject_draws(uniforms, subject_counts, subjects_of_items, runs_of_ite
 @njit(cache=True, nogil=True)
 def resample_metrics(genuine, impostor, far_targets, band_far, true_accepts, false_accepts, out):
     """Metrics of the multiset with per-run multiplicities ``genuine`` / ``impostor`` (runs in
-    descending score): ``out = [AUC, EER, TAR@FAR nearest..., threshold..., band...]``.
+    descending score): ``out = [AUC, EER, TAR@FAR (threshold rule)..., band...]``.
 
     ``true_accepts`` / ``false_accepts`` (buffers of the number of runs) receive the cumulative
     counts of the runs present. Returns False, leaving ``out`` as is, when a class is empty.
@@ -63,16 +54,7 @@ def resample_metrics(genuine, impostor, far_targets, band_far, true_accepts, fal
     out[1] = _eer(true_accepts, false_accepts, num_points, num_genuine, num_impostor)
     num_targets = far_targets.shape[0]
     for position in range(num_targets):
-        out[2 + position] = _tar_nearest(
-            true_accepts,
-            false_accepts,
-            num_points,
-            num_genuine,
-            num_impostor,
-            far_targets[position],
-        )
-    for position in range(num_targets):
-        out[2 + num_targets + position] = _tar_threshold(
+        out[2 + position] = _tar_threshold(
             true_accepts,
             false_accepts,
             num_points,
@@ -81,7 +63,7 @@ def resample_metrics(genuine, impostor, far_targets, band_far, true_accepts, fal
             far_targets[position],
         )
     for position in range(band_far.shape[0]):
-        out[2 + 2 * num_targets + position] = _tar_threshold(
+        out[2 + num_targets + position] = _tar_threshold(
             true_accepts, false_accepts, num_points, num_genuine, num_impostor, band_far[position]
         )
     return True
@@ -112,45 +94,6 @@ def _eer(true_accepts, false_accepts, num_points, num_genuine, num_impostor):
             return previous_far + (-previous_gap / (gap - previous_gap)) * (far - previous_far)
         previous_far, previous_gap = far, gap
     return previous_far
-
-
-@njit(cache=True)
-def _is_corner(true_accepts, false_accepts, point, num_points):
-    """Whether ROC point ``point`` (1-based among the runs present) is one that
-    ``roc_curve(drop_intermediate=True)`` keeps: the first, the last, and those whose next run
-    differs from their own in genuine or impostor count."""
-    if point == 1 or point == num_points:
-        return True
-    index = point - 1
-    own_genuine = true_accepts[index] - (true_accepts[index - 1] if index > 0 else 0)
-    own_impostor = false_accepts[index] - (false_accepts[index - 1] if index > 0 else 0)
-    next_genuine = true_accepts[index + 1] - true_accepts[index]
-    next_impostor = false_accepts[index + 1] - false_accepts[index]
-    return own_genuine != next_genuine or own_impostor != next_impostor
-
-
-@njit(cache=True)
-def _tar_nearest(true_accepts, false_accepts, num_points, num_genuine, num_impostor, target):
-    # Among the kept points, the last one with FAR <= target (point 0 at least) or the first FAR
-    # above it, whichever is nearer; ties go to the larger FAR, and among points of equal FAR
-    # to the last one (the largest TAR).
-    far_below, tar_below = 0.0, 0.0
-    far_above, tar_above, found = 0.0, 0.0, False
-    for point in range(1, num_points + 1):
-        if not _is_corner(true_accepts, false_accepts, point, num_points):
-            continue
-        far, tar = _rates(true_accepts, false_accepts, point, num_genuine, num_impostor)
-        if far <= target:
-            far_below, tar_below = far, tar
-        elif not found:
-            far_above, tar_above, found = far, tar, True
-        elif far == far_above:
-            tar_above = tar
-        else:
-            break
-    if found and far_above - target <= target - far_below:
-        return tar_above
-    return tar_below
 
 
 @njit(cache=True)

@@ -12,12 +12,19 @@ Two resampling units:
 
 Both give integer multiplicities of the pairs, so each resample is the metric of a multiset of
 pairs, computed exactly: the scores are sorted once, each run of equal scores is one ROC point,
-and a resample only needs the weighted genuine and impostor counts per run, their cumulative
-sums (one compiled pass, :mod:`evaluation.verification._bootstrap_kernel`), and the same rules as :mod:`evaluation.verification.pair_metrics`
+and a resample only needs the weighted genuine and impostor counts per run (runs without a
+genuine pair merged, see :class:`_ScoreBlocks`), their cumulative sums (one compiled pass,
+:mod:`evaluation.verification._bootstrap_kernel`), and the same rules as :mod:`evaluation.verification.pair_metrics`
 (AUC as the Mann–Whitney statistic with ties counting one half, EER by linear interpolation,
-TAR@FAR by the "nearest" and "threshold" rules). Intervals are percentile intervals
-(``numpy.nanpercentile``, linear interpolation); a subject resample without genuine or without
+TAR@FAR by the "threshold" rule). Intervals are percentile intervals
+(``numpy.percentile``, linear interpolation); a subject resample without genuine or without
 impostor pairs has undefined metrics and is left out (``num_degenerate`` counts them).
+
+TAR@FAR by the "nearest" rule gets no interval: it reads the point nearest the target FAR on
+the curve thinned by ``roc_curve(drop_intermediate=True)``, and which points survive the
+thinning depends on whether neighbouring runs of impostor scores happen to carry equal
+multiplicities; across resamples that makes the rule jump between the two ends of a step of
+the ROC, so its spread measures the thinning rather than the data.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 
 from ..reid.bootstrap import check_resampling, percentile_interval
 from ..validation import check_ids
-from ._bootstrap_kernel import count_draws, count_subject_draws, resample_metrics
+from ._bootstrap_kernel import count_subject_draws, resample_metrics
 
 # FAR grid of the TAR band drawn on ROC figures.
 BAND_POINTS = 60
@@ -46,7 +53,6 @@ class VerificationIntervals:
     auc: tuple[float, float]
     eer: tuple[float, float]
     far_targets: np.ndarray
-    tar_at_far_nearest: tuple[np.ndarray, np.ndarray]
     tar_at_far_threshold: tuple[np.ndarray, np.ndarray]
     band_far: np.ndarray
     band_tar: tuple[np.ndarray, np.ndarray]
@@ -63,10 +69,6 @@ class VerificationIntervals:
             "tar_at_far": [
                 {
                     "far": float(far),
-                    "nearest": [
-                        float(self.tar_at_far_nearest[0][i]),
-                        float(self.tar_at_far_nearest[1][i]),
-                    ],
                     "threshold": [
                         float(self.tar_at_far_threshold[0][i]),
                         float(self.tar_at_far_threshold[1][i]),
@@ -78,28 +80,50 @@ class VerificationIntervals:
 
 
 @dataclass(frozen=True)
-class _SortedRuns:
-    """Scores sorted once, descending, as runs of equal scores."""
+class _ScoreBlocks:
+    """Scores sorted once, descending, cut into blocks: each run of equal scores that holds a
+    genuine pair is a block, and so is each maximal stretch of impostor-only runs.
 
-    thresholds: np.ndarray  # one per run, descending
-    genuine_runs: np.ndarray  # run of each genuine pair
-    impostor_runs: np.ndarray  # run of each impostor pair
+    Merging impostor-only runs changes no metric of any resample: such runs keep no genuine
+    pair in any resample, so they only move the FAR along one horizontal stretch of the ROC,
+    which adds nothing to the AUC, holds one TAR for the threshold rule, and
+    keeps the EER on the same segment. With few genuine pairs the blocks are few (at most
+    ``2 n_genuine + 1``), which is what makes a resample cheap.
+    """
+
+    genuine_blocks: np.ndarray  # block of each genuine pair
+    impostor_blocks: np.ndarray  # block of each impostor pair
+    genuine_sizes: np.ndarray  # genuine pairs per block
+    impostor_sizes: np.ndarray
     genuine_pairs: np.ndarray  # pair index of each genuine pair (input order)
     impostor_pairs: np.ndarray
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self.genuine_sizes)
+
     @classmethod
-    def from_pairs(cls, scores: np.ndarray, labels: np.ndarray) -> _SortedRuns:
+    def from_pairs(cls, scores: np.ndarray, labels: np.ndarray) -> _ScoreBlocks:
         order = np.argsort(-scores.astype(np.float64), kind="stable")
         ordered = scores[order]
-        starts = np.r_[True, ordered[1:] != ordered[:-1]]
-        run_of_position = np.cumsum(starts) - 1
-        run_of_pair = np.empty(len(scores), dtype=np.int64)
-        run_of_pair[order] = run_of_position
+        run_starts = np.r_[True, ordered[1:] != ordered[:-1]]
+        run_of_position = np.cumsum(run_starts) - 1
+        run_has_genuine = np.bincount(run_of_position, labels[order]) > 0
+        block_starts = run_has_genuine | np.r_[True, run_has_genuine[:-1]]
+        block_of_run = np.cumsum(block_starts) - 1
+        block_of_pair = np.empty(len(scores), dtype=np.int64)
+        block_of_pair[order] = block_of_run[run_of_position]
         genuine_pairs, impostor_pairs = np.flatnonzero(labels), np.flatnonzero(~labels)
+        num_blocks = int(block_of_run[-1]) + 1
+        genuine_blocks, impostor_blocks = (
+            block_of_pair[genuine_pairs],
+            block_of_pair[impostor_pairs],
+        )
         return cls(
-            ordered[starts].astype(np.float64),
-            run_of_pair[genuine_pairs],
-            run_of_pair[impostor_pairs],
+            genuine_blocks,
+            impostor_blocks,
+            np.bincount(genuine_blocks, minlength=num_blocks),
+            np.bincount(impostor_blocks, minlength=num_blocks),
             genuine_pairs,
             impostor_pairs,
         )
@@ -111,13 +135,13 @@ def weighted_metrics(
     far_targets: np.ndarray,
     band_far: np.ndarray,
 ) -> np.ndarray | None:
-    """AUC, EER, TAR@FAR (nearest, then threshold rule) and the TAR band of the multiset of
-    pairs with the given per-run genuine and impostor multiplicities (runs in descending
-    score), as one vector; None when one class is empty."""
+    """AUC, EER, TAR@FAR (threshold rule) and the TAR band of the multiset of
+    pairs with the given genuine and impostor multiplicities per block (or per run of equal
+    scores; descending score), as one vector; None when one class is empty."""
     from ._bootstrap_kernel import resample_metrics
 
     num_runs = len(genuine_counts)
-    out = np.empty(2 + 2 * len(far_targets) + len(band_far))
+    out = np.empty(2 + len(far_targets) + len(band_far))
     buffers = np.empty(num_runs, dtype=np.int64), np.empty(num_runs, dtype=np.int64)
     genuine, impostor = (np.asarray(c, dtype=np.int64) for c in (genuine_counts, impostor_counts))
     if not resample_metrics(genuine, impostor, far_targets, band_far, *buffers, out):
@@ -134,49 +158,51 @@ def bootstrap_verification(
     confidence: float = 0.95,
     subjects=None,
 ) -> VerificationIntervals:
-    """Intervals of AUC, EER and TAR@FAR (both rules) of validated ``(scores, labels)``.
+    """Intervals of AUC, EER and TAR@FAR (threshold rule) of validated ``(scores, labels)``.
 
     ``subjects``: one integer subject id per pair to resample subjects; pairs otherwise.
-    Seeded by ``numpy.random.default_rng(seed)``; per resample, pairs: ``rng.random(n_genuine)``
-    then ``rng.random(n_impostor)``, a uniform ``u`` picking item ``floor(u·n)`` of its class
-    (in input order); subjects: ``rng.random(num_subjects)``, picking subject ``floor(u·S)`` in
-    ascending id order.
+    Seeded by ``numpy.random.default_rng(seed)``; per resample, pairs: the genuine then the
+    impostor multiplicities per block of :class:`_ScoreBlocks`, each one ``rng.multinomial``
+    draw of the class size over the blocks' shares of it (exactly the counts of drawing that
+    many pairs of the class with replacement); subjects: ``rng.random(num_subjects)``, a uniform
+    ``u`` picking subject ``floor(u·S)`` in ascending id order.
 
     Raises:
         ValueError: ``num_resamples``/``confidence`` out of range, ``subjects`` of the wrong
             length or type, or every subject resample degenerate.
     """
     num_resamples, confidence = check_resampling(num_resamples, confidence)
-    runs = _SortedRuns.from_pairs(scores, labels)
-    num_runs = len(runs.thresholds)
-    num_genuine, num_impostor = len(runs.genuine_pairs), len(runs.impostor_pairs)
+    blocks = _ScoreBlocks.from_pairs(scores, labels)
+    num_blocks = blocks.num_blocks
+    num_genuine, num_impostor = len(blocks.genuine_pairs), len(blocks.impostor_pairs)
     band_far = np.geomspace(1 / num_impostor, 1.0, BAND_POINTS)
     rng = np.random.default_rng(seed)
     # Buffers reused by every resample (see _bootstrap_kernel).
-    genuine_counts = np.empty(num_runs, dtype=np.int64)
-    impostor_counts = np.empty(num_runs, dtype=np.int64)
-    cumulative = np.empty(num_runs, dtype=np.int64), np.empty(num_runs, dtype=np.int64)
-    values = np.full((num_resamples, 2 + 2 * len(far_targets) + BAND_POINTS), np.nan)
+    genuine_counts = np.empty(num_blocks, dtype=np.int64)
+    impostor_counts = np.empty(num_blocks, dtype=np.int64)
+    cumulative = np.empty(num_blocks, dtype=np.int64), np.empty(num_blocks, dtype=np.int64)
+    values = np.full((num_resamples, 2 + len(far_targets) + BAND_POINTS), np.nan)
     if subjects is None:
-        genuine_uniforms, impostor_uniforms = np.empty(num_genuine), np.empty(num_impostor)
+        genuine_shares = blocks.genuine_sizes / num_genuine
+        impostor_shares = blocks.impostor_sizes / num_impostor
     else:
         subject_ids = check_ids(subjects, "subjects", len(scores))
         unique, subject_of_pair = np.unique(subject_ids, return_inverse=True)
-        genuine_subjects = subject_of_pair[runs.genuine_pairs]
-        impostor_subjects = subject_of_pair[runs.impostor_pairs]
+        genuine_subjects = subject_of_pair[blocks.genuine_pairs]
+        impostor_subjects = subject_of_pair[blocks.impostor_pairs]
         subject_uniforms = np.empty(len(unique))
         subject_counts = np.empty(len(unique), dtype=np.int64)
     for resample in range(num_resamples):
         if subjects is None:
-            count_draws(rng.random(out=genuine_uniforms), runs.genuine_runs, genuine_counts)
-            count_draws(rng.random(out=impostor_uniforms), runs.impostor_runs, impostor_counts)
+            genuine_counts[:] = rng.multinomial(num_genuine, genuine_shares)
+            impostor_counts[:] = rng.multinomial(num_impostor, impostor_shares)
         else:
             rng.random(out=subject_uniforms)
-            for counts, items, item_runs in (
-                (genuine_counts, genuine_subjects, runs.genuine_runs),
-                (impostor_counts, impostor_subjects, runs.impostor_runs),
+            for counts, items, item_blocks in (
+                (genuine_counts, genuine_subjects, blocks.genuine_blocks),
+                (impostor_counts, impostor_subjects, blocks.impostor_blocks),
             ):
-                count_subject_draws(subject_uniforms, subject_counts, items, item_runs, counts)
+                count_subject_draws(subject_uniforms, subject_counts, items, item_blocks, counts)
         resample_metrics(
             genuine_counts, impostor_counts, far_targets, band_far, *cumulative, values[resample]
         )
@@ -184,8 +210,7 @@ def bootstrap_verification(
     if not kept.any():
         raise ValueError("every subject resample lacks genuine or impostor pairs")
     low, high = percentile_interval(values[kept], confidence)
-    num_targets = len(far_targets)
-    parts = np.cumsum([1, 1, num_targets, num_targets])
+    end = 2 + len(far_targets)
     return VerificationIntervals(
         unit="subjects" if subjects is not None else "pairs (stratified by label)",
         confidence=confidence,
@@ -195,8 +220,7 @@ def bootstrap_verification(
         auc=(float(low[0]), float(high[0])),
         eer=(float(low[1]), float(high[1])),
         far_targets=far_targets,
-        tar_at_far_nearest=(low[parts[1] : parts[2]], high[parts[1] : parts[2]]),
-        tar_at_far_threshold=(low[parts[2] : parts[3]], high[parts[2] : parts[3]]),
+        tar_at_far_threshold=(low[2:end], high[2:end]),
         band_far=band_far,
-        band_tar=(low[parts[3] :], high[parts[3] :]),
+        band_tar=(low[end:], high[end:]),
     )

@@ -151,9 +151,8 @@ def _table(summary: dict) -> str:
     lines += ["", "| FAR | TAR (nearest ROC point) | TAR (threshold) |", "|---|---|---|"]
     for position, row in enumerate(summary["tar_at_far"]):
         bounds = intervals["tar_at_far"][position] if intervals else {}
-        nearest = _with_interval(row["nearest"], bounds.get("nearest"))
         threshold = _with_interval(row["threshold"], bounds.get("threshold"))
-        lines.append(f"| {row['far']:g} | {nearest} | {threshold} |")
+        lines.append(f"| {row['far']:g} | {row['nearest']:.6f} | {threshold} |")
     if intervals:
         lines.append(
             f"\n[low, high]: {100 * intervals['confidence']:g}% {intervals['method']} "
