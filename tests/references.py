@@ -21,7 +21,9 @@ class ReferenceReID:
     num_skipped_queries: int
 
 
-def reference_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50) -> ReferenceReID:
+def reference_reid(
+    distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50
+) -> ReferenceReID:
     """CMC, mAP and mINP: a stable argsort of each row, same-pid-same-camera items dropped."""
     distmat = np.asarray(distmat)
     max_rank = min(max_rank, distmat.shape[1])

@@ -53,6 +53,9 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
     distances follow ``metric`` ("euclidean": squared, on the embeddings as given; "cosine").
     PML casts labels to float32, which merges ids from 2^24 up, so :meth:`get_accuracy` keeps
     the ids exactly as given (see :func:`exact_id_rows`) and evaluates those.
+
+    ``rerank`` and ``query_expansion`` are those of :func:`evaluation.reid.evaluate_reid`
+    (k-reciprocal re-ranking, docs/theory.md §8; average / α query expansion, §9).
     """
 
     def __init__(
@@ -62,8 +65,16 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
         include=(),
         exclude=(),
         device=None,
+        rerank=None,
+        query_expansion=None,
         **kwargs,
     ):
+        from ..reid.query_expansion import as_query_expansion_options
+        from ..reid.rerank import as_rerank_options
+
+        # Validated here, so that a bad option fails when the tester is built, not after testing.
+        self.rerank = as_rerank_options(rerank)
+        self.query_expansion = as_query_expansion_options(query_expansion)
         if not ranks or any(not isinstance(k, int) or k < 1 for k in ranks):
             raise ValueError(f"ranks must be positive integers, got {ranks!r}")
         self.ranks, self.metric = tuple(ranks), metric
@@ -139,6 +150,8 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
             metric=self.metric,
             max_rank=max(self.ranks),
             device=self.device if isinstance(self.device, torch.device) else None,
+            rerank=self.rerank,
+            query_expansion=self.query_expansion,
         )
 
     def _cmc_rank(self, reid_result, k, **kwargs):

@@ -14,14 +14,31 @@ class ReIDTester(GlobalEmbeddingSpaceTester):
     columns together, so this tester passes the (n, 2) label rows to a
     :class:`ReIDAccuracyCalculator` (the default) and records the metrics under level 0.
     Embeddings are not L2-normalised unless asked (``normalize_embeddings=True``), so that
-    "euclidean" means the squared distance on the raw features.
+    "euclidean" means the squared distance on the raw features. ``rerank`` and
+    ``query_expansion`` configure the default calculator (see :class:`ReIDAccuracyCalculator`).
     """
 
-    def __init__(self, *args, normalize_embeddings=False, accuracy_calculator=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        normalize_embeddings=False,
+        accuracy_calculator=None,
+        rerank=None,
+        query_expansion=None,
+        **kwargs,
+    ):
+        if accuracy_calculator is not None and (rerank or query_expansion is not None):
+            raise ValueError(
+                "pass rerank / query_expansion to the ReIDAccuracyCalculator you give, not the tester"
+            )
+        if accuracy_calculator is None:
+            accuracy_calculator = ReIDAccuracyCalculator(
+                rerank=rerank, query_expansion=query_expansion
+            )
         super().__init__(
             *args,
             normalize_embeddings=normalize_embeddings,
-            accuracy_calculator=accuracy_calculator or ReIDAccuracyCalculator(),
+            accuracy_calculator=accuracy_calculator,
             **kwargs,
         )
 

@@ -24,7 +24,7 @@ stays bounded by ``block_bytes`` whatever the gallery size.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -48,7 +48,15 @@ DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class ReIDResult:
-    """Metrics of one evaluation; ``average_precision`` is per query, NaN where skipped."""
+    """Metrics of one evaluation; ``average_precision`` is per query, NaN where skipped.
+
+    Per query too: ``inverse_negative_penalty`` (NaN where skipped) and ``first_positive_ranks``
+    (num_query, num_repeats), the kept rank of the first positive that the CMC counts (one
+    column for "market1501", one per repeat for "cuhk03"; 0 where skipped). ``query_pids`` and
+    ``query_camids`` are set by the evaluators, which enables :meth:`per_camera`,
+    :meth:`per_identity` and :meth:`bootstrap`; ``intervals`` holds a bootstrap's result when
+    one was asked for.
+    """
 
     cmc: np.ndarray
     mAP: float
@@ -56,6 +64,11 @@ class ReIDResult:
     average_precision: np.ndarray
     num_valid_queries: int
     num_skipped_queries: int
+    inverse_negative_penalty: np.ndarray | None = None
+    first_positive_ranks: np.ndarray | None = None
+    query_pids: np.ndarray | None = None
+    query_camids: np.ndarray | None = None
+    intervals: object | None = None
 
     def rank(self, k: int) -> float:
         """Rank-k accuracy (``cmc[k - 1]``).
@@ -72,14 +85,43 @@ class ReIDResult:
             raise ValueError(f"rank k must be an integer in [1, {len(self.cmc)}], got {k!r}")
         return float(self.cmc[k - 1])
 
+    def per_camera(self) -> dict[int, dict]:
+        """Rank-1, mAP, mINP and the number of valid queries, per query camera."""
+        return self._breakdown(self.query_camids, "query_camids")
+
+    def per_identity(self) -> dict[int, dict]:
+        """Rank-1, mAP, mINP and the number of valid queries, per query identity."""
+        return self._breakdown(self.query_pids, "query_pids")
+
+    def _breakdown(self, groups, name: str) -> dict[int, dict]:
+        from .bootstrap import group_breakdown
+
+        if groups is None:
+            raise ValueError(f"this result carries no {name}: build it with evaluate_reid")
+        return group_breakdown(self, groups)
+
+    def bootstrap(self, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95):
+        """Percentile intervals of rank-k, mAP and mINP over query identities resampled with
+        replacement (docs/theory.md §10); see :func:`evaluation.reid.bootstrap.bootstrap_reid`."""
+        from .bootstrap import bootstrap_reid
+
+        return bootstrap_reid(self, num_resamples, seed, confidence)
+
     def to_dict(self) -> dict:
-        return {
+        summary = {
             "mAP": self.mAP,
             "mINP": self.mINP,
             "cmc": self.cmc.tolist(),
             "num_valid_queries": self.num_valid_queries,
             "num_skipped_queries": self.num_skipped_queries,
         }
+        if self.query_camids is not None:
+            summary["per_camera"] = {str(c): row for c, row in self.per_camera().items()}
+        if self.query_pids is not None:
+            summary["per_identity"] = {str(p): row for p, row in self.per_identity().items()}
+        if self.intervals is not None:
+            summary["intervals"] = self.intervals.as_dict()
+        return summary
 
 
 def evaluate_reid(
@@ -97,6 +139,9 @@ def evaluate_reid(
     seed: int = 0,
     device=None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
+    rerank=None,
+    query_expansion=None,
+    bootstrap: int | None = None,
 ) -> ReIDResult:
     """CMC, mAP and mINP of query features against gallery features (see the module docstring).
 
@@ -108,6 +153,15 @@ def evaluate_reid(
     counted as soon as it is computed. Features whose squared distances would overflow or
     underflow that precision are first divided by one common power of two (exact, so the ranks
     are those of exact-range arithmetic).
+
+    ``rerank``: ``True``, a :class:`~evaluation.reid.rerank.KReciprocalOptions` or a dict of
+    its fields ranks by the k-reciprocal re-ranked distance of docs/theory.md §8 instead
+    (:func:`~evaluation.reid.rerank.k_reciprocal_rerank`, sparse and blocked).
+    ``query_expansion``: ``"average"``, ``"alpha"``, a
+    :class:`~evaluation.reid.query_expansion.QueryExpansionOptions` or a dict of its fields
+    replaces the features by their query-expanded versions first (docs/theory.md §9).
+    ``bootstrap``: a number of resamples attaches percentile intervals (95 %, query identities
+    resampled, seeded by ``seed``; docs/theory.md §10) as ``result.intervals``.
     """
     query, gallery = check_feature_pair(
         check_features(query_features, "query_features"),
@@ -117,9 +171,33 @@ def evaluate_reid(
     )
     check_positive_integer(block_bytes, "block_bytes")
     ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, len(query), len(gallery))
+    blocks = _feature_blocks(query, gallery, metric, device, block_bytes, rerank, query_expansion)
+    result = _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+    return _with_intervals(result, bootstrap, seed)
+
+
+def _with_intervals(result: ReIDResult, bootstrap: int | None, seed: int) -> ReIDResult:
+    if bootstrap is None:
+        return result
+    return replace(result, intervals=result.bootstrap(bootstrap, seed))
+
+
+def _feature_blocks(
+    query, gallery, metric, device, block_bytes, rerank, query_expansion
+) -> DistanceBlocks:
+    from .query_expansion import as_query_expansion_options, expand_queries
+    from .rerank import as_rerank_options, k_reciprocal_rerank
+
+    options = as_rerank_options(rerank)
+    expansion = as_query_expansion_options(query_expansion)
+    if expansion is not None:
+        query, gallery = expand_queries(query, gallery, expansion)
+    if options is not None:
+        return k_reciprocal_rerank(
+            query, gallery, metric, options, device=device, block_bytes=block_bytes
+        )
     block_rows = max(1, block_bytes // (len(gallery) * query.itemsize))
-    blocks = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
-    return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+    return DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
 
 
 def evaluate_reid_from_distances(
@@ -133,15 +211,18 @@ def evaluate_reid_from_distances(
     protocol: str = "market1501",
     num_repeats: int = 10,
     seed: int = 0,
+    bootstrap: int | None = None,
 ) -> ReIDResult:
-    """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer."""
+    """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer
+    (``bootstrap`` as in :func:`evaluate_reid`)."""
     distances = to_numpy(distmat, "distmat")
     if distances.ndim == 2 and 0 in distances.shape:
         check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
     distances = check_features(distances, "distmat")
     ids = check_protocol_ids(q_pids, g_pids, q_camids, g_camids, *distances.shape)
     blocks = DistanceBlocks.from_distances(distances)
-    return _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+    result = _evaluate_blocks(blocks, *ids, max_rank, protocol, num_repeats, seed)
+    return _with_intervals(result, bootstrap, seed)
 
 
 def pairwise_distances(
@@ -291,7 +372,8 @@ def _evaluate_blocks(
                 )
 
     cmc_ranks = np.concatenate(single_shot_ranks) if protocol == "cuhk03" else None
-    return result_from_positive_ranks(ranks, num_positives, max_rank, cmc_ranks)
+    result = result_from_positive_ranks(ranks, num_positives, max_rank, cmc_ranks)
+    return replace(result, query_pids=q_pids, query_camids=q_camids)
 
 
 def result_from_positive_ranks(
@@ -316,6 +398,10 @@ def result_from_positive_ranks(
     average_precision[valid] = np.add.reduceat(within / ranks, valid_starts) / num_positives[valid]
     inverse_negative_penalty = num_positives[valid] / ranks[offsets[1:][valid] - 1]
     first_ranks = ranks[valid_starts] if cmc_ranks is None else cmc_ranks
+    per_query_inp = np.full(len(num_positives), np.nan)
+    per_query_inp[valid] = inverse_negative_penalty
+    per_query_first = np.zeros((len(num_positives), len(first_ranks) // int(valid.sum())), np.int64)
+    per_query_first[valid] = first_ranks.reshape(int(valid.sum()), -1)
     return ReIDResult(
         cmc=_cmc(first_ranks, max_rank),
         mAP=float(average_precision[valid].mean()),
@@ -323,6 +409,8 @@ def result_from_positive_ranks(
         average_precision=average_precision,
         num_valid_queries=int(valid.sum()),
         num_skipped_queries=int((~valid).sum()),
+        inverse_negative_penalty=per_query_inp,
+        first_positive_ranks=per_query_first,
     )
 
 

@@ -95,6 +95,15 @@ def reranking_candidates(
     gallery = check_features(gallery_features, "gallery_features")
     check_same_dimension(query, gallery, "query_features", "gallery_features")
     joint = np.concatenate([query, gallery]).astype(np.float32, copy=False)
+    return joint_nearest_neighbours(joint, k, metric, use_gpu)
+
+
+def joint_nearest_neighbours(
+    joint: np.ndarray, k: int, metric: str = "euclidean", use_gpu: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`reranking_candidates` on the already stacked (queries, then gallery) features."""
+    if metric not in _FAISS_METRICS:
+        raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     scores, indices = top_k(joint, joint, k, metric=_FAISS_METRICS[metric], use_gpu=use_gpu)
     distances = -scores if metric == "euclidean" else 1 - scores
     return distances, indices

@@ -7,7 +7,10 @@
   :func:`verification_accuracy_10fold`, :func:`fuse_flip`, :func:`pair_distances`.
 - IJB-style templates (:mod:`evaluation.verification.templates`): :func:`image_features`,
   :func:`template_features`, :func:`template_pair_scores`.
-- Open-set 1:N identification (:mod:`evaluation.verification.identification`).
+- Open-set 1:N identification (:mod:`evaluation.verification.identification`), and with a
+  gallery grown by distractors (:mod:`evaluation.verification.distractors`).
+- Bootstrap confidence intervals (:mod:`evaluation.verification.bootstrap`, through
+  ``verification_report(..., bootstrap=...)``).
 - Files (:mod:`evaluation.datasets.face`): :func:`load_bin` and the IJB meta readers.
 """
 
@@ -16,6 +19,12 @@ from ..datasets.face import (
     read_detector_scores,
     read_template_media_list,
     read_template_pairs,
+)
+from .bootstrap import VerificationIntervals, bootstrap_verification
+from .distractors import (
+    DistractorCurve,
+    default_distractor_counts,
+    identification_with_distractors,
 )
 from .identification import (
     IdentificationResult,
@@ -44,14 +53,19 @@ from .ten_fold import (
 __all__ = [
     "DEFAULT_FAR_TARGETS",
     "TAR_AT_FAR_RULES",
+    "DistractorCurve",
     "IdentificationResult",
     "RocCurve",
     "TenFoldResult",
+    "VerificationIntervals",
     "VerificationReport",
     "auc",
+    "bootstrap_verification",
+    "default_distractor_counts",
     "eer",
     "fuse_flip",
     "identification_from_top_k",
+    "identification_with_distractors",
     "image_features",
     "load_bin",
     "open_set_identification",

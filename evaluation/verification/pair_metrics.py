@@ -307,10 +307,11 @@ class VerificationReport:
     tar_at_far_threshold: np.ndarray
     n_genuine: int
     n_impostor: int
+    intervals: object | None = None  # VerificationIntervals when a bootstrap was asked for
 
     def as_dict(self) -> dict:
         """A JSON-ready summary (the curve itself left out)."""
-        return {
+        summary = {
             "n_genuine": self.n_genuine,
             "n_impostor": self.n_impostor,
             "auc": self.auc,
@@ -325,20 +326,44 @@ class VerificationReport:
                 )
             ],
         }
+        if self.intervals is not None:
+            summary["intervals"] = self.intervals.as_dict()
+        return summary
 
 
 def verification_report(
     scores: ArrayLike | RocCurve,
     labels: ArrayLike | None = None,
     far_targets: ArrayLike | float = DEFAULT_FAR_TARGETS,
+    *,
+    bootstrap: int | None = None,
+    subjects: ArrayLike | None = None,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> VerificationReport:
     """ROC, AUC, EER and TAR@FAR (both rules) from one sort of the scores.
 
     Each quantity is defined as in :func:`roc`, :func:`auc`, :func:`eer` and :func:`tar_at_far`.
-    ``scores`` may be a :class:`RocCurve` (then without ``labels``).
+    ``scores`` may be a :class:`RocCurve` (then without ``labels``, and without ``bootstrap``).
+    ``bootstrap``: a number of resamples attaches percentile intervals (``confidence``, seeded
+    by ``seed``) as ``report.intervals``, resampling the subjects given by ``subjects`` (one id
+    per pair) or else the pairs (docs/theory.md §10,
+    :func:`evaluation.verification.bootstrap.bootstrap_verification`).
     """
     targets = check_far_targets(far_targets)
     curve = _curve_of(scores, labels)
+    intervals = None
+    if bootstrap is not None:
+        if isinstance(scores, RocCurve):
+            raise ValueError("bootstrap= needs the scores and labels, not a RocCurve")
+        from .bootstrap import bootstrap_verification
+
+        score_array, label_array = check_pair_scores(scores, labels)
+        intervals = bootstrap_verification(
+            score_array, label_array, targets, bootstrap, seed, confidence, subjects
+        )
+    elif subjects is not None:
+        raise ValueError("subjects are only used by the bootstrap: pass bootstrap=")
     return VerificationReport(
         far=curve.far,
         tar=curve.tar,
@@ -350,4 +375,5 @@ def verification_report(
         tar_at_far_threshold=_tar_threshold(curve, targets),
         n_genuine=curve.n_genuine,
         n_impostor=curve.n_impostor,
+        intervals=intervals,
     )

@@ -34,6 +34,22 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     parser.add_argument("--json", type=Path, help="write the metrics to this JSON file")
     parser.add_argument("--plot", type=Path, help="write the CMC curve to this PNG file")
+    parser.add_argument(
+        "--rerank",
+        nargs="?",
+        const="paper",
+        choices=("paper", "torchreid"),
+        help="k-reciprocal re-ranking, k1=20 k2=6 lambda=0.3 (convention: paper, the default, "
+        "or torchreid); needs features",
+    )
+    parser.add_argument(
+        "--query-expansion",
+        choices=("average", "alpha"),
+        help="fast-reid's query expansion (k=5; alpha: weights cos^3); needs features",
+    )
+    parser.add_argument(
+        "--bootstrap", type=int, metavar="N", help="95%% intervals from N identity resamples"
+    )
     parser.set_defaults(func=run)
 
 
@@ -42,8 +58,15 @@ def run(args) -> int:
 
     arrays = _load(args.features)
     ids = [arrays[key] for key in ID_KEYS]
-    options = {"max_rank": args.max_rank, "protocol": args.protocol, "seed": args.seed}
+    options = {
+        "max_rank": args.max_rank,
+        "protocol": args.protocol,
+        "seed": args.seed,
+        "bootstrap": args.bootstrap,
+    }
     if "distmat" in arrays:
+        if args.rerank or args.query_expansion:
+            raise CommandError("--rerank and --query-expansion need features, not a distmat")
         result = evaluate_reid_from_distances(arrays["distmat"], *ids, **options)
     else:
         result = evaluate_reid(
@@ -52,13 +75,15 @@ def run(args) -> int:
             *ids,
             metric=args.metric,
             device=args.device,
+            rerank={"convention": args.rerank} if args.rerank else None,
+            query_expansion=args.query_expansion,
             **options,
         )
     print(format_table(result))
     if args.json:
         args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     if args.plot:
-        plot_cmc(result.cmc, args.plot)
+        plot_cmc(result.cmc, args.plot, result.intervals)
     return 0
 
 
@@ -80,10 +105,23 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 
 
 def format_table(result) -> str:
-    rows = [("mAP", result.mAP), ("mINP", result.mINP)]
-    rows += [(f"Rank-{k}", result.cmc[k - 1]) for k in TABLE_RANKS if k <= len(result.cmc)]
+    intervals = result.intervals
+    rows = [("mAP", result.mAP, intervals and (intervals.mAP_low, intervals.mAP_high))]
+    rows.append(("mINP", result.mINP, intervals and (intervals.mINP_low, intervals.mINP_high)))
+    rows += [
+        (f"Rank-{k}", result.cmc[k - 1], intervals and intervals.rank(k))
+        for k in TABLE_RANKS
+        if k <= len(result.cmc)
+    ]
     lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {100 * value:.2f}% |" for name, value in rows]
+    for name, value, interval in rows:
+        bounds = f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else ""
+        lines.append(f"| {name} | {100 * value:.2f}%{bounds} |")
+    if intervals:
+        lines.append(
+            f"\n[low, high]: {100 * intervals.confidence:g}% percentile bootstrap over query "
+            f"identities ({intervals.num_resamples} resamples, seed {intervals.seed})"
+        )
     lines.append(
         f"\nvalid queries: {result.num_valid_queries}, "
         f"skipped (no positive): {result.num_skipped_queries}"
@@ -91,10 +129,20 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_cmc(cmc: np.ndarray, path: Path) -> None:
+def plot_cmc(cmc: np.ndarray, path: Path, intervals=None) -> None:
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(5, 4))
-    axes.plot(np.arange(1, len(cmc) + 1), 100 * cmc, marker=".")
+    ranks = np.arange(1, len(cmc) + 1)
+    axes.plot(ranks, 100 * cmc, marker=".")
+    if intervals is not None:
+        axes.fill_between(
+            ranks,
+            100 * intervals.cmc_low,
+            100 * intervals.cmc_high,
+            alpha=0.25,
+            label=f"{100 * intervals.confidence:g}% bootstrap interval",
+        )
+        axes.legend(loc="lower right")
     axes.set(xlabel="rank", ylabel="matching rate (%)", title="CMC", ylim=(0, 100.5))
     axes.grid(alpha=0.3)
     figure.tight_layout()

@@ -6,7 +6,11 @@ Input (``.npz``, read without pickles), one of:
   10-fold accuracy is reported too;
 - ``embeddings`` and ``pairs`` (n, 2) row indices with ``labels``, or ``--pairs`` naming a text
   file of lines ``i j label``.
-Embeddings are scored by cosine similarity.
+Embeddings are scored by cosine similarity. ``--bootstrap N`` adds percentile intervals,
+resampling the subjects of an optional ``subjects`` array (one id per pair), else the pairs.
+``--distractors FILE`` (a ``.npy`` of distractor embeddings, memory-mapped) adds the rank-k
+identification curve of ``probe_features``/``probe_subjects`` against
+``gallery_features``/``gallery_subjects`` (in the ``.npz``) as distractors are added.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ def add_subparser(subparsers) -> None:
     parser.add_argument("--folds", type=int, default=10, help="folds of the k-fold accuracy")
     parser.add_argument("--json", type=Path, help="write the metrics as JSON here ('-': stdout)")
     parser.add_argument("--plot", type=Path, help="write the ROC (log-scale FAR axis) as a PNG")
+    parser.add_argument(
+        "--bootstrap", type=int, metavar="N", help="95%% percentile intervals from N resamples"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument(
+        "--distractors", type=Path, help=".npy of distractor embeddings for the 1:N curve"
+    )
+    parser.add_argument(
+        "--distractor-plot", type=Path, help="write the identification-rate curve as a PNG"
+    )
     parser.set_defaults(func=run)
 
 
@@ -110,14 +124,19 @@ def _scores_and_labels(arrays: dict[str, np.ndarray], pair_file: Path | None):
     return 1.0 - distances / 2.0, arrays["issame"], distances
 
 
+def _with_interval(value: float, interval) -> str:
+    return f"{value:.6f}" + (f" [{interval[0]:.6f}, {interval[1]:.6f}]" if interval else "")
+
+
 def _table(summary: dict) -> str:
+    intervals = summary.get("intervals")
     lines = [
         f"pairs: {summary['n_genuine']} genuine, {summary['n_impostor']} impostor",
         "",
         "| metric | value |",
         "|---|---|",
-        f"| AUC | {summary['auc']:.6f} |",
-        f"| EER | {summary['eer']:.6f} |",
+        f"| AUC | {_with_interval(summary['auc'], intervals and intervals['auc'])} |",
+        f"| EER | {_with_interval(summary['eer'], intervals and intervals['eer'])} |",
     ]
     if "ten_fold" in summary:
         fold = summary["ten_fold"]
@@ -130,8 +149,15 @@ def _table(summary: dict) -> str:
             f"{fold['val_at_far_1e-3_std']:.5f} |"
         )
     lines += ["", "| FAR | TAR (nearest ROC point) | TAR (threshold) |", "|---|---|---|"]
-    for row in summary["tar_at_far"]:
-        lines.append(f"| {row['far']:g} | {row['nearest']:.6f} | {row['threshold']:.6f} |")
+    for position, row in enumerate(summary["tar_at_far"]):
+        bounds = intervals["tar_at_far"][position] if intervals else {}
+        threshold = _with_interval(row["threshold"], bounds.get("threshold"))
+        lines.append(f"| {row['far']:g} | {row['nearest']:.6f} | {threshold} |")
+    if intervals:
+        lines.append(
+            f"\n[low, high]: {100 * intervals['confidence']:g}% {intervals['method']} "
+            f"({intervals['num_resamples']} resamples, seed {intervals['seed']})"
+        )
     return "\n".join(lines)
 
 
@@ -144,6 +170,17 @@ def _plot(report, path: Path) -> None:
     picked = np.unique(np.minimum(np.searchsorted(far, grid, side="right") - 1, far.size - 1))
     figure, axis = plt.subplots(figsize=(5, 4))
     axis.plot(far[picked], tar[picked], drawstyle="steps-post")
+    if report.intervals is not None:
+        band = report.intervals
+        axis.fill_between(
+            band.band_far,
+            band.band_tar[0],
+            band.band_tar[1],
+            step="post",
+            alpha=0.25,
+            label=f"{100 * band.confidence:g}% bootstrap interval (threshold rule)",
+        )
+        axis.legend(loc="lower right")
     axis.set_xscale("log")
     axis.set_xlabel("FAR (false accept rate)")
     axis.set_ylabel("TAR (true accept rate)")
@@ -154,24 +191,87 @@ def _plot(report, path: Path) -> None:
     plt.close(figure)
 
 
+def _distractor_curve(arrays: dict[str, np.ndarray], path: Path):
+    from evaluation.verification import identification_with_distractors
+
+    needed = ("probe_features", "probe_subjects", "gallery_features", "gallery_subjects")
+    missing = [key for key in needed if key not in arrays]
+    if missing:
+        raise CommandError(f"--distractors needs the input keys {', '.join(missing)}")
+    if not path.is_file():
+        raise CommandError(f"{path} is not a file")
+    try:
+        distractors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise CommandError(f"{path} cannot be read as .npy: {error}") from error
+    return identification_with_distractors(*(arrays[key] for key in needed), distractors)
+
+
+def _distractor_table(curve) -> str:
+    lines = [
+        f"1:N with distractors: {curve.num_mated} mated probes "
+        f"({curve.num_non_mated} without a gallery mate left out)",
+        "",
+        "| distractors | " + " | ".join(f"rank-{k}" for k in curve.ranks) + " |",
+        "|---|" + "---|" * len(curve.ranks),
+    ]
+    for count, row in zip(curve.distractor_counts, curve.rates, strict=True):
+        lines.append(f"| {count:,} | " + " | ".join(f"{rate:.4f}" for rate in row) + " |")
+    return "\n".join(lines)
+
+
+def _plot_distractors(curve, path: Path) -> None:
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(5, 4))
+    # Count 0 (the gallery alone) sits at 1 on the log axis.
+    counts = np.maximum(curve.distractor_counts, 1)
+    for column, k in enumerate(curve.ranks):
+        axis.plot(counts, 100 * curve.rates[:, column], marker="o", label=f"rank-{k}")
+    axis.set_xscale("log")
+    axis.set(xlabel="distractors", ylabel="identification rate (%)", ylim=(0, 100.5))
+    axis.set_title("Identification with distractors")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def run(args) -> int:
     arrays = _load_npz(args.input)
-    scores, labels, distances = _scores_and_labels(arrays, args.pairs)
-    report = verification_report(scores, labels, args.far)
-    summary = report.as_dict()
-    if distances is not None:
-        ten_fold = verification_accuracy_10fold(
-            distances=distances, issame=labels, n_folds=args.folds
+    summary, tables = {}, []
+    pair_keys = ("scores", "embeddings")
+    if args.distractors is None or any(key in arrays for key in pair_keys):
+        scores, labels, distances = _scores_and_labels(arrays, args.pairs)
+        report = verification_report(
+            scores,
+            labels,
+            args.far,
+            bootstrap=args.bootstrap,
+            subjects=arrays.get("subjects") if args.bootstrap else None,
+            seed=args.seed,
         )
-        summary["folds"] = args.folds
-        summary["ten_fold"] = ten_fold.as_dict()
-    if args.plot is not None:
-        _plot(report, args.plot)
+        summary = report.as_dict()
+        if distances is not None:
+            ten_fold = verification_accuracy_10fold(
+                distances=distances, issame=labels, n_folds=args.folds
+            )
+            summary["folds"] = args.folds
+            summary["ten_fold"] = ten_fold.as_dict()
+        if args.plot is not None:
+            _plot(report, args.plot)
+        tables.append(_table(summary))
+    if args.distractors is not None:
+        curve = _distractor_curve(arrays, args.distractors)
+        summary["distractors"] = curve.as_dict()
+        tables.append(_distractor_table(curve))
+        if args.distractor_plot is not None:
+            _plot_distractors(curve, args.distractor_plot)
     if args.json is not None:
         text = json.dumps(summary, indent=2)
         if str(args.json) == "-":
             print(text)
             return 0
         args.json.write_text(text + "\n")
-    print(_table(summary), file=sys.stdout)
+    print("\n\n".join(tables), file=sys.stdout)
     return 0

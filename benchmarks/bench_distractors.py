@@ -1,0 +1,103 @@
+"""Distractor curve benchmark: MegaFace-shaped identification against the products alone.
+
+Synthetic random features (timing only): 3,530 probes of 3,530 identities with one gallery
+mate each, and 1,000,000 x 512 float32 distractors (2 GB, generated in the case's process).
+``curve``: :func:`evaluation.verification.identification_with_distractors` over the default
+counts 0, 10, ..., 1,000,000 (ranks 1, 5, 10); ``products``: the probe x distractor products
+alone (``probes @ block.T`` in numpy float32 over the same blocks, L2-normalised inputs).
+Each case in a fresh process; "extra memory" is the peak RSS minus the RSS once the inputs exist.
+
+Run: ``flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_distractors.py``
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import (  # noqa: E402
+    current_rss_bytes,
+    machine_description,
+    measure_in_fresh_process,
+    peak_rss_bytes,
+    run_case_if_asked,
+)
+
+NUM_PROBES, NUM_DISTRACTORS, DIM = 3530, 1_000_000, 512
+
+
+def make_problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((NUM_PROBES, DIM), dtype=np.float32)
+    probes = centres + 0.8 * rng.standard_normal((NUM_PROBES, DIM), dtype=np.float32)
+    gallery = centres + 0.8 * rng.standard_normal((NUM_PROBES, DIM), dtype=np.float32)
+    distractors = np.empty((NUM_DISTRACTORS, DIM), dtype=np.float32)
+    for first in range(0, NUM_DISTRACTORS, 100_000):
+        distractors[first : first + 100_000] = rng.standard_normal((100_000, DIM), np.float32)
+    ids = np.arange(NUM_PROBES)
+    return probes, ids, gallery, ids, distractors
+
+
+def run_case(case: str) -> dict:
+    from evaluation.knn import l2_normalize
+    from evaluation.verification.distractors import (
+        DEFAULT_BLOCK_ROWS,
+        identification_with_distractors,
+    )
+
+    tiny = make_tiny()
+    identification_with_distractors(*tiny)  # warm-up
+    problem = make_problem()
+    inputs_rss = current_rss_bytes()
+    start = time.perf_counter()
+    if case == "curve":
+        curve = identification_with_distractors(*problem)
+        extra = {"rank1": curve.rates[:, 0].tolist(), "counts": curve.distractor_counts.tolist()}
+    elif case == "products":
+        probes = l2_normalize(problem[0])
+        distractors = problem[4]
+        for first in range(0, NUM_DISTRACTORS, DEFAULT_BLOCK_ROWS):
+            block = l2_normalize(distractors[first : first + DEFAULT_BLOCK_ROWS])
+            probes @ block.T
+        extra = {}
+    else:
+        raise ValueError(f"unknown case {case!r}")
+    return {
+        "time": time.perf_counter() - start,
+        "extra_memory_mb": (peak_rss_bytes() - inputs_rss) / 2**20,
+        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        **extra,
+    }
+
+
+def make_tiny():
+    rng = np.random.default_rng(1)
+    features = rng.standard_normal((60, 8), dtype=np.float32)
+    ids = np.arange(10)
+    return features[:10], ids, features[10:20], ids, features[20:]
+
+
+def main() -> None:
+    if run_case_if_asked(run_case):
+        return
+    print(f"machine: {machine_description()}")
+    rows = {case: measure_in_fresh_process(__file__, case=case) for case in ("products", "curve")}
+    print("| case | time (s) | extra memory over the inputs (MB) | peak RSS (MB) |")
+    print("|---|---|---|---|")
+    for case, row in rows.items():
+        print(
+            f"| {case} | {row['time']:.1f} | {row['extra_memory_mb']:.0f} | {row['peak_rss_mb']:.0f} |"
+        )
+    print(f"\ncurve / products: {rows['curve']['time'] / rows['products']['time']:.2f}")
+    print(
+        "rank-1 by distractor count:",
+        dict(zip(rows["curve"]["counts"], rows["curve"]["rank1"], strict=True)),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Open-set identification with distractors, MegaFace-style (docs/theory.md §11).
+
+Each probe is searched (cosine similarity) in a gallery that holds its mates, grown with the
+first ``n`` embeddings of a distractor set (people who are in neither the probe nor the
+gallery set), for ``n`` = 10, 100, ..., up to the whole set. The kept rank of a probe is
+``1 +`` the number of non-mate gallery items and of the first ``n`` distractors that score at
+least its best mate (ties count against the probe), and the rank-k identification rate is the
+share of mated probes (those with a mate in the gallery) whose rank is at most ``k``.
+
+Because only ranks up to ``K = max(ranks)`` matter, each probe needs just its best mate score,
+its count of non-mates at or above it, and its ``K`` best distractor scores among the first
+``n``. The distractors are read once, in order, block by block (an exact FAISS search per block),
+and the running top-``K`` is merged block after block; blocks end at every requested count, so
+every count is read off the same pass. Memory beyond the inputs is one block of distractors
+(as float32, normalised) and the (probes, K) running scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..knn import l2_normalize, top_k
+from ..validation import check_features, check_ids, check_positive_integer, to_numpy
+
+DEFAULT_BLOCK_ROWS = 2**15
+
+
+@dataclass(frozen=True)
+class DistractorCurve:
+    """Rank-k identification rate (``rates[i, j]``: ``distractor_counts[i]`` distractors,
+    rank ``ranks[j]``), over ``num_mated`` mated probes; count 0 is the gallery alone."""
+
+    distractor_counts: np.ndarray
+    ranks: tuple[int, ...]
+    rates: np.ndarray
+    num_mated: int
+    num_non_mated: int
+
+    def as_dict(self) -> dict:
+        return {
+            "num_mated": self.num_mated,
+            "num_non_mated": self.num_non_mated,
+            "ranks": list(self.ranks),
+            "curve": [
+                {
+                    "distractors": int(count),
+                    **{f"rank{k}": float(r) for k, r in zip(self.ranks, row, strict=True)},
+                }
+                for count, row in zip(self.distractor_counts, self.rates, strict=True)
+            ],
+        }
+
+
+def default_distractor_counts(num_distractors: int) -> np.ndarray:
+    """0, 10, 100, ... (powers of ten below the set's size), then the whole set."""
+    powers = [10**e for e in range(1, 19) if 10**e < num_distractors]
+    return np.array([0, *powers, num_distractors], dtype=np.int64)
+
+
+def identification_with_distractors(
+    probe_features,
+    probe_subjects,
+    gallery_features,
+    gallery_subjects,
+    distractor_features,
+    distractor_counts=None,
+    ranks=(1, 5, 10),
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    use_gpu: bool | None = None,
+) -> DistractorCurve:
+    """Rank-k identification rates as the gallery grows with distractors (module docstring).
+
+    ``distractor_features`` (num_distractors, d) may be a memory-mapped array: it is read
+    ``block_rows`` rows at a time and never copied whole. ``distractor_counts``: non-decreasing
+    counts in [0, num_distractors] (default :func:`default_distractor_counts`).
+
+    Raises:
+        ValueError: bad features or ids, mismatched dimensions, no mated probe, ranks or counts
+            out of range, a zero or non-finite feature vector.
+    """
+    probes = l2_normalize(check_features(probe_features, "probe_features").astype(np.float32))
+    gallery = l2_normalize(check_features(gallery_features, "gallery_features").astype(np.float32))
+    probe_ids = check_ids(probe_subjects, "probe_subjects", len(probes))
+    gallery_ids = check_ids(gallery_subjects, "gallery_subjects", len(gallery))
+    distractors = to_numpy(distractor_features, "distractor_features")
+    if distractors.ndim != 2 or not np.issubdtype(distractors.dtype, np.floating):
+        raise ValueError(
+            f"distractor_features must be a 2-D float array, got {distractors.shape} "
+            f"{distractors.dtype}"
+        )
+    for name, features in (("gallery_features", gallery), ("distractor_features", distractors)):
+        if features.shape[1] != probes.shape[1]:
+            raise ValueError(
+                f"probe_features have dimension {probes.shape[1]} but {name} have "
+                f"{features.shape[1]}"
+            )
+    rank_list = tuple(check_positive_integer(k, "ranks") for k in np.atleast_1d(ranks).tolist())
+    max_rank = max(rank_list)
+    block_rows = check_positive_integer(block_rows, "block_rows")
+    counts = _check_counts(distractor_counts, len(distractors))
+
+    best_mate, non_mates_ahead = _gallery_ranks(probes, probe_ids, gallery, gallery_ids)
+    mated = np.isfinite(best_mate)
+    if not mated.any():
+        raise ValueError("no probe subject appears in gallery_subjects: every rate is undefined")
+    best_mate, non_mates_ahead, probes = best_mate[mated], non_mates_ahead[mated], probes[mated]
+
+    running = np.full((len(probes), max_rank), -np.inf, dtype=np.float32)
+    rates = np.empty((len(counts), len(rank_list)))
+    start = 0
+    for position, count in enumerate(counts.tolist()):
+        while start < count:
+            stop = min(count, start + block_rows)
+            block = check_features(distractors[start:stop], "distractor_features")
+            scores, _ = top_k(probes, block, min(max_rank, stop - start), "cosine", use_gpu)
+            merged = np.concatenate([running, scores], axis=1)
+            running = -np.sort(-merged, axis=1)[:, :max_rank]
+            start = stop
+        ranks_now = 1 + non_mates_ahead + (running >= best_mate[:, None]).sum(axis=1)
+        rates[position] = [np.count_nonzero(ranks_now <= k) / len(probes) for k in rank_list]
+    return DistractorCurve(counts, rank_list, rates, int(mated.sum()), int((~mated).sum()))
+
+
+def _check_counts(distractor_counts, num_distractors: int) -> np.ndarray:
+    if distractor_counts is None:
+        return default_distractor_counts(num_distractors)
+    counts = to_numpy(distractor_counts, "distractor_counts")
+    if counts.ndim != 1 or counts.size == 0 or not np.issubdtype(counts.dtype, np.integer):
+        raise ValueError("distractor_counts must be a non-empty 1-D sequence of integers")
+    if counts.min() < 0 or counts.max() > num_distractors or (np.diff(counts) < 0).any():
+        raise ValueError(
+            f"distractor_counts must be non-decreasing counts in [0, {num_distractors}], "
+            f"got {counts.tolist()}"
+        )
+    return counts.astype(np.int64)
+
+
+def _gallery_ranks(probes, probe_ids, gallery, gallery_ids, block_rows: int = 1024):
+    """Per probe: its best mate score (-inf without a mate) and the non-mates at or above it."""
+    best_mate = np.empty(len(probes), dtype=np.float32)
+    ahead = np.empty(len(probes), dtype=np.int64)
+    for first in range(0, len(probes), block_rows):
+        rows = slice(first, first + block_rows)
+        scores = probes[rows] @ gallery.T
+        is_mate = probe_ids[rows, None] == gallery_ids[None, :]
+        best = np.where(is_mate, scores, -np.inf).max(axis=1)
+        best_mate[rows] = best
+        ahead[rows] = ((scores >= best[:, None]) & ~is_mate).sum(axis=1)
+    return best_mate, ahead
