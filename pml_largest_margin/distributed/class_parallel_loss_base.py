@@ -11,6 +11,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..losses.fused import check_memory_mode
 from ..regularizers import SampleMarginRegularizerMixin
 from ._collectives import (
     all_gather_rows,
@@ -57,6 +58,10 @@ class ClassParallelLossBase(
 
     A miner's ``indices_tuple`` weights the per-sample terms of both sub-losses as in PML's
     ``ArcFaceLoss``; see :meth:`forward`.
+
+    ``memory="buffer" | "stream" | "auto"`` chooses, on each rank, between one batch × local
+    classes buffer and streaming over this rank's columns in blocks (exact either way; see
+    :mod:`pml_largest_margin.losses.fused`, docs/losses.md "Memory").
     """
 
     def __init__(
@@ -67,9 +72,11 @@ class ClassParallelLossBase(
         process_group=None,
         sample_rate: float = 1.0,
         generator: torch.Generator | None = None,
+        memory: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.memory = check_memory_mode(memory)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("class-parallel losses need torch.distributed to be initialised")
         ranks = world_size(process_group)
@@ -162,6 +169,7 @@ class ClassParallelLossBase(
             self.scale,
             self.process_group,
             track_max=self.sample_margin_regularizer is not None,
+            memory=self.memory,
         )
         margins = statistics.target_cosine - statistics.non_target_max
         if self.collect_stats:
