@@ -255,13 +255,14 @@ LOSSES = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(LOSSES))
-def test_losses_stream_exactly_with_miner_regularizer_and_stats(monkeypatch, name):
+def test_losses_stream_exactly_with_miner_regularizer_and_stats(monkeypatch, name, device):
     # Blocks of 2 columns for the batch of 20 (40 elements); 13 classes end in a block of 1.
-    monkeypatch.setitem(fused._STREAM_BLOCK_ELEMENTS, "cpu", 40)
+    monkeypatch.setitem(fused._STREAM_BLOCK_ELEMENTS, device, 40)
     generator = torch.Generator().manual_seed(5)
-    embeddings = torch.randn(20, 5, generator=generator, dtype=torch.float64)
-    labels = torch.randint(0, 13, (20,), generator=generator)
+    embeddings = torch.randn(20, 5, generator=generator, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 13, (20,), generator=generator).to(device)
     indices_tuple = miners.MultiSimilarityMiner()(embeddings, labels)
     assert len(indices_tuple[0]) > 0
     results = {}
@@ -272,7 +273,7 @@ def test_losses_stream_exactly_with_miner_regularizer_and_stats(monkeypatch, nam
             sample_margin_regularizer=SampleMarginRegularizer(),
             sample_margin_reg_weight=0.3,
             collect_stats=True,
-        ).double()
+        ).to(device, torch.float64)
         z = embeddings.clone().requires_grad_(True)
         loss = loss_fn(z, labels, indices_tuple)
         loss.backward()
