@@ -1,8 +1,11 @@
 """Exact per-sample softmax statistics over classes split across ranks.
 
-Each rank holds the cosines of the whole gathered batch against its own classes only, in one
-(N, C_local) buffer that is turned into exponentials in place in forward and into the cosine
-gradient in place in backward. Nothing of size N × C, and no normalised copy of W, is formed.
+Each rank scores the whole gathered batch against its own classes only. With ``memory="buffer"``
+it keeps one (N, C_local) buffer, turned into exponentials in place in forward and into the cosine
+gradient in place in backward; with ``memory="stream"`` it visits its columns in blocks with the
+online log-sum-exp of :mod:`pml_largest_margin.losses.fused` and recomputes each block's cosines
+in backward, so nothing of size N × C_local is kept; ``"auto"`` streams when the buffer would
+exceed ``BUFFER_LIMIT_BYTES``. Nothing of size N × C, and no normalised copy of W, is formed.
 """
 
 from __future__ import annotations
@@ -13,7 +16,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..losses.fused import NORM_EPS, column_dots
+from ..losses.fused import (
+    NORM_EPS,
+    column_dots,
+    cosine_gradients,
+    stream_block_columns,
+    stream_products,
+    stream_statistics,
+    uses_stream,
+)
 
 
 class ShardedCosineStatistics(NamedTuple):
@@ -26,10 +37,16 @@ class ShardedCosineStatistics(NamedTuple):
 
 class _ShardedCosineStatisticsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, unit_embeddings, weights, local_targets, scale, group, track_max):
+    def forward(ctx, unit_embeddings, weights, local_targets, scale, group, track_max, memory):
         compute_dtype = torch.promote_types(
             torch.promote_types(unit_embeddings.dtype, weights.dtype), torch.float32
         )
+        ctx.scale, ctx.group, ctx.track_max = scale, group, track_max
+        ctx.input_dtypes = (unit_embeddings.dtype, weights.dtype)
+        ctx.block_columns = None
+        if uses_stream(memory, unit_embeddings.shape[0], weights.shape[1], compute_dtype):
+            ctx.block_columns = stream_block_columns(unit_embeddings.shape[0], weights.device)
+            return _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype)
         with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
             embeddings = unit_embeddings.to(compute_dtype)
             prototypes = weights.to(compute_dtype)
@@ -55,8 +72,6 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
             target_cosine, exponential_sum = sums[0], sums[-1]
             logsumexp = non_target_max * scale + torch.log(exponential_sum)
-        ctx.scale, ctx.group, ctx.track_max = scale, group, track_max
-        ctx.input_dtypes = (unit_embeddings.dtype, weights.dtype)
         ctx.save_for_backward(
             embeddings,
             prototypes,
@@ -73,6 +88,8 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logsumexp, grad_target, grad_max):
+        if ctx.block_columns is not None:
+            return _stream_backward(ctx, grad_logsumexp, grad_target, grad_max)
         (embeddings, prototypes, norms, exponentials, local_targets, exponential_sum, ties,
          tie_mask) = ctx.saved_tensors  # fmt: skip
         # The exponentials are not needed again: they become the cosine gradient in place
@@ -94,7 +111,81 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             radial = column_dots(grad_weights, prototypes).div_(norms.square())
             grad_weights.addcmul_(prototypes, radial[None, :], value=-1)
             grad_weights = grad_weights.to(ctx.input_dtypes[1])
-        return grad_embeddings, grad_weights, None, None, None, None
+        return grad_embeddings, grad_weights, None, None, None, None, None
+
+
+def _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype):
+    """The forward pass with this rank's columns streamed: local online statistics, then the
+    rank-local maxima and sums rescaled to the global maximum and all-reduced."""
+    scale, group = ctx.scale, ctx.group
+    with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
+        embeddings = unit_embeddings.to(compute_dtype)
+        prototypes = weights.to(compute_dtype)
+        norms = torch.linalg.vector_norm(prototypes, dim=0)
+        inverse_norms = norms.clamp_min(NORM_EPS).reciprocal()
+        local_max, local_sums, target_part, candidates = stream_statistics(
+            embeddings, prototypes, inverse_norms, local_targets, scale, ctx.block_columns,
+            ctx.track_max,
+        )  # fmt: skip
+        non_target_max = local_max.clone()
+        dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
+        # A rank without non-target columns for a row has max −inf and sum 0: it adds nothing.
+        local_sums.mul_(local_max.sub(non_target_max).mul_(scale).exp_())
+        # The same rows in the same order as the buffer path, so ranks may take different paths.
+        local = [target_part]
+        nearest = ()
+        if ctx.track_max:
+            rows, columns, values = candidates
+            maxima = values == non_target_max[rows]
+            nearest = (rows[maxima], columns[maxima])
+            ties = torch.bincount(nearest[0], minlength=embeddings.shape[0])
+            local.append(ties.to(compute_dtype))
+        local.append(local_sums)
+        sums = torch.stack(local)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        target_cosine, exponential_sum = sums[0], sums[-1]
+        logsumexp = non_target_max * scale + torch.log(exponential_sum)
+    ctx.save_for_backward(
+        embeddings,
+        prototypes,
+        inverse_norms,
+        norms < NORM_EPS,
+        local_targets,
+        non_target_max,
+        exponential_sum,
+        sums[1] if ctx.track_max else None,
+        *nearest,
+    )
+    if not ctx.track_max:
+        ctx.mark_non_differentiable(non_target_max)
+    return logsumexp, target_cosine, non_target_max
+
+
+def _stream_backward(ctx, grad_logsumexp, grad_target, grad_max):
+    (embeddings, prototypes, inverse_norms, clamped, local_targets, non_target_max,
+     exponential_sum, ties, *nearest) = ctx.saved_tensors  # fmt: skip
+    need_embeddings, need_weights = ctx.needs_input_grad[:2]
+    row_factor = grad_logsumexp * ctx.scale / exponential_sum
+    if ctx.track_max:
+        rows, columns = nearest
+        nearest = (rows, columns, (grad_max / ties)[rows])
+    else:
+        nearest = None
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        unit_part, weight_part = stream_products(
+            embeddings, row_factor, prototypes, inverse_norms, local_targets, ctx.scale,
+            non_target_max, ctx.block_columns, need_embeddings, need_weights,
+        )  # fmt: skip
+        grad_embeddings, grad_weights = cosine_gradients(
+            embeddings, prototypes, inverse_norms, clamped, local_targets, row_factor,
+            grad_target, nearest, unit_part, weight_part,
+        )  # fmt: skip
+    if need_embeddings:
+        dist.all_reduce(grad_embeddings, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad_embeddings = grad_embeddings.to(ctx.input_dtypes[0])
+    if need_weights:
+        grad_weights = grad_weights.to(ctx.input_dtypes[1])
+    return grad_embeddings, grad_weights, None, None, None, None, None
 
 
 def sharded_cosine_statistics(
@@ -104,6 +195,7 @@ def sharded_cosine_statistics(
     scale: float,
     group=None,
     track_max: bool = False,
+    memory: str = "auto",
 ) -> ShardedCosineStatistics:
     """Statistics of ``s·cos(ẑ_i, w_j)`` over the classes of all ranks.
 
@@ -112,10 +204,13 @@ def sharded_cosine_statistics(
     ``weights`` holding sample i's class, or -1 where another rank owns it. Gradients follow the
     replicated-objective convention of ``_collectives``: the embedding gradient is summed over
     ranks, the weight gradient is this rank's exact slice. ``track_max`` makes the non-target
-    maximum differentiable (for the sample-margin regularizer) at the cost of a boolean N × K mask.
+    maximum differentiable (for the sample-margin regularizer), at the cost of a boolean N × K mask
+    on the buffer path. ``memory``: ``"buffer"``, ``"stream"`` or ``"auto"`` (see the module
+    docstring), decided on each rank for its own columns (the paths exchange the same collectives,
+    so ranks may take different ones).
     """
     return ShardedCosineStatistics(
         *_ShardedCosineStatisticsFunction.apply(
-            unit_embeddings, weights, local_targets, scale, group, track_max
+            unit_embeddings, weights, local_targets, scale, group, track_max, memory
         )
     )

@@ -11,6 +11,7 @@ from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
 from pytorch_metric_learning.utils import common_functions as c_f
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from ..losses.fused import check_memory_mode
 from ..regularizers import SampleMarginRegularizerMixin
 from ..validation import check_loss_arguments, check_real
 from ._collectives import (
@@ -81,6 +82,10 @@ class ClassParallelLossBase(
     ``state_dict()`` records ``num_classes`` and this rank's ``class_range`` (as extra state),
     and ``load_state_dict`` refuses a shard of other classes; checkpoints move between world
     sizes through :mod:`pml_largest_margin.distributed.checkpoints`.
+
+    ``memory="buffer" | "stream" | "auto"`` chooses, on each rank, between one batch × local
+    classes buffer and streaming over this rank's columns in blocks (exact either way; see
+    :mod:`pml_largest_margin.losses.fused`, docs/losses.md "Memory").
     """
 
     def __init__(
@@ -91,9 +96,11 @@ class ClassParallelLossBase(
         process_group=None,
         sample_rate: float = 1.0,
         generator: torch.Generator | None = None,
+        memory: str = "auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.memory = check_memory_mode(memory)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("class-parallel losses need torch.distributed to be initialised")
         ranks = world_size(process_group)
@@ -231,6 +238,7 @@ class ClassParallelLossBase(
             self.scale,
             self.process_group,
             track_max=self.sample_margin_regularizer is not None,
+            memory=self.memory,
         )
         margins = statistics.target_cosine - statistics.non_target_max
         return self.losses_from_statistics(statistics), margins

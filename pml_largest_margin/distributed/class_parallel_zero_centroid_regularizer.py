@@ -72,7 +72,7 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
             weights.shape[0] if norms is not None else 0,
             dimension,
             int(bool(problem)),
-            _FORMS.index(self.form),
+            FORMS.index(self.form),
         ]
         mine = torch.tensor(mine, dtype=torch.int64, device=device)
         table = [torch.empty_like(mine) for _ in range(world_size(self.process_group))]
@@ -80,7 +80,7 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
         rows, dimensions, bad, forms = torch.stack(table).cpu().t().tolist()
         if len(set(forms)) > 1:
             raise ValueError(
-                f"form differs across ranks: {[_FORMS[form] for form in forms]}; every rank "
+                f"form differs across ranks: {[FORMS[form] for form in forms]}; every rank "
                 "must build the same regularizer"
             )
         if problem:

@@ -12,6 +12,7 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 from ..margins import class_margin, cosine_logits
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
 from ..validation import check_embeddings, check_flag, check_labels, check_loss_arguments
+from .fused import check_memory_mode
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -52,6 +53,11 @@ class BaseMarginSoftmaxLoss(
             O(C²d) per call (about 6 s at C = 100k, d = 128 on 2 CPU cores), so turn it off, or
             collect stats only now and then, for many classes. The batch's
             ``mean_sample_margin`` and ``min_sample_margin`` are always recorded.
+        memory: ``"buffer"`` (one batch × classes buffer), ``"stream"`` (W visited in blocks
+            of columns, no batch × classes tensor, one more matrix product) or ``"auto"``
+            (stream when the buffer would exceed
+            :data:`~pml_largest_margin.losses.fused.BUFFER_LIMIT_BYTES`); the same values and
+            gradients either way (docs/losses.md, "Memory").
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class BaseMarginSoftmaxLoss(
         scale: float,
         validate_inputs: bool = True,
         record_class_margin: bool = True,
+        memory: str = "auto",
         **kwargs,
     ):
         num_classes, embedding_size, scale = check_loss_arguments(
@@ -69,6 +76,7 @@ class BaseMarginSoftmaxLoss(
         validate_inputs = check_flag(validate_inputs, "validate_inputs")
         record_class_margin = check_flag(record_class_margin, "record_class_margin")
         super().__init__(**kwargs)
+        self.memory = check_memory_mode(memory)
         c_f.assert_distance_type(self, CosineSimilarity)
         self.num_classes = num_classes
         self.embedding_size = embedding_size

@@ -1,4 +1,4 @@
-"""Fused ``(u, t)`` of the margin-softmax losses from embeddings and prototypes, gradient written out.
+"""Fused ``(u, t, γ)`` of the margin-softmax losses from embeddings and prototypes, gradient written out.
 
 With ``ẑ_i = z_i/‖z_i‖`` and ``cos_ij = (ẑ_i · w_j)/‖w_j‖`` the function returns
 
@@ -6,8 +6,9 @@ With ``ẑ_i = z_i/‖z_i‖`` and ``cos_ij = (ẑ_i · w_j)/‖w_j‖`` the fun
 
 (see :mod:`pml_largest_margin.losses.functional` for the heads that turn them into losses).
 Autograd through the plain formula keeps several batch × classes tensors alive and a normalised
-copy of W; here one (N, C) buffer does all the work:
+copy of W. Two exact schemes replace it, chosen by ``memory=``:
 
+``"buffer"``: one (N, C) buffer does all the work.
 forward   ``X = ẑ @ W``, scaled column-wise by ``1/‖w_j‖`` in place (the cosines), the target
           entries set to −inf, then ``exp(s·(X − max))`` in place; its row sums give ``u``. The
           buffer is finally scaled by ``1/‖w_j‖`` once more and kept for the backward pass.
@@ -17,18 +18,32 @@ backward  with ``a = ∂/∂u`` and ``b = ∂/∂t``, the gradient on the cosine
           b∘ŵ_y`` and ``∂/∂ŵ_j/‖w_j‖ = ((r∘ẑ)^T X)_j`` plus the target columns, with ``r = a·s/Σ``.
           The normalisations contribute projections: ``∂/∂z = (g − ẑ(ẑ·g))/‖z‖`` and likewise per
           column of W, the column dot products taken in blocks.
+          Three matrix products in all; peak memory is W, its gradient, one (N, C) buffer and
+          (N, d) or (C,) vectors.
 
-Three matrix products in all, the minimum for this loss; peak memory is W, its gradient, one (N, C)
-buffer and (N, d) or (C,) vectors.
+``"stream"``: W is visited in blocks of columns and nothing of size N × C is ever formed.
+forward   per block, the block's cosines, its target entries, and an online log-sum-exp: the
+          running row maximum ``m`` and the running sum ``Σ exp(s·(cos − m))``, rescaled by
+          ``exp(s·(m_old − m_new))`` whenever the maximum grows. Only (N,) vectors survive a block.
+backward  the upstream ``a`` is known only now, so each block's cosines are recomputed (the same
+          product on the same operands) and turned into ``exp(s·(cos − m))/‖w_j‖``, which then
+          plays the buffer's part for its columns: ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and
+          ``(r∘ẑ)^T X_b`` is written into the block's columns of ``∂/∂W``. Four matrix products
+          (the recomputation is the fourth); peak memory is W, its gradient and one N × block
+          temporary (a few MB, :func:`stream_block_columns`).
+
+``"auto"`` (the default) streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES`.
 
 Optionally the sample margins ``γ_i = t_i − max_{j≠y_i} cos_ij`` come out too, differentiable and
 nearly free: the row maximum of the non-target cosines is taken anyway for a stable log-sum-exp.
 Their gradient on the cosines is +1 at the target and −1 at the nearest non-target class, split
 evenly among non-target classes tied for the maximum (torch.amax's rule, so it equals autograd
 through :func:`pml_largest_margin.margins.sample_margins_from_cosines`). The forward pass records
-the (row, class) pairs of those maxima, typically N of them, and backward adds two rank-N updates;
-no further matrix product and no further (N, C) buffer. The saved buffer is never overwritten, so ``retain_graph`` and
-``gradcheck`` work. Everything runs in the dtype of the inputs with autocast disabled.
+the (row, class) pairs of those maxima, typically N of them (the streaming pass keeps every block's
+maxima that reach the running maximum and drops those overtaken at the end), and backward adds two
+rank-N updates; no further matrix product and no further N × C buffer. Nothing saved is ever
+overwritten, so ``retain_graph`` and ``gradcheck`` work. Everything runs in the dtype of the inputs
+with autocast disabled, on any device (the block size is chosen for the device).
 """
 
 from __future__ import annotations
@@ -45,6 +60,41 @@ from ..validation import NORM_EPS
 _COLUMN_BLOCK = 4096
 # Elements per block when searching the (N, C) buffer for row maxima (a bool temporary of 4 MB).
 _SEARCH_BLOCK = 2**22
+MEMORY_MODES = ("buffer", "stream", "auto")
+# memory="auto" streams when the (N, C) buffer of the cosines would take more bytes than this.
+BUFFER_LIMIT_BYTES = 256 * 2**20
+# Elements of the N × block temporary of the streaming pass: 2 MB in float32 on CPU (it stays in
+# cache while it is exponentiated and multiplied), 64 MB on CUDA (large enough to fill the device).
+_STREAM_BLOCK_ELEMENTS = {"cpu": 2**19, "cuda": 2**24}
+
+
+def check_memory_mode(memory: str) -> str:
+    """``memory`` if it names a path of the kernel (``"buffer"``, ``"stream"``, ``"auto"``).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if not isinstance(memory, str) or memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory
+
+
+def uses_stream(
+    memory: str, num_rows: int, num_columns: int, dtype: torch.dtype = torch.float32
+) -> bool:
+    """Whether ``memory`` streams for an N × C problem: ``"auto"`` does so when the buffer of the
+    cosines would exceed :data:`BUFFER_LIMIT_BYTES`."""
+    if check_memory_mode(memory) != "auto":
+        return memory == "stream"
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    return num_rows * num_columns * element_size > BUFFER_LIMIT_BYTES
+
+
+def stream_block_columns(num_rows: int, device: torch.device | str) -> int:
+    """Columns per block of the streaming pass for a batch of ``num_rows`` on ``device``."""
+    device_type = torch.device(device).type
+    elements = _STREAM_BLOCK_ELEMENTS.get(device_type, _STREAM_BLOCK_ELEMENTS["cpu"])
+    return max(1, elements // max(1, num_rows))
 
 
 def _row_maximum_positions(
@@ -64,8 +114,13 @@ def _row_maximum_positions(
         rows.append(block_rows + start)
         columns.append(block_columns)
     rows, columns = torch.cat(rows), torch.cat(columns)
-    ties = torch.bincount(rows, minlength=shifted.shape[0])
-    return rows, columns, ties.to(shifted.dtype).reciprocal()[rows]
+    return rows, columns, _tie_shares(rows, shifted.shape[0], shifted.dtype)
+
+
+def _tie_shares(rows: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """1/(number of entries of the same row) for each entry of ``rows``."""
+    ties = torch.bincount(rows, minlength=num_rows)
+    return ties.to(dtype).reciprocal()[rows]
 
 
 def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -86,36 +141,195 @@ def _normalisation_backward(
     return projected * inverse_norms[:, None]
 
 
+def _column_blocks(num_columns: int, block_columns: int, targets: torch.Tensor):
+    """``(start, stop, rows)`` per block of columns; ``rows`` are the samples whose target lies in
+    the block (targets < 0, a class held elsewhere, belong to no block)."""
+    order = torch.argsort(targets)
+    starts = list(range(0, num_columns, block_columns))
+    bounds = torch.tensor([*starts, num_columns], dtype=targets.dtype, device=targets.device)
+    positions = torch.searchsorted(targets[order], bounds).tolist()
+    for index, start in enumerate(starts):
+        rows = order[positions[index] : positions[index + 1]]
+        yield start, min(start + block_columns, num_columns), rows
+
+
+def _block_cosines(unit, weights, inverse_weight_norms, targets, start, stop, rows):
+    """The block's cosines with its target entries set to −inf, and those target cosines."""
+    cosines = unit @ weights[:, start:stop]
+    cosines.mul_(inverse_weight_norms[start:stop])
+    columns = targets[rows] - start
+    target = cosines[rows, columns]
+    cosines[rows, columns] = -math.inf
+    return cosines, target
+
+
+def stream_statistics(
+    unit: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    block_columns: int,
+    track_nearest: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """One streaming pass over the columns of ``weights`` (d, K) for unit rows ``unit`` (N, d).
+
+    ``targets`` (N,) int64: each row's target column, or −1 for none among these columns.
+    Returns the row maxima ``m`` of the non-target cosines (−inf where there are none), the sums
+    ``Σ_{j≠y} exp(s·(cos_ij − m_i))`` (0 where there are none), the target cosines (0 for −1) and,
+    with ``track_nearest``, the candidates ``(rows, columns, values)`` for the maxima: every entry
+    equal to its block's maximum when that reached the running maximum. The true maxima are the
+    candidates whose value equals the final (or, across ranks, the global) maximum.
+    """
+    num_rows = unit.shape[0]
+    row_max = unit.new_full((num_rows,), -math.inf)
+    row_sums = unit.new_zeros(num_rows)
+    target = unit.new_zeros(num_rows)
+    candidates = []
+    for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
+        cosines, target[rows] = _block_cosines(
+            unit, weights, inverse_weight_norms, targets, start, stop, rows
+        )
+        block_max = cosines.amax(dim=1)
+        if track_nearest:
+            hits = cosines == block_max[:, None]
+            hits.logical_and_((block_max >= row_max)[:, None])
+            hit_rows, hit_columns = hits.nonzero(as_tuple=True)
+            candidates.append((hit_rows, hit_columns + start, block_max[hit_rows]))
+        new_max = torch.maximum(row_max, block_max)
+        # A row whose block held only its target has maximum −inf so far: shift by 0 instead.
+        shift = new_max.nan_to_num(neginf=0.0)
+        cosines.sub_(shift[:, None]).mul_(scale).exp_()
+        row_sums.mul_(row_max.sub(shift).mul_(scale).exp_()).add_(cosines.sum(dim=1))
+        row_max = new_max
+    if track_nearest:
+        nearest = tuple(torch.cat(parts) for parts in zip(*candidates, strict=True))
+    else:
+        nearest = ()
+    return row_max, row_sums, target, nearest
+
+
+def stream_products(
+    unit: torch.Tensor,
+    row_factor: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    row_max: torch.Tensor,
+    block_columns: int,
+    need_unit: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(X W^T, (r∘ẑ)^T X)`` for ``X_ij = exp(s·(cos_ij − m_i))/‖w_j‖`` off the targets, 0 on them.
+
+    The buffer path's two products, with X recomputed block by block instead of stored: the first
+    (N, d) is accumulated, the second (d, K) is written one block of columns at a time.
+    """
+    unit_part = unit.new_zeros(unit.shape) if need_unit else None
+    weight_part = torch.empty_like(weights) if need_weights else None
+    scaled_unit_t = (unit * row_factor[:, None]).t()
+    for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
+        exponentials, _ = _block_cosines(
+            unit, weights, inverse_weight_norms, targets, start, stop, rows
+        )
+        exponentials.sub_(row_max[:, None]).mul_(scale).exp_()
+        exponentials.mul_(inverse_weight_norms[start:stop])
+        if need_unit:
+            unit_part.addmm_(exponentials, weights[:, start:stop].t())
+        if need_weights:
+            weight_part[:, start:stop] = scaled_unit_t @ exponentials
+    return unit_part, weight_part
+
+
+def cosine_gradients(
+    unit: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    weight_clamped: torch.Tensor,
+    targets: torch.Tensor,
+    row_factor: torch.Tensor,
+    grad_target: torch.Tensor,
+    nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    unit_part: torch.Tensor | None,
+    weight_part: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂/∂ẑ, ∂/∂W)`` from the products of :func:`stream_products` (or the buffer's).
+
+    The gradient on ``cos_ij`` is ``r_i·‖w_j‖·X_ij`` plus ``grad_target`` at each row's target
+    (rows with target −1 get none) plus ``grads`` at the ``(rows, columns)`` of ``nearest``.
+    ``∂/∂W`` includes the projection through ``w/‖w‖``; ``∂/∂ẑ`` is the gradient on the unit rows.
+    ``unit_part`` and ``weight_part`` are consumed (updated in place).
+    """
+    grad_unit = grad_weights = None
+    rows = (targets >= 0).nonzero().squeeze(1)
+    labels = targets[rows]
+    if unit_part is not None:
+        target_units = weights[:, labels].t() * inverse_weight_norms[labels, None]
+        grad_unit = unit_part.mul_(row_factor[:, None])
+        grad_unit.index_add_(0, rows, target_units * grad_target[rows, None])
+        if nearest is not None:
+            nearest_rows, nearest_columns, grad_nearest = nearest
+            nearest_units = (
+                weights[:, nearest_columns].t() * inverse_weight_norms[nearest_columns, None]
+            )
+            grad_unit.index_add_(0, nearest_rows, nearest_units * grad_nearest[:, None])
+    if weight_part is not None:
+        # Column j holds ∂L/∂ŵ_j / ‖w_j‖; the projection below removes its radial part.
+        grad_weights = weight_part
+        target_part = unit[rows] * (grad_target[rows] * inverse_weight_norms[labels])[:, None]
+        grad_weights.index_add_(1, labels, target_part.t())
+        if nearest is not None:
+            nearest_rows, nearest_columns, grad_nearest = nearest
+            nearest_scale = grad_nearest * inverse_weight_norms[nearest_columns]
+            nearest_part = unit[nearest_rows] * nearest_scale[:, None]
+            grad_weights.index_add_(1, nearest_columns, nearest_part.t())
+        radial = column_dots(weights, grad_weights)
+        radial.mul_(inverse_weight_norms.square()).masked_fill_(weight_clamped, 0.0)
+        grad_weights.addcmul_(weights, radial[None, :], value=-1.0)
+    return grad_unit, grad_weights
+
+
 class _NonTargetLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weights, labels, scale, with_margins):
+    def forward(ctx, embeddings, weights, labels, scale, with_margins, block_columns):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
             inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
             unit = embeddings * inverse_embedding_norms[:, None]
             weight_norms = torch.linalg.vector_norm(weights, dim=0)
             inverse_weight_norms = weight_norms.clamp_min(NORM_EPS).reciprocal()
-            columns = labels.long()[:, None]
-
-            buffer = unit @ weights
-            buffer.mul_(inverse_weight_norms)
-            target = buffer.gather(1, columns).squeeze(1)
-            buffer.scatter_(1, columns, -math.inf)
-            row_max = buffer.amax(dim=1)
-            torch.sub(buffer, row_max[:, None], out=buffer)
-            nearest = (columns.new_empty(0),) * 2 + (buffer.new_empty(0),)
-            if with_margins:
-                margins = target - row_max
-                if any(ctx.needs_input_grad[:2]):
+            targets = labels.long()
+            track_nearest = with_margins and any(ctx.needs_input_grad[:2])
+            nearest = (targets.new_empty(0),) * 2 + (unit.new_empty(0),)
+            buffer = None
+            if block_columns is None:
+                columns = targets[:, None]
+                buffer = unit @ weights
+                buffer.mul_(inverse_weight_norms)
+                target = buffer.gather(1, columns).squeeze(1)
+                buffer.scatter_(1, columns, -math.inf)
+                row_max = buffer.amax(dim=1)
+                torch.sub(buffer, row_max[:, None], out=buffer)
+                if track_nearest:
                     nearest = _row_maximum_positions(buffer)
+                buffer.mul_(scale).exp_()
+                row_sums = buffer.sum(dim=1)
+                buffer.mul_(inverse_weight_norms)
             else:
-                margins = buffer.new_empty(0)
-            buffer.mul_(scale).exp_()
-            row_sums = buffer.sum(dim=1)
+                row_max, row_sums, target, candidates = stream_statistics(
+                    unit, weights, inverse_weight_norms, targets, scale, block_columns,
+                    track_nearest,
+                )  # fmt: skip
+                if track_nearest:
+                    rows, columns, values = candidates
+                    maxima = values == row_max[rows]
+                    rows, columns = rows[maxima], columns[maxima]
+                    nearest = (rows, columns, _tie_shares(rows, unit.shape[0], unit.dtype))
             nontarget_lse = scale * row_max + row_sums.log()
-            buffer.mul_(inverse_weight_norms)
+            margins = target - row_max if with_margins else unit.new_empty(0)
 
-        ctx.scale = scale
+        ctx.scale, ctx.block_columns = scale, block_columns
         ctx.save_for_backward(
             unit,
             inverse_embedding_norms,
@@ -123,9 +337,10 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             weights,
             inverse_weight_norms,
             weight_norms < NORM_EPS,
-            columns,
+            targets,
             buffer,
             row_sums,
+            row_max,
             *nearest,
         )
         if not with_margins:
@@ -141,9 +356,10 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             weights,
             inverse_weight_norms,
             weight_clamped,
-            columns,
+            targets,
             buffer,
             row_sums,
+            row_max,
             nearest_rows,
             nearest_columns,
             nearest_shares,
@@ -153,43 +369,32 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             grad_lse = torch.zeros_like(row_sums)
         if grad_target is None:
             grad_target = torch.zeros_like(row_sums)
+        nearest = None
         if grad_margins is not None and grad_margins.numel():
             # γ = t − max: +∂/∂γ joins the target's gradient, −∂/∂γ goes to the maxima.
             grad_target = grad_target + grad_margins
-            grad_nearest = -grad_margins[nearest_rows] * nearest_shares
-        else:
-            grad_nearest = None
-        labels = columns.squeeze(1)
+            nearest = (nearest_rows, nearest_columns, -grad_margins[nearest_rows] * nearest_shares)
         row_factor = grad_lse * ctx.scale / row_sums
-        grad_embeddings = grad_weights = None
+        grad_embeddings = None
 
         with torch.autocast(device_type=unit.device.type, enabled=False):
+            if buffer is not None:
+                unit_part = buffer @ weights.t() if need_embeddings else None
+                weight_part = (unit * row_factor[:, None]).t() @ buffer if need_weights else None
+            else:
+                unit_part, weight_part = stream_products(
+                    unit, row_factor, weights, inverse_weight_norms, targets, ctx.scale,
+                    row_max, ctx.block_columns, need_embeddings, need_weights,
+                )  # fmt: skip
+            grad_unit, grad_weights = cosine_gradients(
+                unit, weights, inverse_weight_norms, weight_clamped, targets, row_factor,
+                grad_target, nearest, unit_part, weight_part,
+            )  # fmt: skip
             if need_embeddings:
-                target_units = weights[:, labels].t() * inverse_weight_norms[labels, None]
-                grad_unit = (buffer @ weights.t()).mul_(row_factor[:, None])
-                grad_unit.addcmul_(target_units, grad_target[:, None])
-                if grad_nearest is not None:
-                    nearest_units = (
-                        weights[:, nearest_columns].t()
-                        * inverse_weight_norms[nearest_columns, None]
-                    )
-                    grad_unit.index_add_(0, nearest_rows, nearest_units * grad_nearest[:, None])
                 grad_embeddings = _normalisation_backward(
                     grad_unit, unit, inverse_embedding_norms, embedding_clamped
                 )
-            if need_weights:
-                # Column j holds ∂L/∂ŵ_j / ‖w_j‖; the projection below removes its radial part.
-                grad_weights = (unit * row_factor[:, None]).t() @ buffer
-                target_part = unit * (grad_target * inverse_weight_norms[labels])[:, None]
-                grad_weights.index_add_(1, labels, target_part.t())
-                if grad_nearest is not None:
-                    nearest_scale = grad_nearest * inverse_weight_norms[nearest_columns]
-                    nearest_part = unit[nearest_rows] * nearest_scale[:, None]
-                    grad_weights.index_add_(1, nearest_columns, nearest_part.t())
-                radial = column_dots(weights, grad_weights)
-                radial.mul_(inverse_weight_norms.square()).masked_fill_(weight_clamped, 0.0)
-                grad_weights.addcmul_(weights, radial[None, :], value=-1.0)
-        return grad_embeddings, grad_weights, None, None, None
+        return grad_embeddings, grad_weights, None, None, None, None
 
 
 def fused_nontarget_logsumexp(
@@ -199,6 +404,8 @@ def fused_nontarget_logsumexp(
     scale: float,
     *,
     with_margins: bool = False,
+    memory: str = "auto",
+    block_columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(u, t, γ)`` for embeddings (N, d), prototypes ``weights`` (d, C) and labels (N,).
 
@@ -209,8 +416,26 @@ def fused_nontarget_logsumexp(
     :func:`pml_largest_margin.margins.sample_margins_from_cosines` on the same cosines, and
     differentiable too, with its gradient (ties among the nearest non-target classes share the
     −1 evenly, as with ``torch.amax``).
+
+    ``memory``: ``"buffer"`` keeps one (N, C) buffer, ``"stream"`` visits W in blocks of
+    ``block_columns`` columns (default :func:`stream_block_columns`) with no N × C tensor,
+    ``"auto"`` streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES` (see the module
+    docstring). Both give the same values and gradients up to rounding.
+
+    Raises:
+        ValueError: an unknown ``memory`` or a ``block_columns`` below 1.
     """
+    stream = uses_stream(memory, embeddings.shape[0], weights.shape[1], weights.dtype)
+    if block_columns is not None and (int(block_columns) != block_columns or block_columns < 1):
+        raise ValueError(f"block_columns must be an integer >= 1, got {block_columns}")
+    if stream and block_columns is None:
+        block_columns = stream_block_columns(embeddings.shape[0], embeddings.device)
     nontarget_lse, target, margins = _NonTargetLogSumExp.apply(
-        embeddings, weights, labels, float(scale), bool(with_margins)
+        embeddings,
+        weights,
+        labels,
+        float(scale),
+        bool(with_margins),
+        int(block_columns) if stream else None,
     )
     return nontarget_lse, target, margins if with_margins else None

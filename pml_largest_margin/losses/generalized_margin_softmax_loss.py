@@ -44,7 +44,7 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
             in and out). ``psi`` replaces m1, m2, m3 (pass one or the other); it may be an
             ``nn.Module`` with parameters. ``phi=None`` is ``cos θ`` and runs the fused kernel
             (:mod:`pml_largest_margin.losses.fused`); a custom ``phi`` goes through autograd
-            on the full batch × classes matrix.
+            on the full batch × classes matrix (so ``memory="stream"`` is refused with it).
         validate_inputs, **kwargs: as for :class:`LargestMarginSoftmaxLoss` (the note on
             ``DistributedLossWrapper`` there applies here too).
     """
@@ -65,6 +65,11 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
         self.psi = target_margin_function(m1, m2, m3, psi)
         if phi is not None and not callable(phi):
             raise TypeError(f"phi must be callable, got {type(phi).__name__}")
+        if phi is not None and self.memory == "stream":
+            raise ValueError(
+                "memory='stream' needs the default phi: a custom phi runs through autograd on "
+                "the batch × classes cosine matrix"
+            )
         self.m1, self.m2, self.m3 = check_margins(m1, m2, m3)
         self.phi = phi
         self.add_to_recordable_attributes(list_of_names=["m1", "m2", "m3"], is_stat=False)
@@ -78,7 +83,12 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.phi is None:
             nontarget_lse, target, margins = fused_nontarget_logsumexp(
-                embeddings, weights, labels, self.scale, with_margins=with_margins
+                embeddings,
+                weights,
+                labels,
+                self.scale,
+                with_margins=with_margins,
+                memory=self.memory,
             )
             losses = generalized_margin_softmax_head(nontarget_lse, self.psi(target), self.scale)
             return losses, margins

@@ -33,7 +33,8 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
     ``W`` has shape (embedding_size, num_classes). With ``collect_stats=True`` the loss records
     ``mean_sample_margin`` and ``min_sample_margin`` of each batch. Forward and backward run in
     a fused kernel (:mod:`pml_largest_margin.losses.fused`): three matrix products and one batch ×
-    classes buffer.
+    classes buffer, or with ``memory="stream"`` (chosen by ``"auto"`` for large batch × classes)
+    four products and no batch × classes tensor.
 
     Under PML's ``DistributedLossWrapper`` every rank computes the loss over the gathered global
     batch and the wrapper multiplies it by the world size, so ``W.grad`` is the same on every rank
@@ -54,6 +55,6 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         nontarget_lse, target, margins = fused_nontarget_logsumexp(
-            embeddings, weights, labels, self.scale, with_margins=with_margins
+            embeddings, weights, labels, self.scale, with_margins=with_margins, memory=self.memory
         )
         return largest_margin_softmax_head(nontarget_lse, target, self.scale), margins

@@ -1,0 +1,282 @@
+"""The class-streaming path of the fused kernel against the formulas written out and the buffer path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pytorch_metric_learning import miners
+
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss, fused
+from pml_largest_margin.losses.fused import fused_nontarget_logsumexp
+from pml_largest_margin.margins import sample_margins_from_cosines
+from pml_largest_margin.regularizers import SampleMarginRegularizer
+
+SCALE = 8.0
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    ),
+]
+# (memory, block_columns): the buffer, and blocks of 1, non-dividing, and larger than C.
+PATHS = [("buffer", None), ("stream", 1), ("stream", 3), ("stream", 5), ("stream", 1000)]
+
+
+def problem(num_rows=9, num_classes=13, dim=5, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(num_rows, dim, generator=generator, dtype=torch.float64)
+    W = torch.randn(dim, num_classes, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, num_classes, (num_rows,), generator=generator)
+    upstream = torch.randn(3, num_rows, generator=generator, dtype=torch.float64)
+    return embeddings.to(device), W.to(device), labels.to(device), upstream.to(device)
+
+
+def reference_outputs(embeddings, W, labels, scale=SCALE):
+    """u, t, γ by autograd through the plain formula (normalize clamps norms as the kernel does)."""
+    cosines = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(
+        W, dim=0
+    )
+    is_target = torch.nn.functional.one_hot(labels, W.shape[1]).bool()
+    nontarget_lse = torch.logsumexp(scale * cosines.masked_fill(is_target, -torch.inf), dim=1)
+    target = cosines.gather(1, labels[:, None]).squeeze(1)
+    return nontarget_lse, target, sample_margins_from_cosines(cosines, labels)
+
+
+def fused_outputs(embeddings, W, labels, memory, block_columns, scale=SCALE):
+    return fused_nontarget_logsumexp(
+        embeddings,
+        W,
+        labels,
+        scale,
+        with_margins=True,
+        memory=memory,
+        block_columns=block_columns,
+    )
+
+
+def values_and_gradients(outputs_of, embeddings, W, upstream):
+    """The three outputs and the gradients of Σ upstream·(u, t, γ) on embeddings and W."""
+    z, w = embeddings.clone().requires_grad_(True), W.clone().requires_grad_(True)
+    outputs = outputs_of(z, w)
+    total = sum((output * weight).sum() for output, weight in zip(outputs, upstream, strict=True))
+    return [output.detach() for output in outputs] + list(torch.autograd.grad(total, (z, w)))
+
+
+def assert_all_close(got, want, rtol=1e-12, atol=1e-12):
+    for actual, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("memory", "block_columns"), PATHS)
+def test_values_and_gradients_match_the_formula(device, memory, block_columns):
+    embeddings, W, labels, upstream = problem(device=device)
+    want = values_and_gradients(
+        lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
+    )
+    got = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, memory, block_columns), embeddings, W, upstream
+    )
+    assert_all_close(got, want)
+
+
+@pytest.mark.parametrize("block_columns", [1, 2, 3, 4])
+def test_stream_equals_buffer_with_labels_on_block_boundaries(block_columns):
+    embeddings, W, _, upstream = problem(num_rows=8, num_classes=12)
+    # First and last columns of blocks, the first and the last class.
+    labels = torch.tensor([0, 2, 3, 5, 6, 8, 9, 11])
+    buffer = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
+    )
+    stream = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "stream", block_columns), embeddings, W, upstream
+    )
+    assert_all_close(stream, buffer)
+
+
+@pytest.mark.parametrize("block_columns", [1, 2, 3, 6])
+def test_tied_nearest_classes_split_the_gradient_within_and_across_blocks(block_columns):
+    # Columns 2, 3 and 5 point the same way (3 and 5 scaled, exactly in binary): for samples of
+    # other classes they tie as nearest class, inside one block or across a block boundary.
+    W = torch.tensor(
+        [[0.0, -1.0, 1.0, 2.0, 0.0, 0.5], [1.0, 0.0, 1.0, 2.0, -1.0, 0.5]], dtype=torch.float64
+    )
+    embeddings = torch.tensor([[1.0, 2.0], [3.0, 1.0], [1.0, 1.0], [0.5, 1.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 4, 1, 2])
+    upstream = torch.tensor([[0.3, -1.0, 0.2, 0.7], [1.0, 0.5, -0.4, 0.1], [1.0, -2.0, 0.5, 3.0]])
+    upstream = upstream.double()
+    want = values_and_gradients(
+        lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
+    )
+    got = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "stream", block_columns), embeddings, W, upstream
+    )
+    assert_all_close(got, want, atol=1e-14)
+    W_grad = got[4]
+    # The three tied prototypes all receive a share of the margins' −1 (not only the first).
+    cosines = reference_outputs(embeddings, W, labels)
+    assert cosines[2][:3].abs().min() > 0
+    assert (W_grad[:, [2, 3, 5]].abs().sum(dim=0) > 0).all()
+
+
+def test_gradcheck_of_the_stream_path():
+    embeddings, W, labels, _ = problem(num_rows=6, num_classes=7, dim=4)
+    assert torch.autograd.gradcheck(
+        lambda z, w: fused_outputs(z, w, labels, "stream", 3),
+        (embeddings.requires_grad_(True), W.requires_grad_(True)),
+    )
+    assert torch.autograd.gradcheck(
+        lambda z, w: fused_nontarget_logsumexp(
+            z, w, labels, SCALE, memory="stream", block_columns=2
+        )[:2],
+        (embeddings, W),
+    )
+
+
+def test_stream_keeps_its_graph_for_a_second_backward():
+    embeddings, W, labels, upstream = problem()
+    z, w = embeddings.requires_grad_(True), W.requires_grad_(True)
+    u, t, margins = fused_outputs(z, w, labels, "stream", 4)
+    total = (u * upstream[0]).sum() + (t * upstream[1]).sum() + (margins * upstream[2]).sum()
+    first = torch.autograd.grad(total, (z, w), retain_graph=True)
+    second = torch.autograd.grad(total, (z, w))
+    assert_all_close(second, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory", ["buffer", "stream"])
+def test_zero_and_tiny_norms_are_clamped_like_normalize(memory):
+    # Row 0 is zero, row 1 has norm 1e-13 < NORM_EPS (clamped: plain scaling, no projection);
+    # likewise columns 0 and 1 of W.
+    embeddings, W, labels, upstream = problem(num_rows=6, num_classes=7)
+    embeddings[0] = 0.0
+    embeddings[1] *= 1e-13 / embeddings[1].norm()
+    W[:, 0] = 0.0
+    W[:, 1] *= 1e-13 / W[:, 1].norm()
+    labels[2] = 1  # a clamped column as target, too
+    want = values_and_gradients(
+        lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
+    )
+    got = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, memory, 3), embeddings, W, upstream
+    )
+    for actual, expected in zip(got, want, strict=True):
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, rtol=1e-11, atol=1e-12)
+
+
+def test_row_blocks_of_the_maximum_search(monkeypatch):
+    # Buffers of more than _SEARCH_BLOCK elements are searched in row blocks; make the blocks two
+    # rows long so that every block after the first needs its row offset.
+    embeddings, W, labels, upstream = problem(num_rows=9, num_classes=7)
+    monkeypatch.setattr(fused, "_SEARCH_BLOCK", 2 * 7)
+    want = values_and_gradients(
+        lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
+    )
+    got = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
+    )
+    assert_all_close(got, want)
+
+
+@pytest.mark.parametrize("num_columns", [4096 + 5, 2 * 4096])
+def test_column_dots_covers_the_last_block(num_columns):
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(3, num_columns, generator=generator, dtype=torch.float64)
+    b = torch.randn(3, num_columns, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(fused.column_dots(a, b), (a * b).sum(dim=0), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("memory", "block_columns"), [("buffer", None), ("stream", 4)])
+def test_weight_gradient_across_column_dot_blocks(monkeypatch, memory, block_columns):
+    # The W gradient's projection takes column dot products in blocks: 13 classes in blocks of 5.
+    monkeypatch.setattr(fused, "_COLUMN_BLOCK", 5)
+    embeddings, W, labels, upstream = problem()
+    want = values_and_gradients(
+        lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
+    )
+    got = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, memory, block_columns), embeddings, W, upstream
+    )
+    assert_all_close(got, want)
+
+
+def test_memory_modes_are_validated():
+    embeddings, W, labels, _ = problem()
+    with pytest.raises(ValueError, match="memory must be one of"):
+        fused_nontarget_logsumexp(embeddings, W, labels, SCALE, memory="fast")
+    with pytest.raises(ValueError, match="block_columns"):
+        fused_nontarget_logsumexp(embeddings, W, labels, SCALE, memory="stream", block_columns=0)
+    for build in (
+        lambda: LargestMarginSoftmaxLoss(13, 5, memory="streaming"),
+        lambda: GeneralizedMarginSoftmaxLoss.preset("arcface", 13, 5, memory=None),
+    ):
+        with pytest.raises(ValueError, match="memory must be one of"):
+            build()
+    with pytest.raises(ValueError, match="needs the default phi"):
+        GeneralizedMarginSoftmaxLoss(13, 5, phi=lambda c: c, memory="stream")
+
+
+def test_auto_streams_exactly_above_the_buffer_limit(monkeypatch):
+    monkeypatch.setattr(fused, "BUFFER_LIMIT_BYTES", 9 * 13 * 8)
+    assert not fused.uses_stream("auto", 9, 13, torch.float64)
+    assert fused.uses_stream("auto", 9, 14, torch.float64)
+    assert not fused.uses_stream("auto", 18, 13, torch.float32)  # the same bytes
+    assert fused.uses_stream("auto", 19, 13, torch.float32)
+    assert fused.uses_stream("stream", 1, 2) and not fused.uses_stream("buffer", 10**6, 10**6)
+    # The loss's auto mode follows it: count the streaming passes.
+    passes = []
+    original = fused.stream_statistics
+    monkeypatch.setattr(
+        fused, "stream_statistics", lambda *args: passes.append(1) or original(*args)
+    )
+    embeddings, _, labels, _ = problem()
+    loss_fn = LargestMarginSoftmaxLoss(13, 5).double()
+    loss_fn(embeddings, labels)
+    assert passes == []
+    monkeypatch.setattr(fused, "BUFFER_LIMIT_BYTES", 9 * 13 * 8 - 1)
+    loss_fn(embeddings, labels)
+    assert passes == [1]
+
+
+def test_block_size_follows_the_device():
+    assert fused.stream_block_columns(256, "cpu") == 2**19 // 256
+    assert fused.stream_block_columns(256, "cuda") == 2**24 // 256
+    assert fused.stream_block_columns(10**7, "cpu") == 1
+
+
+LOSSES = {
+    "lm": lambda **kw: LargestMarginSoftmaxLoss(13, 5, scale=SCALE, **kw),
+    "gm-arcface": lambda **kw: GeneralizedMarginSoftmaxLoss.preset("arcface", 13, 5, **kw),
+    "gm-sphereface": lambda **kw: GeneralizedMarginSoftmaxLoss.preset("sphereface", 13, 5, **kw),
+    "gm-custom-psi": lambda **kw: GeneralizedMarginSoftmaxLoss(
+        13, 5, scale=SCALE, psi=lambda c: c - 0.1 * c.square(), **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_losses_stream_exactly_with_miner_regularizer_and_stats(monkeypatch, name, device):
+    # Blocks of 2 columns for the batch of 20 (40 elements); 13 classes end in a block of 1.
+    monkeypatch.setitem(fused._STREAM_BLOCK_ELEMENTS, device, 40)
+    generator = torch.Generator().manual_seed(5)
+    embeddings = torch.randn(20, 5, generator=generator, dtype=torch.float64).to(device)
+    labels = torch.randint(0, 13, (20,), generator=generator).to(device)
+    indices_tuple = miners.MultiSimilarityMiner()(embeddings, labels)
+    assert len(indices_tuple[0]) > 0
+    results = {}
+    for memory in ("buffer", "stream"):
+        torch.manual_seed(0)
+        loss_fn = LOSSES[name](
+            memory=memory,
+            sample_margin_regularizer=SampleMarginRegularizer(),
+            sample_margin_reg_weight=0.3,
+            collect_stats=True,
+        ).to(device, torch.float64)
+        z = embeddings.clone().requires_grad_(True)
+        loss = loss_fn(z, labels, indices_tuple)
+        loss.backward()
+        stats = (loss_fn.mean_sample_margin, loss_fn.min_sample_margin)
+        results[memory] = (loss.detach(), z.grad, loss_fn.W.grad, torch.tensor(stats))
+    assert_all_close(results["stream"], results["buffer"])
