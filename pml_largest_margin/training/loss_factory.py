@@ -47,12 +47,17 @@ def build_loss(
     margin: float | None = None,
     sample_margin_weight: float = 0.0,
     zero_centroid_weight: float = 0.0,
+    zero_centroid_form: str = "mean",
+    record_margins: bool = False,
 ):
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
     ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
-    ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form) as PML's
-    ``weight_reg_loss``.
+    ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form; ``"sum"``:
+    ``λ · ‖Σ_j ŵ_j‖²``, the authors') as PML's ``weight_reg_loss``. ``record_margins`` makes
+    LM-Softmax record what a :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads
+    (``collect_stats``, ``record_target_cosines``; not its per-batch class margin); the other
+    losses record nothing and are monitored from their inputs.
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
@@ -70,9 +75,13 @@ def build_loss(
     loss_class, options = _loss_class_and_options(
         name, scale, DEFAULT_MARGINS.get(name) if margin is None else margin
     )
+    if record_margins and issubclass(loss_class, LargestMarginSoftmaxLoss):
+        options.update(collect_stats=True, record_target_cosines=True, record_class_margin=False)
     if zero_centroid_weight > 0:
         options.update(
-            weight_regularizer=ZeroCentroidRegularizer(form="mean", record_class_margin=False),
+            weight_regularizer=ZeroCentroidRegularizer(
+                form=zero_centroid_form, record_class_margin=False
+            ),
             weight_reg_weight=zero_centroid_weight,
         )
     if sample_margin_weight > 0:
