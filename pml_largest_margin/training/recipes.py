@@ -50,6 +50,9 @@ class Recipe:
     zero_centroid_weight: float
     zero_centroid_form: str
     schedule: Schedule
+    # λ for each regularizer when it is used (the demo's "+ R_sm" and "+ ZC" rows); empty for
+    # the package recipe, whose demo keeps its own values.
+    regularizer_weights: dict[str, float] = field(default_factory=dict)
     description: str = field(default="", compare=False)
 
     def margin(self, loss: str) -> float | None:
@@ -65,6 +68,7 @@ class Recipe:
             "zero_centroid_weight": self.zero_centroid_weight,
             "zero_centroid_form": self.zero_centroid_form,
             "schedule": self.schedule.as_dict(),
+            "regularizer_weights": dict(self.regularizer_weights),
         }
 
 
@@ -99,6 +103,7 @@ PAPER_RECIPE = Recipe(
         weight_decay=1e-4,
         gradient_clip_norm=5.0,
     ),
+    regularizer_weights={"sample_margin": 5.0, "zero_centroid": 5.0},
     description=(
         "The defaults of the authors' visual-classification training script for 'Learning "
         "Towards the Largest Margins' (Zhou et al., ICLR 2022), as read in copies of that "
