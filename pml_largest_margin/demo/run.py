@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import tqdm
 
+from ..margin_monitor import EpochMargins, MarginMonitor
 from ..training.embedding_metrics import (
     classification_metrics,
     embed,
@@ -17,9 +18,12 @@ from ..training.embedding_metrics import (
     verification_metrics,
 )
 from ..training.loss_factory import build_loss
-from ..training.trainer import Schedule, build_trainer, run_epochs
+from ..training.trainer import Schedule, build_trainer, iterations_per_epoch, run_epochs
 from .data import DigitsSplit, long_tailed_subset
-from .methods import EMBEDDING_SIZE, SCALE, Method, embedding_network
+from .methods import DEMO_SETTINGS, EMBEDDING_SIZE, LossSettings, Method, embedding_network
+
+# Called with (method, seed, the epoch's margins) after every epoch of every run.
+EpochCallback = Callable[[Method, int, EpochMargins], object]
 
 # Accuracy on the classes rarest in the long-tailed training sets (the last three labels).
 TAIL_CLASSES = (7, 8, 9)
@@ -37,6 +41,7 @@ class RunResult:
     seconds: float
     prototype_cosines: np.ndarray | None = None
     roc: dict = field(default_factory=dict)
+    training_margins: list[dict] = field(default_factory=list)
 
 
 def _thin_roc(far: np.ndarray, tar: np.ndarray) -> dict:
@@ -47,25 +52,55 @@ def _thin_roc(far: np.ndarray, tar: np.ndarray) -> dict:
 
 
 def run_one(
-    method: Method, split: DigitsSplit, schedule: Schedule, seed: int, keep_artifacts: bool
+    method: Method,
+    split: DigitsSplit,
+    schedule: Schedule,
+    seed: int,
+    keep_artifacts: bool,
+    *,
+    network: Callable[[int], torch.nn.Module] = embedding_network,
+    settings: LossSettings = DEMO_SETTINGS,
+    on_epoch: EpochCallback | None = None,
 ) -> RunResult:
-    """Train the MLP with ``method`` from ``seed`` and evaluate it on the (balanced) test set."""
+    """Train ``network`` with ``method`` from ``seed`` and evaluate it on the (balanced) test set.
+
+    A :class:`MarginMonitor` records the training margins of every epoch (``training_margins``).
+    """
     start = time.perf_counter()
     torch.manual_seed(seed)
     device = torch.device("cpu")
-    model = embedding_network()
+    model = network(EMBEDDING_SIZE)
     loss = build_loss(
         method.loss,
         split.num_classes,
         EMBEDDING_SIZE,
-        scale=SCALE,
+        scale=settings.scale,
+        margin=settings.margins.get(method.loss),
         sample_margin_weight=method.sample_margin_weight,
         zero_centroid_weight=method.zero_centroid_weight,
+        zero_centroid_form=settings.zero_centroid_form,
+        record_margins=True,
     )
     dataset = torch.utils.data.TensorDataset(split.train_x, split.train_y)
-    trainer = build_trainer(
-        model, loss, dataset, schedule, device=device, epochs_per_trainer_epoch=schedule.epochs
+    monitor = MarginMonitor(
+        split.num_classes,
+        EMBEDDING_SIZE,
+        iterations_per_epoch=iterations_per_epoch(len(dataset), schedule.batch_size),
+        on_epoch=None if on_epoch is None else lambda record: on_epoch(method, seed, record),
     )
+    if not getattr(loss, "record_target_cosines", False):
+        monitor.watch(loss)
+    trainer = build_trainer(
+        model,
+        loss,
+        dataset,
+        schedule,
+        device=device,
+        epochs_per_trainer_epoch=schedule.epochs,
+        end_of_iteration_hook=monitor.end_of_iteration_hook,
+        end_of_epoch_hook=monitor.end_of_epoch_hook,
+    )
+    threads = torch.get_num_threads()
     run_epochs(trainer, 1, 1)
     embeddings = embed(model, split.test_x, device)
     metrics = classification_metrics(embeddings, split.test_y, loss)
@@ -75,7 +110,11 @@ def run_one(
     metrics.update(retrieval_metrics(embeddings, split.test_y))
     verification, curve = verification_metrics(embeddings, split.test_y)
     metrics.update(verification)
+    # The evaluation's first numba / FAISS call can change torch's thread count (seen: 1 → 2),
+    # which made the next run's convolutions 50× slower on a loaded two-core machine.
+    torch.set_num_threads(threads)
     result = RunResult(method, seed, metrics, time.perf_counter() - start)
+    result.training_margins = [record.csv_row() for record in monitor.history]
     if keep_artifacts:
         unit = torch.nn.functional.normalize(loss.W.detach().float().cpu(), dim=0)
         result.prototype_cosines = (unit.t() @ unit).numpy()
@@ -84,7 +123,14 @@ def run_one(
 
 
 def run_all(
-    methods: Sequence[Method], split: DigitsSplit, schedule: Schedule, seeds: Sequence[int]
+    methods: Sequence[Method],
+    split: DigitsSplit,
+    schedule: Schedule,
+    seeds: Sequence[int],
+    *,
+    network: Callable[[int], torch.nn.Module] = embedding_network,
+    settings: LossSettings = DEMO_SETTINGS,
+    on_epoch: EpochCallback | None = None,
 ) -> list[RunResult]:
     """Every method with every seed; the first seed's runs keep the figures' data."""
     splits = {1: split}
@@ -95,6 +141,15 @@ def run_all(
             splits[method.imbalance_ratio] = long_tailed_subset(split, method.imbalance_ratio)
         tqdm.tqdm.write(f"[{index}/{total}] {method.label}, seed {seed}")
         results.append(
-            run_one(method, splits[method.imbalance_ratio], schedule, seed, seed == seeds[0])
+            run_one(
+                method,
+                splits[method.imbalance_ratio],
+                schedule,
+                seed,
+                seed == seeds[0],
+                network=network,
+                settings=settings,
+                on_epoch=on_epoch,
+            )
         )
     return results

@@ -58,6 +58,11 @@ class BaseMarginSoftmaxLoss(
             (stream when the buffer would exceed
             :data:`~pml_largest_margin.losses.fused.BUFFER_LIMIT_BYTES`); the same values and
             gradients either way (docs/losses.md, "Memory").
+        record_target_cosines: with ``collect_stats``, also keep the batch's target cosines
+            ``cos θ_{i,y_i}`` (N,) as ``target_cosines`` and its labels as ``target_labels``
+            (detached tensors, not PML stats), for
+            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`. They are gathered from
+            the N target columns of ``W``, O(N·d): no further matrix product.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class BaseMarginSoftmaxLoss(
         validate_inputs: bool = True,
         record_class_margin: bool = True,
         memory: str = "auto",
+        record_target_cosines: bool = False,
         **kwargs,
     ):
         num_classes, embedding_size, scale = check_loss_arguments(
@@ -83,6 +89,8 @@ class BaseMarginSoftmaxLoss(
         self.scale = scale
         self.validate_inputs = validate_inputs
         self.record_class_margin = record_class_margin
+        self.record_target_cosines = bool(record_target_cosines)
+        self.target_cosines = self.target_labels = None
         self.W = torch.nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
         self.weight_init_func(self.W)
         self.add_to_recordable_attributes(
@@ -155,6 +163,8 @@ class BaseMarginSoftmaxLoss(
                 )
             if self.collect_stats:
                 self.record_sample_margins(margins.detach())
+                if self.record_target_cosines:
+                    self._record_target_cosines(embeddings, weights, labels)
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
             loss = {
                 "losses": losses * miner_weights,
@@ -185,6 +195,15 @@ class BaseMarginSoftmaxLoss(
         if margins.numel():
             self.mean_sample_margin = float(margins.mean())
             self.min_sample_margin = float(margins.min())
+
+    @torch.no_grad()
+    def _record_target_cosines(self, embeddings, weights, labels) -> None:
+        targets = weights.detach()[:, labels.long()]
+        unit = torch.nn.functional.normalize(embeddings.detach().to(targets.dtype), dim=1)
+        self.target_cosines = (unit * targets.t()).sum(dim=1) / torch.linalg.vector_norm(
+            targets, dim=0
+        )
+        self.target_labels = labels.detach()
 
     def _check_embeddings(self, embeddings):
         check_embeddings(embeddings, finite=self.validate_inputs)

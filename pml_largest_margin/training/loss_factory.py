@@ -81,12 +81,17 @@ def build_loss(
     sample_margin_weight: float = 0.0,
     zero_centroid_weight: float = 0.0,
     class_counts: Sequence[int] | None = None,
+    zero_centroid_form: str = "mean",
+    record_margins: bool = False,
 ):
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
     ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
-    ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form) as PML's
-    ``weight_reg_loss``. ``class_counts`` (the training set's count of each class) is needed by
+    ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form; ``"sum"``:
+    ``λ · ‖Σ_j ŵ_j‖²``, the authors') as PML's ``weight_reg_loss``. ``record_margins`` makes
+    LM-Softmax record what a :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads
+    (``collect_stats``, ``record_target_cosines``; not its per-batch class margin); the other
+    losses record nothing and are monitored from their inputs. ``class_counts`` (the training set's count of each class) is needed by
     ``dynamic-margin`` and ignored by the other losses.
     """
     if name not in LOSS_NAMES:
@@ -109,9 +114,13 @@ def build_loss(
         if class_counts is None:
             raise ValueError("loss 'dynamic-margin' needs the training set's class_counts")
         options["class_counts"] = class_counts
+    if record_margins and issubclass(loss_class, LargestMarginSoftmaxLoss):
+        options.update(collect_stats=True, record_target_cosines=True, record_class_margin=False)
     if zero_centroid_weight > 0:
         options.update(
-            weight_regularizer=ZeroCentroidRegularizer(form="mean", record_class_margin=False),
+            weight_regularizer=ZeroCentroidRegularizer(
+                form=zero_centroid_form, record_class_margin=False
+            ),
             weight_reg_weight=zero_centroid_weight,
         )
     if sample_margin_weight > 0:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..margin_monitor import EpochMargins, MarginMonitor
+from ..prototypes import freeze_prototypes
 from .backbones import build_backbone
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, restore, save_checkpoint
 from .embedding_metrics import (
@@ -17,6 +21,7 @@ from .embedding_metrics import (
     retrieval_metrics,
     verification_metrics,
 )
+from .fixed_prototypes import load_fixed_prototypes
 from .image_dataset import ImageDataset, check_images
 from .image_folder import read_image_folder, stratified_holdout
 from .loss_factory import build_loss
@@ -40,6 +45,9 @@ class TrainOptions:
     margin: float | None = None
     sample_margin_weight: float = 0.0
     zero_centroid_weight: float = 0.0
+    zero_centroid_form: str = "mean"
+    fixed_prototypes: str | None = None  # a .npy file of W (embedding_size, num_classes), frozen
+    recipe: str = "package"
     embedding_size: int = 128
     image_size: tuple[int, int] | None = None  # (64, 64) for image folders, (256, 128) for re-ID
     held_out_fraction: float = 0.2
@@ -106,9 +114,20 @@ def _evaluate_reid(model, query, gallery, options, device, workers) -> dict:
 
 
 def run_training(
-    options: TrainOptions, output_dir: Path, *, resume: bool, device: str, workers: int
+    options: TrainOptions,
+    output_dir: Path,
+    *,
+    resume: bool,
+    device: str,
+    workers: int,
+    on_epoch: Callable[[EpochMargins], object] | None = None,
 ) -> dict:
-    """Train, checkpointing every epoch into ``output_dir``, then evaluate; returns the metrics."""
+    """Train, checkpointing every epoch into ``output_dir``, then evaluate; returns the metrics.
+
+    A :class:`MarginMonitor` follows the training margins; ``on_epoch`` gets each epoch's
+    record, and ``margins.csv`` / ``margins.json`` (and ``margins.png`` with matplotlib) are
+    written next to the checkpoint. After ``resume`` they cover the epochs of this call only.
+    """
     root = Path(options.data)
     layout = options.layout
     if layout == "auto":
@@ -143,7 +162,24 @@ def run_training(
         sample_margin_weight=options.sample_margin_weight,
         zero_centroid_weight=options.zero_centroid_weight,
         class_counts=np.bincount(train.labels, minlength=len(train.class_names)).tolist(),
+        zero_centroid_form=options.zero_centroid_form,
+        record_margins=True,
     )
+    if options.fixed_prototypes is not None:
+        freeze_prototypes(
+            loss,
+            load_fixed_prototypes(
+                options.fixed_prototypes, len(train.class_names), options.embedding_size
+            ),
+        )
+    monitor = MarginMonitor(len(train.class_names), options.embedding_size, on_epoch=on_epoch)
+    if not getattr(loss, "record_target_cosines", False):
+        monitor.watch(loss)
+
+    def end_of_epoch(trainer) -> None:
+        monitor.end_of_epoch_hook(trainer)
+        save_checkpoint(checkpoint_path, trainer, settings)
+
     trainer = build_trainer(
         model,
         loss,
@@ -151,11 +187,14 @@ def run_training(
         options.schedule,
         device=torch_device,
         num_workers=workers,
-        end_of_epoch_hook=lambda t: save_checkpoint(checkpoint_path, t, settings),
+        end_of_iteration_hook=monitor.end_of_iteration_hook,
+        end_of_epoch_hook=end_of_epoch,
     )
     start_epoch = restore(trainer, load_checkpoint(checkpoint_path, settings)) if resume else 1
     if start_epoch <= options.schedule.epochs:
         run_epochs(trainer, start_epoch, options.schedule.epochs)
+    if monitor.history:
+        monitor.save(output_dir, plot=importlib.util.find_spec("matplotlib") is not None)
 
     loss.cpu()
     if reid_layout:

@@ -16,7 +16,8 @@ class Schedule:
     """One optimiser and learning-rate schedule, applied alike to the network and to ``W``.
 
     SGD with momentum and weight decay; the learning rate follows a cosine from ``lr`` to 0 over
-    all iterations of ``epochs`` epochs (updated every iteration).
+    all iterations of ``epochs`` epochs (updated every iteration). ``gradient_clip_norm``, if set,
+    clips the gradient norm of the network and ``W`` together before each step.
     """
 
     epochs: int = 60
@@ -24,6 +25,7 @@ class Schedule:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    gradient_clip_norm: float | None = None
 
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
@@ -36,6 +38,8 @@ class Schedule:
                 "need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got "
                 f"{self.lr}, {self.momentum}, {self.weight_decay}"
             )
+        if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
+            raise ValueError(f"gradient_clip_norm must be > 0, got {self.gradient_clip_norm}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +63,7 @@ def build_trainer(
     device: torch.device,
     epochs_per_trainer_epoch: int = 1,
     num_workers: int = 0,
+    end_of_iteration_hook=None,
     end_of_epoch_hook=None,
 ) -> trainers.MetricLossOnly:
     """A ``MetricLossOnly`` trainer whose ``metric_loss_optimizer`` updates the loss's ``W``.
@@ -87,6 +92,14 @@ def build_trainer(
         schedulers[f"{name}_scheduler_by_iteration"] = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine
         )
+    gradient_clippers = None
+    if schedule.gradient_clip_norm is not None:
+        parameters = [p for p in (*model.parameters(), *loss.parameters()) if p.requires_grad]
+        gradient_clippers = {
+            "trunk_grad_clipper": lambda: torch.nn.utils.clip_grad_norm_(
+                parameters, schedule.gradient_clip_norm
+            )
+        }
     # PML warns about the optional keys (embedder, its optimiser) that this setup leaves out.
     pml_logger = logging.getLogger("PML")
     level = pml_logger.level
@@ -102,6 +115,8 @@ def build_trainer(
             iterations_per_epoch=batches * epochs_per_trainer_epoch,
             data_device=device,
             dataloader_num_workers=num_workers,
+            gradient_clippers=gradient_clippers,
+            end_of_iteration_hook=end_of_iteration_hook,
             end_of_epoch_hook=end_of_epoch_hook,
         )
     finally:
