@@ -7,15 +7,12 @@
 - :mod:`evaluation.reid.query_expansion`: average QE and α-QE (docs/theory.md §9).
 """
 
+from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks, pairwise_distances
 from .protocol import (
-    DEFAULT_BLOCK_BYTES,
-    METRICS,
     PROTOCOLS,
-    DistanceBlocks,
     ReIDResult,
     evaluate_reid,
     evaluate_reid_from_distances,
-    pairwise_distances,
     result_from_positive_ranks,
 )
 from .query_expansion import QueryExpansionOptions, expand_queries

@@ -45,7 +45,7 @@ from ._rerank_kernel import (
     reciprocal_sets,
     row_maxima,
 )
-from .protocol import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
+from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
 from .top_k import joint_nearest_neighbours
 
 CONVENTIONS = ("paper", "torchreid")
