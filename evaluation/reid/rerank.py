@@ -112,7 +112,7 @@ def k_reciprocal_rerank(
 ) -> DistanceBlocks:
     """The re-ranked query x gallery distances of docs/theory.md §8, block by block.
 
-    Returns :class:`~evaluation.reid.protocol.DistanceBlocks` whose blocks are float64 rows of
+    Returns :class:`~evaluation.reid.distances.DistanceBlocks` whose blocks are float64 rows of
     the final distance ``(1 − λ) J + λ D`` (zero offsets, scale 1): hand it to the evaluator,
     or call ``.dense()`` on a small problem. ``options`` defaults to the paper's parameters.
     Products run with torch on ``device``; the neighbour search is FAISS (``use_gpu`` as in
