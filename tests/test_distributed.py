@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _distributed_harness import run_in_workers
+from references import reference_reid
 
 from evaluation.knn import top_k
 from evaluation.reid import ReIDResult, evaluate_reid_from_distances
@@ -928,26 +929,11 @@ def test_bad_inputs_raise_on_every_rank(worker_results):
     assert "different dtypes" in per_rank[1]["dtypes differ across ranks"]
 
 
-def _reference_reid(distances, q_pids, g_pids, q_camids, g_camids, max_rank):
-    """Straightforward protocol: stable sort of each row, drop same-pid-same-camera items."""
-    average_precisions, inverse_penalties, first_hits = [], [], []
-    for row, pid, camid in zip(distances, q_pids, q_camids, strict=True):
-        order = np.argsort(row, kind="stable")
-        kept = order[~((g_pids[order] == pid) & (g_camids[order] == camid))]
-        matches = g_pids[kept] == pid
-        if not matches.any():
-            continue
-        positive_ranks = np.flatnonzero(matches) + 1
-        average_precisions.append(np.mean(np.arange(1, len(positive_ranks) + 1) / positive_ranks))
-        inverse_penalties.append(len(positive_ranks) / positive_ranks[-1])
-        first_hits.append(positive_ranks[0] <= np.arange(1, max_rank + 1))
-    return np.mean(average_precisions), np.mean(inverse_penalties), np.mean(first_hits, axis=0)
-
-
 def test_sharded_reid_equals_single_process(worker_results):
     per_rank = _results(worker_results, check_sharded_evaluation)
     distances, q_pids, g_pids, q_camids, g_camids, _, _ = _reid_problem()
-    mean_ap, mean_inp, cmc = _reference_reid(distances, q_pids, g_pids, q_camids, g_camids, 10)
+    reference = reference_reid(distances, q_pids, g_pids, q_camids, g_camids, 10)
+    mean_ap, mean_inp, cmc = reference.mAP, reference.mINP, reference.cmc
     single = evaluate_reid_from_distances(
         distances, q_pids, g_pids, q_camids, g_camids, max_rank=10
     )

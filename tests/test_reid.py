@@ -2,31 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import reference_reid
 
 from evaluation.reid import evaluate_reid, evaluate_reid_from_distances, pairwise_distances
-
-
-def reference_reid(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """docs/theory.md §5 written out: a full stable argsort per query, then the definitions."""
-    max_rank = min(max_rank, distmat.shape[1])
-    cmc, aps, inps, skipped = [], [], [], 0
-    per_query_ap = np.full(len(q_pids), np.nan)
-    for i in range(len(q_pids)):
-        order = np.argsort(distmat[i], kind="stable")
-        junk = (g_pids[order] == q_pids[i]) & (g_camids[order] == q_camids[i])
-        matches = (g_pids[order] == q_pids[i])[~junk]
-        if not matches.any():
-            skipped += 1
-            continue
-        ranks = np.flatnonzero(matches) + 1
-        ap = np.mean(np.arange(1, len(ranks) + 1) / ranks)
-        per_query_ap[i] = ap
-        aps.append(ap)
-        inps.append(len(ranks) / ranks[-1])
-        cmc.append(np.arange(1, max_rank + 1) >= ranks[0])
-    if not aps:
-        return None, None, None, per_query_ap, skipped
-    return np.mean(cmc, axis=0), np.mean(aps), np.mean(inps), per_query_ap, skipped
 
 
 def make_ids(rng, num_query, num_gallery, num_ids=12, num_cams=3):
@@ -39,7 +17,9 @@ def make_ids(rng, num_query, num_gallery, num_ids=12, num_cams=3):
 
 
 def assert_matches_reference(result, distmat, ids, max_rank=50):
-    cmc, mean_ap, minp, per_query_ap, skipped = reference_reid(distmat, *ids, max_rank=max_rank)
+    reference = reference_reid(distmat, *ids, max_rank=max_rank)
+    cmc, mean_ap, minp = reference.cmc, reference.mAP, reference.mINP
+    per_query_ap, skipped = reference.average_precision, reference.num_skipped_queries
     np.testing.assert_array_equal(result.cmc, cmc)
     assert abs(result.mAP - mean_ap) < 1e-9
     assert abs(result.mINP - minp) < 1e-9
@@ -89,7 +69,7 @@ def test_matches_reference_property(seed, num_query, num_gallery, num_ids, level
     rng = np.random.default_rng(seed)
     ids = make_ids(rng, num_query, num_gallery, num_ids, num_cams=2)
     distmat = rng.integers(0, levels, (num_query, num_gallery)).astype(np.float64)
-    if reference_reid(distmat, *ids)[4] == num_query:
+    if reference_reid(distmat, *ids).num_skipped_queries == num_query:
         with pytest.raises(ValueError, match="no query has a positive"):
             evaluate_reid_from_distances(distmat, *ids)
         return
