@@ -13,10 +13,14 @@ Run: ``flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_verificati
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from _harness import machine_description, measure_in_fresh_process, run_case_if_asked
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 IJBC_PAIRS, IJBC_GENUINE = 15_658_489, 19_557
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -43,34 +47,13 @@ def synthetic_embeddings(n_pairs: int, dim: int = 512, seed: int = 0):
     return embeddings, issame
 
 
-def loop_10fold(embeddings, issame, n_folds=10):
-    """docs/theory.md §6, threshold by threshold, the way the reference evaluator runs it."""
-    from sklearn.model_selection import KFold
+def loop_10fold(embeddings, issame):
+    """The tests' straightforward per-threshold protocol (tests/references.py), timed as the incumbent."""
+    from references import reference_ten_fold
 
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
-    dist = np.sum(np.square(unit[0::2] - unit[1::2]), 1)
-    thresholds, val_grid = np.arange(0, 4, 0.01), np.arange(0, 4, 0.001)
-    accuracies, vals = [], []
-    for train, test in KFold(n_splits=n_folds, shuffle=False).split(np.arange(dist.size)):
-        train_accuracy = [
-            np.sum(np.less(dist[train], t) == issame[train]) / train.size for t in thresholds
-        ]
-        best = thresholds[int(np.argmax(train_accuracy))]
-        accuracies.append(np.sum(np.less(dist[test], best) == issame[test]) / test.size)
-        impostors = ~issame[train]
-        fars = np.array(
-            [np.sum(np.less(dist[train], t) & impostors) / impostors.sum() for t in val_grid]
-        )
-        last = np.flatnonzero(fars <= 1e-3)[-1]
-        if fars.max() < 1e-3:
-            threshold = 0.0
-        elif fars[last] == 1e-3 or last == val_grid.size - 1:
-            threshold = val_grid[last]
-        else:
-            slope = (val_grid[last + 1] - val_grid[last]) / (fars[last + 1] - fars[last])
-            threshold = val_grid[last] + (1e-3 - fars[last]) * slope
-        vals.append(np.sum(np.less(dist[test], threshold) & issame[test]) / issame[test].sum())
-    return np.mean(accuracies), np.mean(vals)
+    reference = reference_ten_fold(unit, issame)
+    return reference.accuracy_mean, reference.val_mean
 
 
 def _case_function(case: str):
