@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from references import reference_ten_fold, reference_ten_fold_on_distances
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
@@ -8,55 +9,27 @@ from evaluation.verification.ten_fold import fold_bounds
 
 
 def _loop_protocol(unit, issame, n_folds=10, far_target=1e-3, fold_details=False):
-    """docs/theory.md §6 written out threshold by threshold, as the reference evaluator runs it,
-    on embeddings it has already L2-normalised (float64 there: the reference stores the network's
-    outputs in a float64 array)."""
-    return _loop_protocol_on_distances(
-        np.sum(np.square(unit[0::2] - unit[1::2]), 1), issame, n_folds, far_target, fold_details
-    )
+    """The shared reference (tests/references.py) on L2-normalised embeddings, as a tuple."""
+    return _summary(reference_ten_fold(unit, issame, n_folds, far_target), fold_details)
 
 
 def _loop_protocol_on_distances(dist, issame, n_folds=10, far_target=1e-3, fold_details=False):
-    issame = np.asarray(issame, dtype=bool)
-    thresholds, val_grid = np.arange(0, 4, 0.01), np.arange(0, 4, 0.001)
-    accuracies, bests, vals, val_thresholds, fold_fars = [], [], [], [], []
-    for train, test in KFold(n_splits=n_folds, shuffle=False).split(np.arange(dist.size)):
-        train_accuracy = [
-            np.sum(np.less(dist[train], t) == issame[train]) / train.size for t in thresholds
-        ]
-        best = thresholds[int(np.argmax(train_accuracy))]
-        bests.append(best)
-        accuracies.append(np.sum(np.less(dist[test], best) == issame[test]) / test.size)
-        impostors = ~issame[train]
-        fars = np.array(
-            [np.sum(np.less(dist[train], t) & impostors) / impostors.sum() for t in val_grid]
-        )
-        if fars.max() >= far_target:
-            last = np.flatnonzero(fars <= far_target)[-1]
-            if fars[last] == far_target or last == val_grid.size - 1:
-                threshold = val_grid[last]
-            else:
-                slope = (val_grid[last + 1] - val_grid[last]) / (fars[last + 1] - fars[last])
-                threshold = val_grid[last] + (far_target - fars[last]) * slope
-        else:
-            threshold = 0.0
-        val_thresholds.append(threshold)
-        genuine_in_test = issame[test].sum()
-        accepted = np.sum(np.less(dist[test], threshold) & issame[test])
-        vals.append(accepted / genuine_in_test if genuine_in_test else np.nan)
-        impostors_in_test = (~issame[test]).sum()
-        false_accepted = np.sum(np.less(dist[test], threshold) & ~issame[test])
-        fold_fars.append(false_accepted / impostors_in_test if impostors_in_test else np.nan)
+    return _summary(
+        reference_ten_fold_on_distances(dist, issame, n_folds, far_target), fold_details
+    )
+
+
+def _summary(reference, fold_details):
     summary = (
-        np.mean(accuracies),
-        np.std(accuracies),
-        np.array(bests),
-        np.mean(vals),
-        np.std(vals),
+        reference.accuracy_mean,
+        reference.accuracy_std,
+        reference.best_thresholds,
+        reference.val_mean,
+        reference.val_std,
     )
     if fold_details:
-        details = (accuracies, vals, val_thresholds, fold_fars)
-        return summary + tuple(np.array(values) for values in details)
+        details = (reference.fold_accuracies, reference.fold_vals)
+        return summary + details + (reference.val_thresholds, reference.fold_fars)
     return summary
 
 
