@@ -9,7 +9,7 @@ import torch
 from ._angles import additive_angular_margin, arccos
 from .base_margin_head_loss import BaseMarginHeadLoss
 from .functional import generalized_margin_softmax_head
-from .fused import NORM_EPS, column_dots
+from .fused import NORM_EPS, clamped_normalisation, column_dots
 
 # Elements per row block of the buffer while the hard negatives are modulated (block temporaries
 # of 16 MB in float32, whatever N × C).
@@ -37,11 +37,13 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weights, labels, thresholds, hardness, scale):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
-            inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
-            unit = embeddings * inverse_embedding_norms[:, None]
-            weight_norms = torch.linalg.vector_norm(weights, dim=0)
-            inverse_weight_norms = weight_norms.clamp_min(NORM_EPS).reciprocal()
+            (
+                unit,
+                inverse_embedding_norms,
+                embedding_clamped,
+                inverse_weight_norms,
+                weight_clamped,
+            ) = clamped_normalisation(embeddings, weights)
             columns = labels.long()[:, None]
 
             buffer = unit @ weights
@@ -71,10 +73,10 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
         ctx.save_for_backward(
             unit,
             inverse_embedding_norms,
-            embedding_norms < NORM_EPS,
+            embedding_clamped,
             weights,
             inverse_weight_norms,
-            weight_norms < NORM_EPS,
+            weight_clamped,
             columns,
             buffer,
             row_sums,

@@ -290,15 +290,34 @@ def cosine_gradients(
     return grad_unit, grad_weights
 
 
+def clamped_normalisation(
+    embeddings: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unit rows of ``embeddings``, their inverse norms and clamp mask, and the inverse column
+    norms of ``weights`` with their clamp mask; norms below ``NORM_EPS`` are clamped to it."""
+    embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
+    inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
+    weight_norms = torch.linalg.vector_norm(weights, dim=0)
+    return (
+        embeddings * inverse_embedding_norms[:, None],
+        inverse_embedding_norms,
+        embedding_norms < NORM_EPS,
+        weight_norms.clamp_min(NORM_EPS).reciprocal(),
+        weight_norms < NORM_EPS,
+    )
+
+
 class _NonTargetLogSumExp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, embeddings, weights, labels, scale, with_margins, block_columns):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
-            inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
-            unit = embeddings * inverse_embedding_norms[:, None]
-            weight_norms = torch.linalg.vector_norm(weights, dim=0)
-            inverse_weight_norms = weight_norms.clamp_min(NORM_EPS).reciprocal()
+            (
+                unit,
+                inverse_embedding_norms,
+                embedding_clamped,
+                inverse_weight_norms,
+                weight_clamped,
+            ) = clamped_normalisation(embeddings, weights)
             targets = labels.long()
             track_nearest = with_margins and any(ctx.needs_input_grad[:2])
             nearest = (targets.new_empty(0),) * 2 + (unit.new_empty(0),)
@@ -333,10 +352,10 @@ class _NonTargetLogSumExp(torch.autograd.Function):
         ctx.save_for_backward(
             unit,
             inverse_embedding_norms,
-            embedding_norms < NORM_EPS,
+            embedding_clamped,
             weights,
             inverse_weight_norms,
-            weight_norms < NORM_EPS,
+            weight_clamped,
             targets,
             buffer,
             row_sums,
