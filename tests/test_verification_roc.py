@@ -306,3 +306,22 @@ def test_one_curve_serves_every_metric():
     for metric in (roc, auc, eer, tar_at_far, verification_report):
         with pytest.raises(ValueError, match="labels are required"):
             metric(scores)
+
+
+def _ijb_script_tar(scores, labels, targets):
+    # The IJB evaluation scripts' selection: flip the ROC, then the first point closest to each target.
+    far, tar, _ = roc_curve(labels, scores)
+    far, tar = np.flipud(far), np.flipud(tar)
+    return np.array([tar[np.argmin(np.abs(far - target))] for target in targets])
+
+
+@pytest.mark.parametrize("levels", [None, 3, 6])
+def test_nearest_rule_equals_the_ijb_scripts_selection_on_ties(levels):
+    rng = np.random.default_rng(5)
+    scores, labels = _pairs(rng, 400, np.float64, levels)
+    # Targets halfway between ROC points make the tie rule decide.
+    far, _, _ = roc_curve(labels, scores)
+    targets = np.concatenate([(far[:-1] + far[1:]) / 2, far, [1e-3, 0.1]])
+    assert np.array_equal(
+        tar_at_far(scores, labels, targets), _ijb_script_tar(scores, labels, targets)
+    )
