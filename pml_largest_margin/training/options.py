@@ -77,8 +77,18 @@ class TrainOptions:
     best_metric: str | None = None  # None: default_best_metric(layout)
 
     def __post_init__(self):
+        # Checked here, before any work; the same rules hold where the values are used.
         if self.eval_every < 0:
             raise ValueError(f"--eval-every must be at least 0, got {self.eval_every}")
+        if not (self.sample_margin_weight >= 0 and self.zero_centroid_weight >= 0):
+            raise ValueError(
+                "regularizer weights must be non-negative numbers, got "
+                f"{self.sample_margin_weight}, {self.zero_centroid_weight}"
+            )
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(
+                f"the held-out fraction must lie in (0, 1), got {self.held_out_fraction}"
+            )
 
     def settings(self) -> dict:
         """The checkpoint-relevant options as plain JSON-able values (``schedule`` flattened

@@ -305,6 +305,7 @@ def run_training(
     options = replace(options, best_metric=best_metric)
     torch_device = resolve_device(device)
     num_classes = len(data.train.class_names)
+    model, loss = _model_and_loss(options, data)
     iterations_per_epoch(len(data.train.paths), options.schedule.batch_size)
     _check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     settings = {**options.settings(), "layout": data.layout, "num_classes": num_classes}
@@ -327,6 +328,8 @@ def run_training(
             return _train(
                 options,
                 data,
+                model,
+                loss,
                 output_dir,
                 settings,
                 state,
@@ -344,14 +347,8 @@ def run_training(
         raise
 
 
-def _train(
-    options, data, output_dir, settings, state, record, torch_device, workers, config, bar
-) -> dict:
-    from pml_largest_margin.cli.environment import environment_record
-
-    if config is not None:
-        (output_dir / CONFIG_NAME).write_text(config)
-    record.line(data.summary())
+def _model_and_loss(options: TrainOptions, data: _Data):
+    """The network and the loss (its prototypes frozen if asked), from ``options.seed``."""
     num_classes = len(data.train.class_names)
     torch.manual_seed(options.seed)
     model = build_backbone(options.backbone, options.embedding_size, options.pretrained)
@@ -372,6 +369,29 @@ def _train(
             loss,
             load_fixed_prototypes(options.fixed_prototypes, num_classes, options.embedding_size),
         )
+    return model, loss
+
+
+def _train(
+    options,
+    data,
+    model,
+    loss,
+    output_dir,
+    settings,
+    state,
+    record,
+    torch_device,
+    workers,
+    config,
+    bar,
+) -> dict:
+    from pml_largest_margin.cli.environment import environment_record
+
+    if config is not None:
+        (output_dir / CONFIG_NAME).write_text(config)
+    record.line(data.summary())
+    num_classes = len(data.train.class_names)
     monitor = MarginMonitor(num_classes, options.embedding_size)
     if not getattr(loss, "record_target_cosines", False):
         monitor.watch(loss)
