@@ -27,6 +27,7 @@ from .checkpoint import (
     BEST_CHECKPOINT_NAME,
     CHECKPOINT_NAME,
     load_checkpoint,
+    read_checkpoint,
     restore,
     save_checkpoint,
 )
@@ -290,6 +291,7 @@ def run_training(
         ValueError, OSError: bad data or options, a checkpoint that does not match, an output
             folder that holds another run (without ``resume`` or ``overwrite``).
     """
+    _check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     data = _read_data(options)
     if options.image_size is None:
         options = replace(options, image_size=(256, 128) if data.is_reid else (64, 64))
@@ -307,7 +309,6 @@ def run_training(
     num_classes = len(data.train.class_names)
     model, loss = _model_and_loss(options, data)
     iterations_per_epoch(len(data.train.paths), options.schedule.batch_size)
-    _check_output_dir(output_dir, resume=resume, overwrite=overwrite)
     settings = {**options.settings(), "layout": data.layout, "num_classes": num_classes}
     checkpoint_path = output_dir / CHECKPOINT_NAME
     state = load_checkpoint(checkpoint_path, settings) if resume else None
@@ -469,11 +470,16 @@ def _train(
             timing["epoch_start"] = time.perf_counter()
             run_epochs(trainer, start_epoch, schedule.epochs, progress_bar=bar)
     except KeyboardInterrupt:
-        done = record.history[-1]["epoch"] if record.history else 0
+        # What last.pt holds, read back: the interrupt may have come during or after a save.
+        checkpoint = output_dir / CHECKPOINT_NAME
+        done = read_checkpoint(checkpoint)["epoch"] if checkpoint.is_file() else 0
+        record.history = [row for row in record.history if row["epoch"] <= done]
+        if done:
+            record.write_history()
         record.line(
             f"interrupted in epoch {done + 1}/{schedule.epochs}: "
             + (
-                f"{output_dir / CHECKPOINT_NAME} holds epoch {done}; --resume goes on from there"
+                f"{checkpoint} holds epoch {done}; --resume goes on from there"
                 if done
                 else "no epoch had finished, nothing saved"
             )
