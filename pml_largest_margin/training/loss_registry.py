@@ -28,9 +28,9 @@ class MarginSpec:
     integer: bool = False
 
     def describe_range(self) -> str:
-        kind = "an integer" if self.integer else "a number"
+        """E.g. ``[0, π) (radians)``."""
         closing = "]" if self.high_inclusive else ")"
-        return f"{kind} in [{self.low:g}, {_format_bound(self.high)}{closing} ({self.unit})"
+        return f"[{self.low:g}, {_format_bound(self.high)}{closing} ({self.unit})"
 
     def contains(self, value: float) -> bool:
         if not math.isfinite(value) or value < self.low:
@@ -82,7 +82,7 @@ LOSSES: tuple[LossSpec, ...] = (
         default_scale=1.0,
         # PML truncates a fractional m; its float32 multiple-angle expansion is within 3e-5 of
         # cos(mθ) up to m = 20 and overflows for m in the hundreds.
-        margin=MarginSpec(4, "integer multiplier of θ", 1, 20, high_inclusive=True, integer=True),
+        margin=MarginSpec(4, "integer m of cos(mθ)", 1, 20, high_inclusive=True, integer=True),
     ),
     LossSpec("lm-softmax", "LargestMarginSoftmaxLoss (this package)"),
     LossSpec("adaface", "AdaFaceLoss", margin=MarginSpec(0.4, _RADIANS, 0.0, math.pi / 2)),
@@ -128,7 +128,8 @@ def check_loss_options(name: str, scale: float | None, margin: float | None) -> 
                 f"loss {name!r} has no margin option; --margin applies to {', '.join(with_margin)}"
             )
         if not spec.margin.contains(margin):
+            kind = "an integer" if spec.margin.integer else "a number"
             raise ValueError(
                 f"margin {margin:g} is out of range for loss {name!r}: "
-                f"it takes {spec.margin.describe_range()}"
+                f"it takes {kind} in {spec.margin.describe_range()}"
             )
