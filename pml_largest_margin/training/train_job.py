@@ -318,7 +318,12 @@ def run_training(
             f"{checkpoint_path} has trained; pass --epochs {state['epoch']} or more"
         )
 
-    created = not output_dir.exists()
+    # The outermost folder this call creates, removed again if the run fails before a save.
+    created = None
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists():
+            break
+        created = folder
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
         if overwrite:
@@ -343,8 +348,8 @@ def run_training(
         finally:
             record.close()
     except BaseException:
-        if created and not checkpoint_path.exists():
-            shutil.rmtree(output_dir, ignore_errors=True)
+        if created is not None and not checkpoint_path.exists():
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
