@@ -8,10 +8,10 @@ embeddings and labelled pairs ``pml-lm eval-verify`` reads.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ..training.options import DEFAULT_DEVICE, DEFAULT_MAX_PAIRS, LAYOUTS
+from ..training.paths import check_can_create
 from . import CommandError
 
 DEFAULT_BATCH_SIZE = 64
@@ -62,11 +62,7 @@ def _check_output(path: Path, overwrite: bool) -> None:
             if path.is_dir()
             else f"-o {path} exists; pass --overwrite to replace it"
         )
-    existing = path.parent
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise CommandError(f"-o {path}: cannot write in {existing}")
+    check_can_create(path, "-o")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ import csv
 import importlib.util
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from .options import (
     default_best_metric,
     evaluated_metrics,
 )
+from .paths import check_can_create
 from .trainer import build_trainer, iterations_per_epoch, run_epochs
 
 __all__ = ["LAYOUTS", "RUN_FILES", "TrainOptions", "resolve_device", "run_training"]
@@ -194,11 +194,8 @@ def _check_output_dir(output_dir: Path, *, resume: bool, overwrite: bool) -> Non
                 f"--output-dir {output_dir} already holds a run ({', '.join(taken[:3])}); "
                 "pass --resume to go on with it or --overwrite to replace it"
             )
-    existing = output_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {output_dir}: cannot write in {existing}")
+    if not output_dir.exists():
+        check_can_create(output_dir, "--output-dir")
 
 
 def _format_duration(seconds: float) -> str:
