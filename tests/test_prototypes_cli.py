@@ -91,12 +91,12 @@ def test_training_against_fixed_prototypes(image_folder, tmp_path, capsys):
     # W stayed the simplex: its class margin is the bound, 120° for three classes.
     metrics = json.loads((output / "metrics.json").read_text())["metrics"]
     assert metrics["class_margin_deg"] == pytest.approx(120.0, abs=1e-4)
-    saved = torch.load(output / "checkpoint.pt", weights_only=True)["loss"]["W"]
+    saved = torch.load(output / "last.pt", weights_only=True)["loss"]["W"]
     np.testing.assert_allclose(saved.numpy(), np.load(prototypes), atol=1e-6)
     # The monitor printed one line per epoch and wrote its files.
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch ")] == [
-        "epoch 1",
-        "epoch 2",
+        "epoch 1/2",
+        "epoch 2/2",
     ]
     rows = list(csv.DictReader((output / "margins.csv").open()))
     assert [float(row["class_margin_degrees"]) for row in rows] == pytest.approx([120.0] * 2)
@@ -148,7 +148,7 @@ def test_recipes_fill_in_what_is_left_out():
     assert package.margin is None  # the loss's own default, 0.35
     assert package.schedule == Schedule(epochs=10, batch_size=32, lr=0.05)
     paper = _parsed("--loss", "arcface", "--recipe", "paper")
-    assert (paper.scale, paper.margin) == (5.0, pytest.approx(math.degrees(0.1)))
+    assert (paper.scale, paper.margin) == (5.0, 0.1)  # radians, as the library takes them
     assert (paper.zero_centroid_weight, paper.zero_centroid_form) == (5.0, "sum")
     assert paper.schedule == PAPER_RECIPE.schedule
     assert paper.schedule.gradient_clip_norm == 5.0 and paper.schedule.weight_decay == 1e-4

@@ -62,7 +62,7 @@ def test_image_folder_end_to_end(image_folder, tmp_path, capsys):
     for key in ("accuracy", "class_margin_deg", "sample_margin_mean", "mAP", "rank1", "eer"):
         assert np.isfinite(metrics[key])
     assert metrics["class_margin_bound_deg"] == pytest.approx(120.0)
-    assert (output / "checkpoint.pt").is_file()
+    assert (output / "last.pt").is_file() and (output / "best.pt").is_file()
     assert "accuracy" in capsys.readouterr().out
 
 
@@ -85,15 +85,15 @@ def test_resumed_run_repeats_the_uninterrupted_one(image_folder, tmp_path, monke
 
     saved = train_job.save_checkpoint
 
-    def save_then_stop(path, trainer, settings):
-        saved(path, trainer, settings)
+    def save_then_stop(path, trainer, settings, extra=None):
+        saved(path, trainer, settings, extra)
         if trainer.epoch == 1:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train_job, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         main([*arguments, "--output-dir", str(tmp_path / "split")])
-    checkpoint = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 1
     monkeypatch.setattr(train_job, "save_checkpoint", saved)
     assert main([*arguments, "--output-dir", str(tmp_path / "split"), "--resume"]) == 0
@@ -194,10 +194,11 @@ def test_resume_needs_a_matching_checkpoint(image_folder, tmp_path, capsys):
     )
     assert main(["train", str(image_folder), *output, *FAST]) == 0
     capsys.readouterr()
+    assert "already holds a run" in _error(["train", str(image_folder), *output, *FAST], capsys)
     line = _error(
         ["train", str(image_folder), *output, *FAST, "--loss", "cosface", "--resume"], capsys
     )
-    assert "different settings (loss)" in line
+    assert "different settings (loss: 'lm-softmax' there, 'cosface' now)" in line
 
 
 def test_unknown_loss_is_refused_by_the_parser(image_folder, capsys):

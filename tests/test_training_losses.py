@@ -70,3 +70,51 @@ def test_bad_arguments():
         build_loss("lm-softmax", 4, 3, margin=0.3)
     with pytest.raises(ValueError, match="non-negative"):
         build_loss("normface", 4, 3, sample_margin_weight=-1)
+
+
+def test_angular_margins_are_radians_for_every_loss():
+    import math
+
+    arcface = build_loss("arcface", 4, 3, margin=0.3)
+    # PML's ArcFaceLoss takes degrees and keeps radians: the factory converted 0.3 rad.
+    assert arcface.margin == pytest.approx(0.3)
+    assert build_loss("arcface", 4, 3).margin == pytest.approx(0.5)
+    assert build_loss("curricularface", 4, 3, margin=0.3).margin == pytest.approx(0.3)
+    reference = pml_losses.ArcFaceLoss(4, 3, margin=math.degrees(0.3), scale=10.0)
+    reference.W.data.copy_(arcface.W.data)
+    embeddings, labels = torch.randn(6, 3), torch.arange(6) % 4
+    assert torch.allclose(arcface(embeddings, labels), reference(embeddings, labels))
+
+
+def test_scale_reaches_sphereface_and_defaults_to_pmls():
+    assert build_loss("sphereface", 4, 3, scale=3.0).scale == 3.0
+    assert build_loss("sphereface", 4, 3).scale == 1.0
+    assert build_loss("sphereface", 4, 3, margin=3).margin == 3
+
+
+@pytest.mark.parametrize(
+    "name, margin, message",
+    [
+        ("arcface", 1000.0, r"\[0, π\) \(radians\)"),
+        ("cosface", 2.0, r"\[0, 2\) \(cosine\)"),
+        ("sphereface", 4.5, r"an integer in \[1, 20\]"),
+        ("sphereface", 0.0, "out of range"),
+        ("adaface", 1.6, r"\[0, π/2\)"),
+        ("elasticface-arc", float("nan"), "out of range"),
+    ],
+)
+def test_margins_out_of_range(name, margin, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss(name, 4, 3, margin=margin)
+
+
+def test_scale_options_of_the_registry():
+    from pml_largest_margin.training.loss_registry import check_loss_options
+
+    with pytest.raises(ValueError, match="'softmax' has no scale option; --scale applies to"):
+        check_loss_options("softmax", 5.0, None)
+    with pytest.raises(ValueError, match="'adacos-fixed' has no scale option"):
+        check_loss_options("adacos-fixed", 5.0, None)
+    with pytest.raises(ValueError, match="unknown loss 'triplet'"):
+        check_loss_options("triplet", None, None)
+    check_loss_options("sphereface", 2.0, 4)

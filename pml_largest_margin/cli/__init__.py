@@ -8,7 +8,14 @@ import sys
 from pathlib import Path
 
 # Each module defines ``add_subparser(subparsers)``, which registers its parser and sets ``func``.
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("demo", "train", "prototypes", "eval_reid", "eval_verify")
+_SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "demo",
+    "train",
+    "embed",
+    "prototypes",
+    "eval_reid",
+    "eval_verify",
+)
 
 
 class CommandError(Exception):

@@ -6,11 +6,25 @@ from pathlib import Path
 
 import torch
 
-CHECKPOINT_NAME = "checkpoint.pt"
+__all__ = [
+    "BEST_CHECKPOINT_NAME",
+    "CHECKPOINT_NAME",
+    "load_checkpoint",
+    "read_checkpoint",
+    "restore",
+    "save_checkpoint",
+]
+
+# The state after the latest finished epoch, and after the epoch with the best metric.
+CHECKPOINT_NAME = "last.pt"
+BEST_CHECKPOINT_NAME = "best.pt"
 
 
-def save_checkpoint(path: Path, trainer, settings: dict) -> None:
-    """Everything needed to go on after ``trainer.epoch``; written atomically (temp + rename)."""
+def save_checkpoint(path: Path, trainer, settings: dict, extra: dict | None = None) -> None:
+    """Everything needed to go on after ``trainer.epoch``; written atomically (temp + rename).
+
+    ``extra`` (JSON-able values: the history and best metric so far) is stored beside it.
+    """
     state = {
         "epoch": int(trainer.epoch),
         "settings": settings,
@@ -20,25 +34,50 @@ def save_checkpoint(path: Path, trainer, settings: dict) -> None:
         "schedulers": {name: s.state_dict() for name, s in trainer.lr_schedulers.items()},
         # The next epoch's shuffling and augmentation draw from it: a resumed run repeats them.
         "rng": torch.get_rng_state(),
+        **(extra or {}),
     }
     temporary = path.with_suffix(".tmp")
     torch.save(state, temporary)
     temporary.replace(path)
 
 
-def load_checkpoint(path: Path, settings: dict) -> dict:
-    """The saved state, after checking it was made with the same ``settings``."""
+def read_checkpoint(path: Path) -> dict:
+    """The saved state of ``path``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a checkpoint this package wrote.
+    """
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or foreign files
         raise ValueError(f"cannot read checkpoint {path}: {error}") from error
-    saved = state.get("settings") if isinstance(state, dict) else None
-    if saved != settings:
-        differing = sorted(k for k in settings if (saved or {}).get(k) != settings[k])
+    if not isinstance(state, dict) or not {"settings", "models", "epoch"} <= set(state):
+        raise ValueError(f"{path} is not a checkpoint written by pml-lm train")
+    return state
+
+
+def load_checkpoint(path: Path, settings: dict) -> dict:
+    """The saved state, after checking it was made with the same ``settings``.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        ValueError: unreadable, or made with other settings (each differing one is named
+            with its saved and its current value).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {path}")
+    state = read_checkpoint(path)
+    saved = state["settings"]
+    differing = sorted(key for key in {*settings, *saved} if saved.get(key) != settings.get(key))
+    if differing:
+        details = ", ".join(
+            f"{key}: {saved.get(key)!r} there, {settings.get(key)!r} now" for key in differing
+        )
         raise ValueError(
-            f"checkpoint {path} was made with different settings ({', '.join(differing)}); "
+            f"checkpoint {path} was made with different settings ({details}); "
             "use another --output-dir or the same options"
         )
     return state

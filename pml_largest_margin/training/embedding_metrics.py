@@ -41,7 +41,8 @@ def classification_metrics(
     """Accuracy of the loss's own decision rule, class margin of its ``W``, test sample margins."""
     W = loss.W.detach().float().cpu()
     num_classes, embedding_size = W.shape[1], W.shape[0]
-    predictions = loss.get_logits(embeddings.to(W.device)).argmax(dim=1)
+    # The loss may sit on a GPU; its decision is taken there, the counting here.
+    predictions = loss.get_logits(embeddings.to(loss.W.device)).argmax(dim=1).cpu()
     correct = (predictions == labels).float()
     per_class = torch.zeros(num_classes).index_add_(0, labels, correct)
     per_class /= torch.bincount(labels, minlength=num_classes).clamp(min=1)

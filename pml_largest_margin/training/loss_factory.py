@@ -23,18 +23,15 @@ from pml_largest_margin.regularizers import (
     with_sample_margin_regularizer,
 )
 
+from .loss_registry import LOSS_NAMES, LOSSES, check_loss_options, loss_spec
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
-# Margins where a loss has one, in the units its class takes (PML's ArcFace margin is in degrees).
-DEFAULT_MARGINS = {
-    "cosface": 0.35,
-    "arcface": math.degrees(0.5),
-    "sphereface": 4,
-    "adaface": 0.4,
-    "curricularface": 0.5,
-    "elasticface-arc": 0.5,
-    "elasticface-cos": 0.35,
-}
+__all__ = ["DEFAULT_MARGINS", "DEFAULT_SCALE", "LOSS_NAMES", "build_loss"]
+
+# The scale of the losses that have one, when neither the caller nor the loss's entry sets it.
+DEFAULT_SCALE = 10.0
+# Margins where a loss has one, in the units of ``loss_registry`` (ArcFace's in radians).
+DEFAULT_MARGINS = {spec.name: spec.margin.default for spec in LOSSES if spec.margin is not None}
 # The margin heads (docs/losses.md, "Margin heads"): class and fixed options. AdaCos sets its own
 # scale; the dynamic margins need the training set's class counts.
 _HEADS = {
@@ -57,18 +54,16 @@ def _loss_class_and_options(name: str, scale: float, margin: float | None) -> tu
     if name == "cosface":
         return pml_losses.CosFaceLoss, {"margin": margin, "scale": scale}
     if name == "arcface":
-        return pml_losses.ArcFaceLoss, {"margin": margin, "scale": scale}
+        # PML's ArcFaceLoss takes its margin in degrees.
+        return pml_losses.ArcFaceLoss, {"margin": math.degrees(margin), "scale": scale}
     if name in _HEADS:
         loss_class, options = _HEADS[name]
         options = dict(options) if loss_class is AdaCosLoss else {**options, "scale": scale}
         return loss_class, options if margin is None else {**options, "margin": margin}
     if name == "sphereface":
-        # PML's SphereFace multiplies the logits by ‖x‖ itself; its ``scale`` stays 1 as in PML.
-        return pml_losses.SphereFaceLoss, {"margin": margin}
+        # PML's SphereFace multiplies the logits by s·‖x‖; its own default s is 1.
+        return pml_losses.SphereFaceLoss, {"margin": int(margin), "scale": scale}
     return LargestMarginSoftmaxLoss, {"scale": scale}
-
-
-LOSS_NAMES = ("softmax", "normface", "cosface", "arcface", "sphereface", "lm-softmax", *_HEADS)
 
 
 def build_loss(
@@ -76,7 +71,7 @@ def build_loss(
     num_classes: int,
     embedding_size: int,
     *,
-    scale: float = 10.0,
+    scale: float | None = None,
     margin: float | None = None,
     sample_margin_weight: float = 0.0,
     zero_centroid_weight: float = 0.0,
@@ -86,6 +81,11 @@ def build_loss(
 ):
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
+    ``scale`` is ``s`` of the losses that have one (``loss_registry``; ignored by the others);
+    None takes the loss's entry's default, else ``DEFAULT_SCALE``. ``margin`` is in the unit of
+    the loss's entry (radians for every angular margin, ArcFace's included); None takes its
+    default.
+
     ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
     ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form; ``"sum"``:
     ``λ · ‖Σ_j ŵ_j‖²``, the authors') as PML's ``weight_reg_loss``. ``record_margins`` makes
@@ -94,14 +94,12 @@ def build_loss(
     losses record nothing and are monitored from their inputs. ``class_counts`` (the training set's count of each class) is needed by
     ``dynamic-margin`` and ignored by the other losses.
     """
-    if name not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
-    if margin is not None and name not in DEFAULT_MARGINS:
-        raise ValueError(
-            f"loss {name!r} has no margin option; --margin applies to {', '.join(DEFAULT_MARGINS)}"
-        )
-    if scale <= 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+    spec = loss_spec(name)
+    if scale is None:
+        scale = DEFAULT_SCALE if spec.default_scale is None else spec.default_scale
+    # A scale passed to a loss without one is ignored here (the demo passes one scale to every
+    # row); the command line refuses it through check_loss_options.
+    check_loss_options(name, scale if spec.takes_scale else None, margin)
     if not (sample_margin_weight >= 0 and zero_centroid_weight >= 0):  # NaN fails too
         raise ValueError(
             "regularizer weights must be non-negative numbers, got "

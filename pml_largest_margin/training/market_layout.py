@@ -25,15 +25,20 @@ def detect_reid_layout(root: Path) -> str | None:
     return None
 
 
-def read_reid_layout(root: str | Path, layout: str):
-    """``(training images labelled 0..C−1, query split, gallery split)`` of a re-ID dataset."""
+def _read_splits(root: str | Path, layout: str, names: tuple[str, ...]) -> dict:
     from evaluation.datasets import reid
 
     reader = {"market1501": reid.read_market1501, "msmt17": reid.read_msmt17}[layout]
     splits = reader(Path(root))
-    for name, split in splits.items():
-        if len(split) == 0:
+    for name in names:
+        if len(splits[name]) == 0:
             raise ValueError(f"{root}: the {name} split has no images")
+    return splits
+
+
+def read_reid_layout(root: str | Path, layout: str):
+    """``(training images labelled 0..C−1, query split, gallery split)`` of a re-ID dataset."""
+    splits = _read_splits(root, layout, ("train", "query", "gallery"))
     train = splits["train"]
     keep = np.flatnonzero(train.pids > 0)
     identities, labels = np.unique(train.pids[keep], return_inverse=True)
@@ -45,3 +50,9 @@ def read_reid_layout(root: str | Path, layout: str):
         [str(pid) for pid in identities],
     )
     return training, splits["query"], splits["gallery"]
+
+
+def read_reid_test_splits(root: str | Path, layout: str):
+    """``(query split, gallery split)`` of a re-ID dataset; ValueError if either is empty."""
+    splits = _read_splits(root, layout, ("query", "gallery"))
+    return splits["query"], splits["gallery"]

@@ -31,17 +31,16 @@ recipe. Its "fix" mode, training against prototypes loaded from a generated ``.n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from .trainer import Schedule
+from .schedule import Schedule
 
 
 @dataclass(frozen=True)
 class Recipe:
     """One set of defaults. ``margins`` override ``loss_factory.DEFAULT_MARGINS``, in the units
-    ``build_loss`` takes (PML's ArcFace margin in degrees); ``zero_centroid_form`` says which
-    form ``zero_centroid_weight`` is for."""
+    of ``loss_registry`` (angular margins in radians); ``zero_centroid_form`` says which form
+    ``zero_centroid_weight`` is for."""
 
     name: str
     scale: float
@@ -91,7 +90,7 @@ PACKAGE_RECIPE = Recipe(
 PAPER_RECIPE = Recipe(
     name="paper",
     scale=5.0,
-    margins={"cosface": 0.1, "arcface": math.degrees(0.1)},
+    margins={"cosface": 0.1, "arcface": 0.1},
     sample_margin_weight=0.0,
     zero_centroid_weight=5.0,
     zero_centroid_form="sum",

@@ -3,46 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
-from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 from pytorch_metric_learning import trainers
 
-
-@dataclass(frozen=True)
-class Schedule:
-    """One optimiser and learning-rate schedule, applied alike to the network and to ``W``.
-
-    SGD with momentum and weight decay; the learning rate follows a cosine from ``lr`` to 0 over
-    all iterations of ``epochs`` epochs (updated every iteration). ``gradient_clip_norm``, if set,
-    clips the gradient norm of the network and ``W`` together before each step.
-    """
-
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    gradient_clip_norm: float | None = None
-
-    def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(
-                f"epochs and batch size must be at least 1, got {self.epochs}, {self.batch_size}"
-            )
-        # Written so that NaN fails every test.
-        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0):
-            raise ValueError(
-                "need lr > 0, 0 <= momentum < 1 and weight_decay >= 0, got "
-                f"{self.lr}, {self.momentum}, {self.weight_decay}"
-            )
-        if self.gradient_clip_norm is not None and not self.gradient_clip_norm > 0:
-            raise ValueError(f"gradient_clip_norm must be > 0, got {self.gradient_clip_norm}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+# ``Schedule`` lives in a module without torch (the command line reads its defaults); this
+# import keeps ``training.trainer.Schedule`` working.
+from .schedule import Schedule, lr_factor
 
 
 def iterations_per_epoch(dataset_size: int, batch_size: int) -> int:
@@ -52,6 +21,18 @@ def iterations_per_epoch(dataset_size: int, batch_size: int) -> int:
             f"the training set has {dataset_size} samples, fewer than the batch size {batch_size}"
         )
     return dataset_size // batch_size
+
+
+def _optimizer(schedule: Schedule, parameters) -> torch.optim.Optimizer:
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters,
+            lr=schedule.lr,
+            momentum=schedule.momentum,
+            weight_decay=schedule.weight_decay,
+        )
+    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[schedule.optimizer]
+    return optimizer_class(parameters, lr=schedule.lr, weight_decay=schedule.weight_decay)
 
 
 def build_trainer(
@@ -75,22 +56,16 @@ def build_trainer(
     model.to(device)
     loss.to(device)
     batches = iterations_per_epoch(len(dataset), schedule.batch_size)
-    total_iterations = batches * schedule.epochs
 
-    def cosine(iteration: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(iteration, total_iterations) / total_iterations))
+    def factor(iteration: int) -> float:
+        return lr_factor(schedule, iteration, batches)
 
     optimizers, schedulers = {}, {}
     for name, module in (("trunk", model), ("metric_loss", loss)):
-        optimizer = torch.optim.SGD(
-            module.parameters(),
-            lr=schedule.lr,
-            momentum=schedule.momentum,
-            weight_decay=schedule.weight_decay,
-        )
+        optimizer = _optimizer(schedule, module.parameters())
         optimizers[f"{name}_optimizer"] = optimizer
         schedulers[f"{name}_scheduler_by_iteration"] = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine
+            optimizer, factor
         )
     gradient_clippers = None
     if schedule.gradient_clip_norm is not None:
@@ -123,8 +98,49 @@ def build_trainer(
         pml_logger.setLevel(level)
 
 
-def run_epochs(trainer: trainers.MetricLossOnly, start_epoch: int, num_epochs: int) -> None:
-    """``trainer.train`` without the warning PML's progress bar triggers on every iteration."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
-        trainer.train(start_epoch=start_epoch, num_epochs=num_epochs)
+class _EpochBar:
+    """Stands in for the tqdm bar PML's trainer draws over each epoch's iterations: a bar
+    labelled ``epoch k/n`` that goes away at the epoch's end, or nothing at all."""
+
+    def __init__(self, iterations, label: str, show: bool):
+        from tqdm import tqdm
+
+        self._iterations = iterations
+        self._bar = tqdm(iterations, desc=label, leave=False) if show else None
+
+    def __iter__(self):
+        return iter(self._iterations if self._bar is None else self._bar)
+
+    def set_description(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(text.replace("total_loss=", "loss "), refresh=False)
+
+
+def run_epochs(
+    trainer: trainers.MetricLossOnly,
+    start_epoch: int,
+    num_epochs: int,
+    *,
+    progress_bar: bool | None = None,
+) -> None:
+    """``trainer.train`` without the warning PML's progress bar triggers on every iteration.
+
+    ``progress_bar`` None keeps PML's own bar; True replaces it by one labelled with the epoch
+    (for a terminal); False draws none (the caller prints a line per epoch).
+    """
+    from pytorch_metric_learning.trainers import base_trainer
+
+    pml_tqdm = base_trainer.tqdm
+    if progress_bar is not None:
+        # PML calls ``tqdm.tqdm(range(iterations))`` after setting ``trainer.epoch``.
+        base_trainer.tqdm = SimpleNamespace(
+            tqdm=lambda iterations: _EpochBar(
+                iterations, f"epoch {trainer.epoch}/{num_epochs}", progress_bar
+            )
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True")
+            trainer.train(start_epoch=start_epoch, num_epochs=num_epochs)
+    finally:
+        base_trainer.tqdm = pml_tqdm
