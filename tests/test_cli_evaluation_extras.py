@@ -43,6 +43,7 @@ def test_eval_reid_rerank_bootstrap_and_breakdowns(reid_file, tmp_path, capsys):
         *ids,
         rerank={"convention": "torchreid"},
         query_expansion="alpha",
+        metric="cosine",  # the command's default
         bootstrap=50,
         device="cpu",
     )

@@ -55,7 +55,7 @@ def test_eval_reid_user_errors(features_file, tmp_path, capsys):
     np.savez(nan_path, **nan)
     for bad, message in [
         (missing, "lacks the keys"),
-        (garbage, "cannot read"),
+        (garbage, "cannot be read as .npz: not an .npz archive"),
         (nan_path, "query_features contains NaN"),
         (tmp_path / "absent.npz", "absent.npz"),
     ]:

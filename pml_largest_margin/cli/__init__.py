@@ -141,7 +141,9 @@ def load_npz(path: Path) -> dict:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:
-        raise CommandError(f"{path} cannot be read as .npz: {error}") from None
+        # numpy takes any file that is neither .npz nor .npy for a pickle.
+        reason = "not an .npz archive" if "pickle" in str(error) else error
+        raise CommandError(f"{path} cannot be read as .npz: {reason}") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise CommandError(f"{path} holds a single array; expected an .npz with named arrays")
     with archive:
