@@ -199,15 +199,25 @@ def check_device(name: str | None) -> str | None:
     return name
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_name(module_name: str) -> str:
+    return module_name.replace("_", "-")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``pml-lm`` parser; given the ``command`` about to run, only that subcommand's module
+    builds its parser (the others are bare names), so one heavy module cannot slow the rest."""
     parser = argparse.ArgumentParser(
         prog="pml-lm",
         description="Largest-margin metric learning: demo, training and evaluation.",
         formatter_class=HelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for module_name in _SUBCOMMAND_MODULES:
-        importlib.import_module(f"{__name__}.{module_name}").add_subparser(subparsers)
+    names = [_command_name(module_name) for module_name in _SUBCOMMAND_MODULES]
+    for module_name, name in zip(_SUBCOMMAND_MODULES, names, strict=True):
+        if command in names and name != command:
+            subparsers.add_parser(name)
+        else:
+            importlib.import_module(f"{__name__}.{module_name}").add_subparser(subparsers)
     return parser
 
 
@@ -218,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     and status 130 (a command may say in the interrupt's message what it kept).
     """
     command = "pml-lm"
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        # The top-level parser has no option but --help: the first other word is the command.
+        chosen = next((word for word in argv if not word.startswith("-")), None)
+        args = build_parser(chosen).parse_args(argv)
         command = f"pml-lm {args.command}"
         return int(args.func(args) or 0)
     except KeyboardInterrupt as interrupt:

@@ -44,7 +44,12 @@ def add_subparser(subparsers) -> None:
         help="train every margin loss on the bundled digits data and measure margins",
         description=DESCRIPTION,
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("pml-lm-output"))
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("pml-lm-output"),
+        help="where runs/, results.json and the figures go",
+    )
     parser.add_argument(
         "--dataset",
         choices=tuple(DATASETS),
@@ -86,9 +91,7 @@ def add_subparser(subparsers) -> None:
     replace_or_resume.add_argument(
         "--overwrite", action="store_true", help="discard what OUTPUT_DIR holds and start afresh"
     )
-    parser.add_argument(
-        "--quiet", action="store_true", help="print only the results, no progress"
-    )
+    parser.add_argument("--quiet", action="store_true", help="print only the results, no progress")
     parser.set_defaults(func=run)
 
 

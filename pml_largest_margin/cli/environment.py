@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from importlib import metadata
 
 from .. import __version__
 
@@ -25,6 +24,8 @@ _DISTRIBUTIONS = (
 
 
 def _installed_version(distributions: tuple[str, ...]) -> str | None:
+    from importlib import metadata  # 50 ms: not while a parser is built
+
     for name in distributions:
         try:
             return metadata.version(name)

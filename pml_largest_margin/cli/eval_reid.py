@@ -43,7 +43,12 @@ def add_subparser(subparsers) -> None:
         help=f"distance of the features (default: {DEFAULT_METRIC}); not with a distmat",
     )
     parser.add_argument("--max-rank", type=int, default=50, help="length of the CMC curve")
-    parser.add_argument("--protocol", choices=("market1501", "cuhk03"), default="market1501")
+    parser.add_argument(
+        "--protocol",
+        choices=("market1501", "cuhk03"),
+        default="market1501",
+        help="market1501 (also Duke, MSMT17) or CUHK03 single-shot",
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -89,9 +94,7 @@ def _check_options(args: argparse.Namespace, arrays: dict) -> None:
             if value is not None
         ]
         if given:
-            raise CommandError(
-                f"{', '.join(given)} need features; {args.features} holds a distmat"
-            )
+            raise CommandError(f"{', '.join(given)} need features; {args.features} holds a distmat")
     if args.seed is not None and args.protocol != "cuhk03" and args.bootstrap is None:
         raise CommandError("--seed applies to --protocol cuhk03 and to --bootstrap only")
 

@@ -179,9 +179,7 @@ def mark_unmeasurable(summary: dict) -> None:
             f"{num_impostor} impostor pairs)"
         )
         if intervals:
-            intervals["tar_at_far"][position] = dict.fromkeys(
-                intervals["tar_at_far"][position]
-            )
+            intervals["tar_at_far"][position] = dict.fromkeys(intervals["tar_at_far"][position])
 
 
 def _table(summary: dict) -> str:
@@ -222,13 +220,11 @@ def _table(summary: dict) -> str:
         )
     lines = [
         f"pairs: {summary['n_genuine']} genuine, {summary['n_impostor']} impostor "
-        f"(smallest measurable FAR: 1/{summary['n_impostor']} = {1 / summary['n_impostor']:.2g})",
+        f"(smallest measurable FAR: 1/{summary['n_impostor']} = {1 / summary['n_impostor']:.3g})",
         "",
         markdown_table(["metric", "%"], rows),
         "",
-        markdown_table(
-            ["FAR", "TAR % (nearest ROC point)", "TAR % (threshold rule)"], far_rows
-        ),
+        markdown_table(["FAR", "TAR % (nearest ROC point)", "TAR % (threshold rule)"], far_rows),
     ]
     if intervals:
         lines.append(
