@@ -120,8 +120,22 @@ def _save_run(path: Path, result, run_config: dict) -> None:
     # Written beside and renamed, so that an interrupt never leaves half a file.
     path.parent.mkdir(exist_ok=True)
     partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps({"config": run_config, "run": result.as_dict()}) + "\n")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps({"config": run_config, "run": result.as_dict()}) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    """``{"schedule": {"epochs": 3}}`` as ``{"schedule.epochs": 3}``, read back from JSON."""
+    flat = {}
+    for key, value in json.loads(json.dumps(config)).items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _finished_runs(output_dir: Path, methods, seeds, run_config_of) -> dict:
@@ -143,12 +157,12 @@ def _finished_runs(output_dir: Path, methods, seeds, run_config_of) -> dict:
                 saved_config, record = saved["config"], saved["run"]
             except (ValueError, KeyError, TypeError):
                 continue  # damaged: trained again
-            wanted = json.loads(json.dumps(run_config_of(method)))  # tuples read back as lists
-            differing = [key for key in wanted if saved_config.get(key) != wanted[key]]
+            wanted, saved_flat = _flat(run_config_of(method)), _flat(saved_config)
+            differing = [key for key in wanted if saved_flat.get(key) != wanted[key]]
             if differing:
                 key = differing[0]
                 raise CommandError(
-                    f"{path} was made with {key} = {saved_config.get(key)!r}, this command "
+                    f"{path} was made with {key} = {saved_flat.get(key)!r}, this command "
                     f"asks {wanted[key]!r}: use the same settings or --overwrite"
                 )
             finished[(method.key, seed)] = RunResult.from_dict(record, method)
