@@ -165,3 +165,38 @@ def test_figures_label_every_panel_and_keep_legends_off_the_data(tmp_path):
         "long-tailed training set, seed 0",
     ]
     assert "(seed 0)" in prototypes.axes[0].get_title()
+
+
+class _Terminal:
+    """A stream that says it is a terminal, keeping what is written."""
+
+    def __init__(self) -> None:
+        self.written: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.written.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_one_redrawn_bar_on_a_terminal():
+    from pml_largest_margin.cli.progress import Progress
+
+    terminal = _Terminal()
+    with Progress(3, "runs", stream=terminal) as progress:
+        for step in range(3):
+            progress.start(f"run {step}")
+            progress.step(f"run {step}", "done")
+    text = "".join(terminal.written)
+    assert "runs: 3/3" in text and "<00:00" in text  # count and ETA on the bar
+    assert "[1/3]" not in text and text.count("\n") == 1  # redrawn in place, no plain lines
+    quiet = _Terminal()
+    with Progress(3, "runs", stream=quiet, quiet=True) as progress:
+        progress.step("run 0")
+        progress.write("a message")
+    assert quiet.written == []
