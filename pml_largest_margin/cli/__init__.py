@@ -14,7 +14,7 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "load_npz",
     "main",
     "output_dir_created",
+    "refuse_options",
     "write_json",
 ]
 
@@ -60,6 +61,19 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+
+def refuse_options(args: argparse.Namespace, options: Sequence[str], reason: str) -> None:
+    """Refuse those of ``options`` (``"--metric"``, ...) that were given, as not applying.
+
+    Raises:
+        CommandError: ``"--metric, --device {reason}"`` for the options whose value is not None.
+    """
+    given = [
+        option for option in options if getattr(args, option[2:].replace("-", "_")) is not None
+    ]
+    if given:
+        raise CommandError(f"{', '.join(given)} {reason}")
 
 
 def check_output_dir(path: Path, option: str = "--output-dir") -> None:

@@ -10,6 +10,7 @@ from . import (
     check_device,
     check_output_file,
     load_npz,
+    refuse_options,
     write_json,
 )
 from .environment import environment_record
@@ -83,18 +84,11 @@ def add_subparser(subparsers) -> None:
 
 def _check_options(args: argparse.Namespace, arrays: dict) -> None:
     if "distmat" in arrays:
-        given = [
-            option
-            for option, value in (
-                ("--metric", args.metric),
-                ("--device", args.device),
-                ("--rerank", args.rerank),
-                ("--query-expansion", args.query_expansion),
-            )
-            if value is not None
-        ]
-        if given:
-            raise CommandError(f"{', '.join(given)} need features; {args.features} holds a distmat")
+        refuse_options(
+            args,
+            ("--metric", "--device", "--rerank", "--query-expansion"),
+            f"need features; {args.features} holds a distmat",
+        )
     if args.seed is not None and args.protocol != "cuhk03" and args.bootstrap is None:
         raise CommandError("--seed applies to --protocol cuhk03 and to --bootstrap only")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import CommandError, check_output_file, load_npz, write_json
+from . import CommandError, check_output_file, load_npz, refuse_options, write_json
 from .environment import environment_record
 from .tables import NOT_MEASURABLE, markdown_table, percent
 
@@ -85,21 +85,11 @@ def _check_options(args: argparse.Namespace, arrays: dict) -> bool:
     if args.seed is not None and args.bootstrap is None:
         raise CommandError("--seed applies to --bootstrap only")
     if not has_pairs and args.distractors is not None:
-        pair_options = [
-            option
-            for option, value in (
-                ("--pairs", args.pairs),
-                ("--far", args.far),
-                ("--folds", args.folds),
-                ("--plot", args.plot),
-                ("--bootstrap", args.bootstrap),
-            )
-            if value is not None
-        ]
-        if pair_options:
-            raise CommandError(
-                f"{', '.join(pair_options)} need pairs; {args.input} holds only the 1:N arrays"
-            )
+        refuse_options(
+            args,
+            ("--pairs", "--far", "--folds", "--plot", "--bootstrap"),
+            f"need pairs; {args.input} holds only the 1:N arrays",
+        )
         return False
     if args.pairs is not None:
         found = [key for key in ("scores", "issame", "pairs") if key in arrays]
