@@ -43,12 +43,13 @@ def test_eval_reid_rerank_bootstrap_and_breakdowns(reid_file, tmp_path, capsys):
         *ids,
         rerank={"convention": "torchreid"},
         query_expansion="alpha",
+        metric="cosine",  # the command's default
         bootstrap=50,
         device="cpu",
     )
     printed = capsys.readouterr().out
     low, high = expected.intervals.mAP_low, expected.intervals.mAP_high
-    assert f"| mAP | {100 * expected.mAP:.2f}% [{100 * low:.2f}, {100 * high:.2f}] |" in printed
+    assert f"| mAP | {100 * expected.mAP:.2f} [{100 * low:.2f}, {100 * high:.2f}] |" in printed
     assert "percentile bootstrap over query identities (50 resamples, seed 0)" in printed
     saved = json.loads(out_json.read_text())
     assert saved["mAP"] == pytest.approx(expected.mAP)
@@ -115,7 +116,7 @@ def test_eval_verify_bootstrap_and_distractors(verify_file, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     low, high = report.intervals.auc
-    assert f"| AUC | {report.auc:.6f} [{low:.6f}, {high:.6f}] |" in printed
+    assert f"| AUC | {100 * report.auc:.3f} [{100 * low:.3f}, {100 * high:.3f}] |" in printed
     assert "percentile bootstrap over subjects (40 resamples, seed 3)" in printed
     assert "| 150 | " in printed
     saved = json.loads(out_json.read_text())

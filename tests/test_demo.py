@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +15,45 @@ from pml_largest_margin.demo.methods import ALL_METHODS
 
 pytest.importorskip("matplotlib")
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# The piped output of the quick demo (progress and table), bytes.
+PIPED_OUTPUT_LIMIT = 50_000
+
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--output-dir", str(output_dir)]) == 0
-    return output_dir, json.loads((output_dir / "results.json").read_text())
+    """``pml-lm demo --quick`` as a user runs it, its output piped to a file."""
+    output_dir = tmp_path_factory.mktemp("demo") / "out"
+    log = output_dir.parent / "output.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "pml_largest_margin.cli", "demo", "--quick"]
+    with open(log, "wb") as handle:
+        finished = subprocess.run(
+            [*command, "--output-dir", str(output_dir)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=1200,
+        )
+    assert finished.returncode == 0, log.read_text()[-2000:]
+    return output_dir, json.loads((output_dir / "results.json").read_text()), log.read_bytes()
+
+
+def test_piped_output_is_short_plain_lines(quick_run):
+    output_dir, results, output = quick_run
+    assert len(output) < PIPED_OUTPUT_LIMIT
+    assert b"\r" not in output  # no progress-bar redraws
+    text = output.decode()
+    runs = len(results["methods"]) * len(results["config"]["seeds"])
+    assert text.count("\n[") + text.startswith("[") == runs  # one "[k/n] ..." line per run
+    assert f"[{runs}/{runs}] LM-Softmax + ZC LT100, seed 1: accuracy" in text
+    assert "| LM-Softmax + ZC LT100 |" in text
 
 
 def test_json_has_every_method_with_every_metric(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     assert results["config"]["quick"] is True
     assert len(results["config"]["seeds"]) >= 2
     assert [entry["method"] for entry in results["methods"]] == [m.label for m in ALL_METHODS]
@@ -49,7 +81,7 @@ def test_json_has_every_method_with_every_metric(quick_run):
 
 
 def test_figures_are_written(quick_run):
-    output_dir, _ = quick_run
+    output_dir, _, _ = quick_run
     for name in ("margins.png", "prototypes.png", "roc.png"):
         data = (output_dir / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5_000
@@ -58,14 +90,14 @@ def test_figures_are_written(quick_run):
 def test_lm_softmax_separates_prototypes_more_than_normface(quick_run):
     # Quick mode trains 12 epochs only: the bound is not reached, but the ordering is clear-cut
     # (about 80° against 71° and mean margins 0.9 against 0.4 in the runs seen so far).
-    _, results = quick_run
+    _, results, _ = quick_run
     summary = {entry["method"]: entry["summary"] for entry in results["methods"]}
     for key in ("class_margin_deg", "sample_margin_mean"):
         assert summary["LM-Softmax"][key]["mean"] > summary["NormFace"][key]["mean"]
 
 
 def test_table_is_printed(quick_run, capsys):
-    output_dir, _ = quick_run
+    output_dir, _, _ = quick_run
     assert (
         main(
             [
@@ -104,7 +136,7 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
 
 
 def test_every_json_key_is_documented(quick_run):
-    _, results = quick_run
+    _, results, _ = quick_run
     documented = (Path(__file__).parents[1] / "docs" / "demo.md").read_text()
     entry = results["methods"][0]
     keys = [*results["config"], *entry, *entry["runs"][0]]

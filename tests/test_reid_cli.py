@@ -36,8 +36,8 @@ def test_eval_reid_end_to_end(features_file, tmp_path, capsys):
         metric="cosine",
     )
     printed = capsys.readouterr().out
-    assert f"| mAP | {100 * expected.mAP:.2f}% |" in printed
-    assert f"| Rank-1 | {100 * expected.cmc[0]:.2f}% |" in printed
+    assert f"| mAP | {100 * expected.mAP:.2f} |" in printed
+    assert f"| Rank-1 | {100 * expected.cmc[0]:.2f} |" in printed
     saved = json.loads(out_json.read_text())
     assert saved["mAP"] == pytest.approx(expected.mAP)
     assert len(saved["cmc"]) == 40
@@ -55,7 +55,7 @@ def test_eval_reid_user_errors(features_file, tmp_path, capsys):
     np.savez(nan_path, **nan)
     for bad, message in [
         (missing, "lacks the keys"),
-        (garbage, "cannot read"),
+        (garbage, "cannot be read as .npz: not an .npz archive"),
         (nan_path, "query_features contains NaN"),
         (tmp_path / "absent.npz", "absent.npz"),
     ]:

@@ -1,37 +1,66 @@
-"""``pml-lm eval-reid FEATURES.npz``: re-ID metrics of saved query and gallery features.
-
-The ``.npz`` file holds ``query_features`` (nq, d) and ``gallery_features`` (ng, d), or a
-``distmat`` (nq, ng) instead of both, plus the integer vectors ``query_pids``,
-``gallery_pids``, ``query_camids`` and ``gallery_camids``.
-"""
+"""``pml-lm eval-reid FEATURES.npz``: re-ID metrics of saved query and gallery features."""
 
 from __future__ import annotations
 
-import json
-import zipfile
+import argparse
 from pathlib import Path
 
-import numpy as np
-
-from ..plotting import pyplot
-from . import CommandError
+from . import (
+    CommandError,
+    check_device,
+    check_output_file,
+    load_npz,
+    refuse_options,
+    write_json,
+)
+from .environment import environment_record
+from .tables import markdown_table, percent
 
 ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
 TABLE_RANKS = (1, 5, 10, 20, 50)
+# Cosine, as ``pml-lm train`` and the docs use: the margin losses learn directions.
+DEFAULT_METRIC = "cosine"
+DEFAULT_SEED = 0
+
+DESCRIPTION = """\
+Re-ID CMC, mAP and mINP of saved query and gallery features (rates in percent in the table,
+fractions in the JSON).
+
+FEATURES.npz holds query_features (nq, d) and gallery_features (ng, d), or a distance
+matrix distmat (nq, ng) instead of both, plus the integer vectors query_pids, gallery_pids,
+query_camids and gallery_camids (what pml-lm embed writes for a re-ID layout).
+"""
 
 
 def add_subparser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "eval-reid",
-        help="re-ID CMC / mAP / mINP of a features file",
-        description=__doc__.splitlines()[0].split(": ", 1)[1],
+        "eval-reid", help="re-ID CMC / mAP / mINP of a features file", description=DESCRIPTION
     )
-    parser.add_argument("features", type=Path, help="the .npz file (keys: see the docs)")
-    parser.add_argument("--metric", choices=("euclidean", "cosine"), default="euclidean")
-    parser.add_argument("--max-rank", type=int, default=50)
-    parser.add_argument("--protocol", choices=("market1501", "cuhk03"), default="market1501")
-    parser.add_argument("--seed", type=int, default=0, help="CUHK03 sampling seed")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("features", type=Path, help="the .npz file (keys above)")
+    parser.add_argument(
+        "--metric",
+        choices=("euclidean", "cosine"),
+        default=None,
+        help=f"distance of the features (default: {DEFAULT_METRIC}); not with a distmat",
+    )
+    parser.add_argument("--max-rank", type=int, default=50, help="length of the CMC curve")
+    parser.add_argument(
+        "--protocol",
+        choices=("market1501", "cuhk03"),
+        default="market1501",
+        help="market1501 (also Duke, MSMT17) or CUHK03 single-shot",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed of the CUHK03 sampling and of --bootstrap (default: {DEFAULT_SEED})",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device: cpu, cuda, cuda:N (default: cuda if available); not with a distmat",
+    )
     parser.add_argument("--json", type=Path, help="write the metrics to this JSON file")
     parser.add_argument("--plot", type=Path, help="write the CMC curve to this PNG file")
     parser.add_argument(
@@ -53,58 +82,74 @@ def add_subparser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
+def _check_options(args: argparse.Namespace, arrays: dict) -> None:
+    if "distmat" in arrays:
+        refuse_options(
+            args,
+            ("--metric", "--device", "--rerank", "--query-expansion"),
+            f"need features; {args.features} holds a distmat",
+        )
+    if args.seed is not None and args.protocol != "cuhk03" and args.bootstrap is None:
+        raise CommandError("--seed applies to --protocol cuhk03 and to --bootstrap only")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = check_device(args.device)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            check_output_file(path, option)
+    arrays = load_npz(args.features)
+    needed = list(ID_KEYS)
+    if "distmat" not in arrays:
+        needed += ["query_features", "gallery_features"]
+    missing = [key for key in needed if key not in arrays]
+    if missing:
+        raise CommandError(f"{args.features} lacks the keys {', '.join(missing)}")
+    _check_options(args, arrays)
+
     from evaluation.reid import evaluate_reid, evaluate_reid_from_distances
 
-    arrays = _load(args.features)
     ids = [arrays[key] for key in ID_KEYS]
     options = {
         "max_rank": args.max_rank,
         "protocol": args.protocol,
-        "seed": args.seed,
+        "seed": DEFAULT_SEED if args.seed is None else args.seed,
         "bootstrap": args.bootstrap,
     }
     if "distmat" in arrays:
-        if args.rerank or args.query_expansion:
-            raise CommandError("--rerank and --query-expansion need features, not a distmat")
+        device = "cpu"  # the protocol itself runs on the CPU
         result = evaluate_reid_from_distances(arrays["distmat"], *ids, **options)
     else:
+        device = device or _automatic_device()
         result = evaluate_reid(
             arrays["query_features"],
             arrays["gallery_features"],
             *ids,
-            metric=args.metric,
-            device=args.device,
+            metric=args.metric or DEFAULT_METRIC,
+            device=device,
             rerank={"convention": args.rerank} if args.rerank else None,
             query_expansion=args.query_expansion,
             **options,
         )
     print(format_table(result))
     if args.json:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        record = {**result.to_dict(), "metric": args.metric or DEFAULT_METRIC}
+        if "distmat" in arrays:
+            record["metric"] = "distmat"
+        write_json(args.json, {**record, "environment": environment_record(device)})
     if args.plot:
         plot_cmc(result.cmc, args.plot, result.intervals)
     return 0
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise CommandError(f"cannot read {path} as an .npz file: {error}") from None
-    needed = list(ID_KEYS)
-    if "distmat" not in arrays:
-        needed += ["query_features", "gallery_features"]
-    missing = [key for key in needed if key not in arrays]
-    if missing:
-        raise CommandError(f"{path} lacks the keys {', '.join(missing)}")
-    return arrays
+def _automatic_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def format_table(result) -> str:
+    """The metrics as a markdown table, rates in percent."""
     intervals = result.intervals
     rows = [("mAP", result.mAP, intervals and (intervals.mAP_low, intervals.mAP_high))]
     rows.append(("mINP", result.mINP, intervals and (intervals.mINP_low, intervals.mINP_high)))
@@ -113,10 +158,10 @@ def format_table(result) -> str:
         for k in TABLE_RANKS
         if k <= len(result.cmc)
     ]
-    lines = ["| metric | value |", "|---|---|"]
-    for name, value, interval in rows:
-        bounds = f" [{100 * interval[0]:.2f}, {100 * interval[1]:.2f}]" if interval else ""
-        lines.append(f"| {name} | {100 * value:.2f}%{bounds} |")
+    table = markdown_table(
+        ["metric", "%"], [(name, percent(value, 2, interval)) for name, value, interval in rows]
+    )
+    lines = [table]
     if intervals:
         lines.append(
             f"\n[low, high]: {100 * intervals.confidence:g}% percentile bootstrap over query "
@@ -129,7 +174,11 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_cmc(cmc: np.ndarray, path: Path, intervals=None) -> None:
+def plot_cmc(cmc, path: Path, intervals=None) -> None:
+    import numpy as np
+
+    from ..plotting import pyplot
+
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(5, 4))
     ranks = np.arange(1, len(cmc) + 1)
@@ -142,7 +191,7 @@ def plot_cmc(cmc: np.ndarray, path: Path, intervals=None) -> None:
             alpha=0.25,
             label=f"{100 * intervals.confidence:g}% bootstrap interval",
         )
-        axes.legend(loc="lower right")
+        axes.legend(loc="best")
     axes.set(xlabel="rank", ylabel="matching rate (%)", title="CMC", ylim=(0, 100.5))
     axes.grid(alpha=0.3)
     figure.tight_layout()

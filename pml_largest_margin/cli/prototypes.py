@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import CommandError
+from . import CommandError, check_output_file
 
 
 def add_subparser(subparsers) -> None:
@@ -20,9 +20,11 @@ def add_subparser(subparsers) -> None:
             "pml-lm train --fixed-prototypes FILE.npy."
         ),
     )
-    parser.add_argument("num_classes", type=int, metavar="NUM_CLASSES")
-    parser.add_argument("embedding_size", type=int, metavar="EMBEDDING_SIZE")
-    parser.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.npy")
+    parser.add_argument("num_classes", type=int, metavar="NUM_CLASSES", help="C, at least 2")
+    parser.add_argument("embedding_size", type=int, metavar="EMBEDDING_SIZE", help="d, at least 1")
+    parser.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="FILE.npy", help="where W goes"
+    )
     parser.add_argument(
         "--steps", type=int, default=2000, help="optimisation steps when there is no simplex"
     )
@@ -40,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
             "need NUM_CLASSES >= 2 and EMBEDDING_SIZE >= 1, got "
             f"{args.num_classes} and {args.embedding_size}"
         )
-    if args.output.is_dir():
-        raise CommandError(f"--output {args.output} is a directory")
+    check_output_file(args.output, "--output")
     result = max_separated_prototypes(
         args.num_classes, args.embedding_size, steps=args.steps, seed=args.seed
     )

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The split is part of the experiment's definition, not of a run.
 SPLIT_SEED = 0
@@ -27,11 +28,15 @@ class DigitsSplit:
     num_classes: int
 
     def train_counts(self) -> list[int]:
+        import torch
+
         return torch.bincount(self.train_y, minlength=self.num_classes).tolist()
 
 
 def load_digits_split(test_per_class: int = TEST_PER_CLASS) -> DigitsSplit:
     """1,797 digits: ``test_per_class`` images of every class for testing, the rest for training."""
+    import numpy as np
+    import torch
     from sklearn.datasets import load_digits
 
     features, labels = load_digits(return_X_y=True)
@@ -68,6 +73,9 @@ def long_tailed_counts(max_count: int, num_classes: int, imbalance_ratio: float)
 
 def long_tailed_subset(split: DigitsSplit, imbalance_ratio: float) -> DigitsSplit:
     """The training set cut to a long-tailed profile (fixed choice of images); the test set as is."""
+    import numpy as np
+    import torch
+
     max_count = min(split.train_counts())
     counts = long_tailed_counts(max_count, split.num_classes, imbalance_ratio)
     rng = np.random.default_rng(SPLIT_SEED)

@@ -1,15 +1,21 @@
-"""The demo's data sets: what to load, which network, how long to train."""
+"""The demo's data sets: what to load, which network, how long to train.
+
+Light, like the modules it names (torch and numpy are imported when data is loaded or a network
+built): ``pml-lm demo --help`` states the epochs from here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .data import DigitsSplit, load_digits_split
 from .methods import embedding_network
 from .mnist import load_mnist5k_split, mnist_network
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)

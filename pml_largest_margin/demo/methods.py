@@ -1,11 +1,17 @@
-"""The demo's experiment table: which loss and regularizers, on which training distribution."""
+"""The demo's experiment table: which loss and regularizers, on which training distribution.
+
+Light (torch is imported when a network is built): ``pml-lm demo --methods`` takes its choices
+from here while the parser is built.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Shared by every method, so that only the loss differs between rows of the table.
 SCALE = 10.0
@@ -100,6 +106,8 @@ def apply_recipe(methods: Sequence[Method], recipe) -> tuple[list[Method], LossS
 
 def embedding_network(embedding_size: int = EMBEDDING_SIZE) -> torch.nn.Sequential:
     """MLP 64-128-128-d with ReLU: small enough for CPU, deep enough to shape the embedding."""
+    import torch
+
     return torch.nn.Sequential(
         torch.nn.Linear(64, 128),
         torch.nn.ReLU(),

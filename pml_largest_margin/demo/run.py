@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import tqdm
 
+from ..cli.progress import silenced_trainer_bar
 from ..margin_monitor import EpochMargins, MarginMonitor
 from ..training.embedding_metrics import (
     classification_metrics,
@@ -24,6 +24,10 @@ from .methods import DEMO_SETTINGS, EMBEDDING_SIZE, LossSettings, Method, embedd
 
 # Called with (method, seed, the epoch's margins) after every epoch of every run.
 EpochCallback = Callable[[Method, int, EpochMargins], object]
+# Called with (method, seed) before a run starts.
+StartCallback = Callable[[Method, int], object]
+# Called with each run's result as it finishes (``resumed``: it came from ``finished``).
+ResultCallback = Callable[["RunResult", bool], object]
 
 # Accuracy on the classes rarest in the long-tailed training sets (the last three labels).
 TAIL_CLASSES = (7, 8, 9)
@@ -42,6 +46,34 @@ class RunResult:
     prototype_cosines: np.ndarray | None = None
     roc: dict = field(default_factory=dict)
     training_margins: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """A JSON-ready record of the run (what :meth:`from_dict` reads back)."""
+        cosines = self.prototype_cosines
+        return {
+            "method": self.method.label,
+            "key": self.method.key,
+            "seed": self.seed,
+            "seconds": self.seconds,
+            "metrics": self.metrics,
+            "prototype_cosines": None if cosines is None else np.asarray(cosines).tolist(),
+            "roc": self.roc,
+            "training_margins": self.training_margins,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict, method: Method) -> RunResult:
+        """The run that :meth:`as_dict` wrote, for ``method`` (the row it belongs to)."""
+        cosines = record["prototype_cosines"]
+        return cls(
+            method,
+            record["seed"],
+            record["metrics"],
+            record["seconds"],
+            None if cosines is None else np.asarray(cosines, dtype=np.float32),
+            record["roc"],
+            record["training_margins"],
+        )
 
 
 def _thin_roc(far: np.ndarray, tar: np.ndarray) -> dict:
@@ -101,7 +133,9 @@ def run_one(
         end_of_epoch_hook=monitor.end_of_epoch_hook,
     )
     threads = torch.get_num_threads()
-    run_epochs(trainer, 1, 1)
+    # The command shows its own progress: one step per run, not PML's bar per run.
+    with silenced_trainer_bar(trainer):
+        run_epochs(trainer, 1, 1)
     embeddings = embed(model, split.test_x, device)
     metrics = classification_metrics(embeddings, split.test_y, loss)
     metrics["tail_accuracy"] = float(
@@ -131,17 +165,27 @@ def run_all(
     network: Callable[[int], torch.nn.Module] = embedding_network,
     settings: LossSettings = DEMO_SETTINGS,
     on_epoch: EpochCallback | None = None,
+    on_start: StartCallback | None = None,
+    on_result: ResultCallback | None = None,
+    finished: Mapping[tuple[str, int], RunResult] | None = None,
 ) -> list[RunResult]:
-    """Every method with every seed; the first seed's runs keep the figures' data."""
+    """Every method with every seed; the first seed's runs keep the figures' data.
+
+    A run found in ``finished`` (by ``(method.key, seed)``, e.g. read back by ``--resume``) is
+    taken as it is instead of trained again. ``on_result`` sees every run as it finishes, so a
+    caller can save it at once.
+    """
+    finished = finished or {}
     splits = {1: split}
     results = []
-    total = len(methods) * len(seeds)
-    for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
-        if method.imbalance_ratio not in splits:
-            splits[method.imbalance_ratio] = long_tailed_subset(split, method.imbalance_ratio)
-        tqdm.tqdm.write(f"[{index}/{total}] {method.label}, seed {seed}")
-        results.append(
-            run_one(
+    for method, seed in ((m, s) for m in methods for s in seeds):
+        done = finished.get((method.key, seed))
+        if done is None:
+            if method.imbalance_ratio not in splits:
+                splits[method.imbalance_ratio] = long_tailed_subset(split, method.imbalance_ratio)
+            if on_start is not None:
+                on_start(method, seed)
+            done = run_one(
                 method,
                 splits[method.imbalance_ratio],
                 schedule,
@@ -151,5 +195,7 @@ def run_all(
                 settings=settings,
                 on_epoch=on_epoch,
             )
-        )
+        if on_result is not None:
+            on_result(done, (method.key, seed) in finished)
+        results.append(done)
     return results
