@@ -16,17 +16,7 @@ from pml_largest_margin.cli import _SUBCOMMAND_MODULES, build_parser
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "numpy", "scipy", "sklearn", "faiss", "numba", "pytorch_metric_learning")
 HEAVY += ("matplotlib", "evaluation.reid", "evaluation.verification")
-# Until cli-train's light registry lands, train's parser imports the loss factory (and torch).
-TRAIN_PARSER_HEAVY = pytest.mark.xfail(
-    reason="pml-lm train builds its parser from training.loss_factory (imports torch)",
-    strict=False,
-)
-COMMANDS = [
-    pytest.param(name.replace("_", "-"), marks=TRAIN_PARSER_HEAVY)
-    if name == "train"
-    else name.replace("_", "-")
-    for name in _SUBCOMMAND_MODULES
-]
+COMMANDS = [name.replace("_", "-") for name in _SUBCOMMAND_MODULES]
 
 
 def _python(code: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -63,7 +53,6 @@ def test_subcommand_help_imports_nothing_heavy(command):
     assert _modules_after_help([command, "--help"]) == []
 
 
-@TRAIN_PARSER_HEAVY
 def test_top_level_help_imports_nothing_heavy():
     assert _modules_after_help(["--help"]) == []
 

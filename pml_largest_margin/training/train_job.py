@@ -222,6 +222,9 @@ class _RunRecord:
 
     def line(self, text: str) -> None:
         self.echo(text)
+        self.log(text)
+
+    def log(self, text: str) -> None:
         self._log.write(text + "\n")
         self._log.flush()
 
@@ -280,8 +283,8 @@ def run_training(
     ``train.log`` (every line ``echo`` gets), ``config.toml`` (``effective_config``),
     ``metrics.json`` (the final metrics, the best epoch and the software and machine), and the
     margin monitor's ``margins.csv`` / ``margins.json`` (``margins.png`` with matplotlib), which
-    cover the epochs of this call only. An interrupt (KeyboardInterrupt) is re-raised after one
-    line saying which epoch ``last.pt`` holds. If the call fails before any checkpoint exists,
+    cover the epochs of this call only. An interrupt (KeyboardInterrupt) is re-raised with a
+    message saying which epoch ``last.pt`` holds (also written to the log). If the call fails before any checkpoint exists,
     an output folder it created is removed.
 
     Raises:
@@ -478,15 +481,14 @@ def _train(
         record.history = [row for row in record.history if row["epoch"] <= done]
         if done:
             record.write_history()
-        record.line(
-            f"interrupted in epoch {done + 1}/{schedule.epochs}: "
-            + (
-                f"{checkpoint} holds epoch {done}; --resume goes on from there"
-                if done
-                else "no epoch had finished, nothing saved"
-            )
+        message = f"interrupted in epoch {done + 1}/{schedule.epochs}: " + (
+            f"{checkpoint} holds epoch {done}; --resume goes on from there"
+            if done
+            else "no epoch had finished, nothing saved"
         )
-        raise
+        record.log(message)
+        # The command line prints the interrupt's message as its one last line.
+        raise KeyboardInterrupt(message) from None
     if monitor.history:
         monitor.save(output_dir, plot=importlib.util.find_spec("matplotlib") is not None)
 
