@@ -23,6 +23,8 @@ GEOMETRY_METHODS = (
     "NormFace LT100",
     "NormFace + ZC LT100",
 )
+# The margin monitor's per-epoch figure (MarginMonitor.plot) is drawn for these runs (first seed).
+TRAINING_CURVE_METHODS = ("NormFace", "LM-Softmax")
 
 
 def plot_margins(summary: Sequence[dict], path: Path) -> None:
@@ -106,9 +108,18 @@ def plot_roc(results: Sequence[RunResult], path: Path) -> None:
 
 
 def write_figures(summary: Sequence[dict], results: Sequence[RunResult], directory: Path) -> list:
-    """All figures into ``directory``; returns their paths."""
+    """All figures into ``directory``; returns their paths.
+
+    Besides the three summary figures, ``training-margins-KEY.png`` for each method of
+    ``TRAINING_CURVE_METHODS`` that was run: its first seed's margins per epoch, against the
+    bounds.
+    """
     paths = [directory / "margins.png", directory / "prototypes.png", directory / "roc.png"]
     plot_margins(summary, paths[0])
     plot_prototype_geometry(results, paths[1])
     plot_roc(results, paths[2])
+    for result in results:
+        if result.monitor is not None and result.method.label in TRAINING_CURVE_METHODS:
+            paths.append(directory / f"training-margins-{result.method.key}.png")
+            result.monitor.plot(paths[-1])
     return [path for path in paths if path.exists()]
