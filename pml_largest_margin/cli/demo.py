@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     recipe = get_recipe(args.recipe)
     methods, settings = apply_recipe(ALL_METHODS, recipe)
-    schedule = Schedule(epochs=epochs, batch_size=dataset.batch_size)
+    schedule = Schedule(epochs=epochs)
     if recipe.name != "package":  # the optimiser and clipping; batch and epochs stay the demo's
         schedule = replace(recipe.schedule, epochs=epochs, batch_size=schedule.batch_size)
     split = dataset.load()

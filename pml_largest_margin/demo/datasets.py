@@ -23,7 +23,6 @@ class DemoDataset:
     network: Callable[[int], torch.nn.Module]
     epochs: int
     quick_epochs: int
-    batch_size: int = 64
 
 
 DATASETS: dict[str, DemoDataset] = {
@@ -44,8 +43,5 @@ DATASETS: dict[str, DemoDataset] = {
         network=mnist_network,
         epochs=15,
         quick_epochs=3,
-        # 1,875 SGD steps in 15 epochs; with batches of 64 (930 steps) LM-Softmax's class margin
-        # was still rising, 3–6° short of its bound, when the cosine schedule ended.
-        batch_size=32,
     ),
 }
