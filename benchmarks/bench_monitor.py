@@ -1,22 +1,28 @@
 """What the margin monitor adds to a digits training run (C = 10), the demo's MLP and schedule.
 
-Run:  PYTHONPATH=. python benchmarks/bench_monitor.py [--epochs 60] [--rounds 3]
+Run:  PYTHONPATH=. python benchmarks/bench_monitor.py [--epochs 60] [--rounds 3] [--pairs 4]
 
-Each case (loss × monitored or not) trains from seed 0 through PML's ``MetricLossOnly`` trainer
-in a fresh process (benchmarks/_harness.py), one torch thread as in ``pml-lm demo``, and reports
-the best of ``--repeats`` runs after a warm-up run. Unmonitored: the loss records nothing and no
-hook is installed. Monitored: LM-Softmax records its sample margins and target cosines
-(``collect_stats``, ``record_target_cosines``) and the monitor reads them; NormFace (PML's
+Every training starts from seed 0 and runs through PML's ``MetricLossOnly`` trainer on one torch
+thread, as in ``pml-lm demo``. Unmonitored: the loss records nothing and no hook is installed.
+Monitored: LM-Softmax records its sample margins and target cosines (``collect_stats``,
+``record_target_cosines``) and the monitor reads them; NormFace (PML's
 ``NormalizedSoftmaxLoss``) records nothing, so the monitor measures each batch itself (one extra
-(N, C) product); both close an epoch every pass over the data (class margin, histogram). Cases
-alternate, off then on, for ``--rounds`` rounds; the overhead is taken from the best time of each
-case over all rounds, wall-clock and CPU (process) time. On a shared machine the CPU time is the
-steadier of the two.
+(N, C) product); both close an epoch every pass over the data (class margin, histogram).
+
+Built for a shared machine, where the load changes from one second to the next: each round is a
+fresh process (benchmarks/_harness.py) that warms both variants up, then trains ``--pairs``
+pairs of runs, unmonitored and monitored back to back, the order flipping from pair to pair
+(off-on, on-off, ...) so that a drift of the load favours neither. The table gives the median
+over all runs of each variant of the wall-clock and of the CPU (process) time per run, the
+overhead from those medians, and the median over the pairs of the monitored / unmonitored CPU
+ratio. CPU time counts only this process's work, so it is the steadier of the two under load.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import machine_description, measure_in_fresh_process, run_case_if_asked  # noqa: E402
 
 
-def run_case(loss: str, monitored: bool, epochs: int, repeats: int) -> dict:
+def run_case(loss: str, epochs: int, pairs: int) -> dict:
     import torch
 
     from pml_largest_margin.demo.data import load_digits_split
@@ -44,7 +50,7 @@ def run_case(loss: str, monitored: bool, epochs: int, repeats: int) -> dict:
     split = load_digits_split()
     dataset = torch.utils.data.TensorDataset(split.train_x, split.train_y)
 
-    def train(num_epochs: int) -> tuple[float, float]:
+    def train(num_epochs: int, monitored: bool) -> tuple[float, float]:
         torch.manual_seed(0)
         schedule = Schedule(epochs=num_epochs)
         model = embedding_network()
@@ -80,9 +86,13 @@ def run_case(loss: str, monitored: bool, epochs: int, repeats: int) -> dict:
             assert len(monitor.history) == num_epochs
         return wall, cpu
 
-    train(2)  # warm-up: imports, allocator, kernels
-    timings = [train(epochs) for _ in range(repeats)]
-    return {"wall": min(t[0] for t in timings), "cpu": min(t[1] for t in timings)}
+    for monitored in (False, True):  # warm-up: imports, allocator, kernels
+        train(2, monitored)
+    runs = {"off": [], "on": []}
+    for pair in range(pairs):
+        for monitored in (False, True) if pair % 2 == 0 else (True, False):
+            runs["on" if monitored else "off"].append(train(epochs, monitored))
+    return runs
 
 
 def main() -> None:
@@ -90,35 +100,44 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per loss")
+    parser.add_argument("--pairs", type=int, default=4, help="off/on pairs of runs per round")
     parser.add_argument("--losses", nargs="+", default=["lm-softmax", "normface"])
     args = parser.parse_args()
-    print(f"Machine: {machine_description()}")
-    print(f"Digits, C = 10, MLP 64-128-128-32, {args.epochs} epochs, batch 64, 1 torch thread\n")
+    print(f"Machine: {machine_description()}; load average {os.getloadavg()[0]:.1f} at start")
+    print(f"Digits, C = 10, MLP 64-128-128-32, {args.epochs} epochs, batch 64, 1 torch thread")
     print(
-        "| loss | monitor reads | wall off (s) | wall on (s) | wall + % | CPU off (s) | CPU on (s) | CPU + % |"
+        f"{args.rounds} rounds x {args.pairs} pairs: medians over {args.rounds * args.pairs} runs\n"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| loss | monitor reads | wall off (s) | wall on (s) | wall + % "
+        "| CPU off (s) | CPU on (s) | CPU + % | CPU + % of pairs, median (min to max) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     script = str(Path(__file__).resolve())
     for loss in args.losses:
-        best = {False: {"wall": float("inf"), "cpu": float("inf")}}
-        best[True] = dict(best[False])
+        runs = {"off": [], "on": []}
         for _ in range(args.rounds):
-            for monitored in (False, True):
-                timing = measure_in_fresh_process(
-                    script, loss=loss, monitored=monitored, epochs=args.epochs, repeats=args.repeats
-                )
-                for key in ("wall", "cpu"):
-                    best[monitored][key] = min(best[monitored][key], timing[key])
-        off, on = best[False], best[True]
+            timing = measure_in_fresh_process(
+                script, loss=loss, epochs=args.epochs, pairs=args.pairs
+            )
+            for variant in runs:
+                runs[variant] += timing[variant]
+        wall = {v: statistics.median(t[0] for t in runs[v]) for v in runs}
+        cpu = {v: statistics.median(t[1] for t in runs[v]) for v in runs}
+        # Pairs were appended in the same order to both lists, so zip matches them.
+        pair_overheads = [
+            100 * (on[1] / off[1] - 1) for off, on in zip(runs["off"], runs["on"], strict=True)
+        ]
         reads = "the loss's stats" if loss == "lm-softmax" else "the batch (one extra N×C product)"
         print(
-            f"| {loss} | {reads} | {off['wall']:.2f} | {on['wall']:.2f} | "
-            f"{100 * (on['wall'] / off['wall'] - 1):+.1f} | {off['cpu']:.2f} | {on['cpu']:.2f} | "
-            f"{100 * (on['cpu'] / off['cpu'] - 1):+.1f} |",
+            f"| {loss} | {reads} | {wall['off']:.2f} | {wall['on']:.2f} | "
+            f"{100 * (wall['on'] / wall['off'] - 1):+.1f} | {cpu['off']:.2f} | {cpu['on']:.2f} | "
+            f"{100 * (cpu['on'] / cpu['off'] - 1):+.1f} | {statistics.median(pair_overheads):+.1f} "
+            f"({min(pair_overheads):+.1f} to {max(pair_overheads):+.1f}) |",
             flush=True,
         )
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
 if __name__ == "__main__":

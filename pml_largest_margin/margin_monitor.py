@@ -39,6 +39,10 @@ HISTOGRAM_MAX_CLASSES = 4096
 HISTOGRAM_BINS = 40
 # Side of the square tiles of the C × C cosine matrix visited by the histogram.
 _TILE_SIZE = 1024
+# Batches whose target cosines are kept before their angles are folded into the per-class
+# statistics: a handful of tensor operations per fold instead of per batch (and, on a GPU, one
+# copy to the host), while memory stays at this many batches' N values.
+_PENDING_BATCHES = 64
 CSV_COLUMNS = (
     "epoch",
     "num_samples",
@@ -268,11 +272,10 @@ class MarginMonitor:
                 "collect_stats=True and record_target_cosines=True (this package's losses) and "
                 "call update once per forward, or pass the batch's embeddings and labels"
             )
-        if labels.shape[0] and int(labels.max()) >= self.num_classes:
-            raise ValueError(
-                f"labels reach {int(labels.max())} but the monitor has {self.num_classes} classes"
-            )
-        self._add_angles(target, labels)
+        self._pending.append((target.detach(), labels.detach()))
+        self._batches += 1
+        if len(self._pending) == _PENDING_BATCHES:
+            self._add_pending_angles()
 
     @torch.no_grad()
     def _measure(
@@ -298,13 +301,27 @@ class MarginMonitor:
         self._margin_min = min(self._margin_min, margin_min)
         self._num_samples += num_samples
 
-    def _add_angles(self, target_cosines: torch.Tensor, labels: torch.Tensor) -> None:
-        angles = target_cosines.detach().double().clamp(-1.0, 1.0).acos_().cpu()
-        labels = labels.detach().long().cpu()
+    def _add_pending_angles(self) -> None:
+        """Fold the batches kept since the last call into the per-class angle statistics.
+
+        Raises:
+            ValueError: a label is not below the monitor's ``num_classes``.
+        """
+        if not self._pending:
+            return
+        targets, labels = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
+        self._pending.clear()
+        if not labels.numel():
+            return
+        angles = targets.double().clamp_(-1.0, 1.0).acos_().cpu()
+        labels = labels.long().cpu()
+        if int(labels.max()) >= self.num_classes:
+            raise ValueError(
+                f"labels reach {int(labels.max())} but the monitor has {self.num_classes} classes"
+            )
         self._angle_sums.index_add_(0, labels, angles)
         self._angle_counts += torch.bincount(labels, minlength=self.num_classes)
         self._angle_maxima.scatter_reduce_(0, labels, angles, reduce="amax")
-        self._batches += 1
 
     # --- per epoch -------------------------------------------------------------------------
 
@@ -321,6 +338,7 @@ class MarginMonitor:
         check_prototypes(W, embedding_size=self.embedding_size)
         if W.shape[1] != self.num_classes:
             raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
+        self._add_pending_angles()
         margin = class_margin(W)
         histogram = None
         if self.num_classes <= self.histogram_max_classes:
@@ -350,6 +368,7 @@ class MarginMonitor:
     def _reset(self) -> None:
         self._margin_sum, self._margin_min, self._num_samples = 0.0, math.inf, 0
         self._batches = 0
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._angle_sums = torch.zeros(self.num_classes, dtype=torch.float64)
         self._angle_counts = torch.zeros(self.num_classes, dtype=torch.int64)
         self._angle_maxima = torch.full((self.num_classes,), -math.inf, dtype=torch.float64)

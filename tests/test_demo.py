@@ -82,7 +82,9 @@ def test_json_has_every_method_with_every_metric(quick_run):
 
 def test_figures_are_written(quick_run):
     output_dir, _, _ = quick_run
-    for name in ("margins.png", "prototypes.png", "roc.png"):
+    names = ["margins.png", "prototypes.png", "roc.png"]
+    names += ["training-margins-normface.png", "training-margins-lm-softmax.png"]
+    for name in names:
         data = (output_dir / name).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5_000
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
+from pml_largest_margin import margin_monitor
 from pml_largest_margin.losses import LargestMarginSoftmaxLoss
 from pml_largest_margin.margin_monitor import (
     MarginMonitor,
@@ -50,8 +51,10 @@ def _direct(embeddings: torch.Tensor, labels: torch.Tensor, W: torch.Tensor):
     return target - others.max(dim=1).values, torch.rad2deg(torch.acos(target.clamp(-1, 1)))
 
 
+@pytest.mark.parametrize("pending_batches", [64, 2])  # 2: folded once mid-epoch, once at its end
 @pytest.mark.parametrize("recorded", [True, False])
-def test_epoch_values_equal_the_formulas(recorded):
+def test_epoch_values_equal_the_formulas(recorded, pending_batches, monkeypatch):
+    monkeypatch.setattr(margin_monitor, "_PENDING_BATCHES", pending_batches)
     loss = _loss() if recorded else pml_losses.CosFaceLoss(NUM_CLASSES, EMBEDDING_SIZE).double()
     monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE, histogram_bins=8)
     batches = _batches(0)
@@ -145,6 +148,11 @@ def test_bad_use_gives_clear_errors():
         monitor.end_epoch(torch.randn(EMBEDDING_SIZE, 4))
     with pytest.raises(ValueError, match="num_classes"):
         MarginMonitor(1, 3)
+    narrow = MarginMonitor(3, EMBEDDING_SIZE)  # the batch's labels reach 4
+    loss(*_batches(5)[0])
+    narrow.update(loss)
+    with pytest.raises(ValueError, match="labels reach 4 but the monitor has 3 classes"):
+        narrow.end_epoch(torch.randn(EMBEDDING_SIZE, 3))
     with pytest.raises(TypeError):
         MarginMonitor(3.0, 3)
 

@@ -37,6 +37,8 @@ GEOMETRY_METHODS = (
 )
 # Legends go to the right of their axes, never over the data.
 OUTSIDE_RIGHT = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}
+# The margin monitor's per-epoch figure (MarginMonitor.plot) is drawn for these runs (first seed).
+TRAINING_CURVE_METHODS = ("NormFace", "LM-Softmax")
 
 
 def _seeds_text(seeds: Sequence[int]) -> str:
@@ -163,7 +165,12 @@ def roc_figure(results: Sequence[RunResult]):
 
 
 def write_figures(summary: Sequence[dict], results: Sequence[RunResult], directory: Path) -> list:
-    """All figures into ``directory`` (names: ``FIGURE_NAMES``); returns the paths written."""
+    """All figures into ``directory``; returns the paths written.
+
+    Besides the summary figures (``FIGURE_NAMES``), ``training-margins-KEY.png`` for each method
+    of ``TRAINING_CURVE_METHODS`` that was run: its first seed's margins per epoch, against the
+    bounds.
+    """
     plt = pyplot()
     figures = (margins_figure(summary), prototype_figure(results), roc_figure(results))
     paths = []
@@ -173,4 +180,8 @@ def write_figures(summary: Sequence[dict], results: Sequence[RunResult], directo
         paths.append(directory / name)
         figure.savefig(paths[-1], dpi=80)
         plt.close(figure)
+    for result in results:
+        if result.monitor is not None and result.method.label in TRAINING_CURVE_METHODS:
+            paths.append(directory / f"training-margins-{result.method.key}.png")
+            result.monitor.plot(paths[-1])
     return paths

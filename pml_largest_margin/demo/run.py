@@ -46,6 +46,7 @@ class RunResult:
     prototype_cosines: np.ndarray | None = None
     roc: dict = field(default_factory=dict)
     training_margins: list[dict] = field(default_factory=list)
+    monitor: MarginMonitor | None = None
 
     def as_dict(self) -> dict:
         """A JSON-ready record of the run (what :meth:`from_dict` reads back)."""
@@ -96,7 +97,8 @@ def run_one(
 ) -> RunResult:
     """Train ``network`` with ``method`` from ``seed`` and evaluate it on the (balanced) test set.
 
-    A :class:`MarginMonitor` records the training margins of every epoch (``training_margins``).
+    A :class:`MarginMonitor` records the training margins of every epoch (``training_margins``;
+    with ``keep_artifacts`` the monitor itself is kept too, for its figure).
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -150,6 +152,7 @@ def run_one(
     result = RunResult(method, seed, metrics, time.perf_counter() - start)
     result.training_margins = [record.csv_row() for record in monitor.history]
     if keep_artifacts:
+        result.monitor = monitor
         unit = torch.nn.functional.normalize(loss.W.detach().float().cpu(), dim=0)
         result.prototype_cosines = (unit.t() @ unit).numpy()
         result.roc = _thin_roc(np.asarray(curve["far"]), np.asarray(curve["tar"]))
