@@ -8,7 +8,9 @@ the call) minus the resident set just before it, with torch, Pillow and numpy al
 
 Cases: ``no_data``, the 98-byte pickle describing a 5e8-element bool array without its data
 (it reached 6.4 GB before the scan); ``bytes8``, a BINBYTES8 length of 2^40; ``memo``, a
-memo index of 2^31 (the unpickler would size its memo table to 2^32 entries); and legitimate
+memo index of 2^31 (the unpickler would size its memo table to 2^32 entries); ``codec``, a
+protocol-2 byte string encoded with a codec name that does not exist; ``png_bomb``, a pair
+file whose second image is a real 14000 x 14000 PNG (zeros, deflated); and legitimate
 files of ``num_pairs`` pairs of 112 x 112 JPEG images written with pickle protocols 2 and 4.
 
 Run: ``PYTHONPATH=. python benchmarks/bench_load_bin.py [--num-pairs 1500]``
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._harness import machine_description, measure_in_fresh_process, run_case_if_asked
 
 MIB = 2**20
+HOSTILE_CASES = ("no_data", "bytes8", "memo", "codec", "png_bomb")
 IMAGE_SIDE = 112
 
 
@@ -61,6 +64,26 @@ def hostile_bytes(case: str) -> bytes:
             + pickle.LONG_BINPUT
             + struct.pack("<I", 2**31)
         )
+    if case == "codec":
+        encode = (
+            _global("_codecs", "encode")
+            + pickle.SHORT_BINUNICODE
+            + b"\x01b"
+            + pickle.SHORT_BINUNICODE
+            + b"\x0cno-such-code"
+            + pickle.TUPLE2
+            + pickle.REDUCE
+        )
+        return pickle.PROTO + b"\x02" + pickle.EMPTY_LIST + encode + pickle.TUPLE2 + pickle.STOP
+    if case == "png_bomb":
+        from PIL import Image
+
+        images = []
+        for side in (IMAGE_SIDE, 14_000):
+            buffer = io.BytesIO()
+            Image.new("L", (side, side)).save(buffer, format="PNG", optimize=True)
+            images.append(buffer.getvalue())
+        return pickle.dumps((images, [True]), protocol=4)
     raise ValueError(case)
 
 
@@ -126,7 +149,7 @@ def main() -> None:
     args = parser.parse_args()
     decoded_per_image = 3 * IMAGE_SIDE * IMAGE_SIDE * 4  # float32 RGB
     with tempfile.TemporaryDirectory() as directory:
-        cases = [(name, hostile_bytes(name), 0) for name in ("no_data", "bytes8", "memo")]
+        cases = [(name, hostile_bytes(name), 0) for name in HOSTILE_CASES]
         for protocol in (2, 4):
             cases.append(
                 (
