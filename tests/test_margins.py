@@ -358,3 +358,59 @@ def test_sample_margin_upper_bound_of_two_classes_is_two():
     W = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     margins = sample_margins(W.t() * 5, torch.tensor([0, 1]), W)
     assert margins.tolist() == [2.0, 2.0]
+
+
+# --- edges found by mutation testing (docs/testing.md) -----------------------------------------
+
+
+def test_a_prototype_of_norm_exactly_norm_eps_keeps_its_direction():
+    # ‖w_0‖ = NORM_EPS exactly: not below the zero rule's threshold, so w_0 is parallel to w_1.
+    W = torch.tensor([[1e-12, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    margin = class_margin(W)
+    assert margin.closest_pair == (0, 1)
+    assert margin.radians == 0.0
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 2, 3])
+def test_tied_closest_pairs_report_the_first_visited(block_size):
+    # Pairs (0, 1) and (2, 3) are both parallel; with block_size=2 they lie in different tiles.
+    W = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert class_margin(W, block_size=block_size).closest_pair == (0, 1)
+
+
+def test_argument_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"^block_size must be an integer >= 1, got 0"):
+        class_margin(seeded_randn(3, 4), block_size=0)
+    with pytest.raises(ValueError, match=r"^sub_centers must be an integer >= 1, got 0"):
+        sample_margins(seeded_randn(2, 3), torch.tensor([0, 1]), seeded_randn(3, 2), sub_centers=0)
+    # Labels valid for the classes, so only the size check can refuse W's 5 rows.
+    with pytest.raises(ValueError, match="5 rows but the embeddings have dimension 3"):
+        sample_margins(seeded_randn(4, 3), torch.tensor([0, 1, 2, 3]), seeded_randn(5, 4))
+    # The class count is an integer in messages, also with sub-centres (C·k / k).
+    with pytest.raises(ValueError, match=r"in \[0, 3\] for 4 classes"):
+        sample_margins(seeded_randn(2, 3), torch.tensor([0, 4]), seeded_randn(3, 8), sub_centers=2)
+
+
+def test_float32_embeddings_with_float64_prototypes_are_promoted():
+    generator = torch.Generator().manual_seed(7)
+    embeddings = torch.randn(5, 3, generator=generator)
+    W = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    mixed = sample_margins(embeddings, labels, W)
+    assert mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed, sample_margins(embeddings.double(), labels, W))
+
+
+def test_two_sub_centers_per_class():
+    generator = torch.Generator().manual_seed(8)
+    embeddings = torch.randn(6, 4, generator=generator, dtype=torch.float64)
+    W = torch.randn(4, 3 * 2, generator=generator, dtype=torch.float64)  # 3 classes × 2
+    labels = torch.tensor([0, 1, 2, 2, 1, 0])
+    cosines = cosine_logits(embeddings, W).view(6, 3, 2).amax(dim=2)
+    expected = torch.stack(
+        [
+            cosines[i, y] - cosines[i, [j for j in range(3) if j != y]].max()
+            for i, y in enumerate(labels)
+        ]
+    )
+    torch.testing.assert_close(sample_margins(embeddings, labels, W, sub_centers=2), expected)
