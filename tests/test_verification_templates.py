@@ -154,3 +154,20 @@ def test_closed_set_identification_has_rank_rates_and_no_tpir():
     )
     np.testing.assert_array_equal(result.rank_rates, [0.5, 1.0])
     assert np.isnan(result.tpir).all() and result.n_non_mated == 0
+
+
+def test_rank_rates_of_tied_gallery_templates_do_not_depend_on_the_ranks_asked():
+    # Every gallery template three times (subjects 3j, 3j+1, 3j+2): exact ties at every rank.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(20, 8))
+    gallery, gallery_ids = np.repeat(base, 3, axis=0), np.arange(60)
+    rows = rng.integers(0, 20, 50)
+    probe_ids = 3 * rows + rng.integers(0, 3, 50)
+    # Ties go to the lower gallery index: a probe is found at rank r + 1 for subject 3j + r.
+    expected = [np.mean(probe_ids % 3 < r) for r in (1, 2, 3)]
+    for ranks in [(1,), (1, 2), (2, 1, 3), (1, 3, 10)]:
+        result = open_set_identification(
+            base[rows], probe_ids, gallery, gallery_ids, ranks, use_gpu=False
+        )
+        for rank, rate in zip(ranks, result.rank_rates, strict=True):
+            assert rate == (expected[rank - 1] if rank <= 3 else 1.0), (ranks, rank)

@@ -9,6 +9,10 @@ top-1 gallery template is a mate and passes. The threshold for a target FPIR fol
 mate among their k best gallery templates (closed-set CMC over the mated probes). Without
 non-mated probes (closed-set search) FPIR is undefined and TPIR and the thresholds are NaN;
 without mated probes nothing is defined and a ``ValueError`` is raised.
+
+Ties: gallery templates of equal score are ranked in gallery order (lower index first), so the
+rank-k rates do not depend on the ``ranks`` asked for (FAISS alone orders equal scores its own
+way, and which of a tie group it keeps depends on the k searched).
 """
 
 from __future__ import annotations
@@ -96,6 +100,29 @@ def identification_from_top_k(
     )
 
 
+def _top_k_ties_in_gallery_order(probes, gallery, k: int, use_gpu: bool | None):
+    """FAISS's cosine top-k with equal scores ordered by gallery index, independent of ``k``.
+
+    One more candidate than needed is searched; a probe whose k-th and (k+1)-th scores tie has a
+    tie group cut by k, and only those probes are searched again over the whole gallery.
+    """
+    search = min(k + 1, gallery.shape[0])
+    scores, indices = top_k(probes, gallery, search, metric="cosine", use_gpu=use_gpu)
+    if search > k:
+        cut = np.flatnonzero(scores[:, k - 1] == scores[:, k])
+        if cut.size:
+            all_scores, all_indices = top_k(
+                probes[cut], gallery, gallery.shape[0], metric="cosine", use_gpu=use_gpu
+            )
+            scores, indices = scores[:, :k].copy(), indices[:, :k].copy()
+            order = np.lexsort((all_indices, -all_scores))[:, :k]
+            scores[cut] = np.take_along_axis(all_scores, order, axis=1)
+            indices[cut] = np.take_along_axis(all_indices, order, axis=1)
+    scores, indices = scores[:, :k], indices[:, :k]
+    order = np.lexsort((indices, -scores))
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
 def open_set_identification(
     probe_features,
     probe_subjects,
@@ -114,7 +141,7 @@ def open_set_identification(
     k = max(int(r) for r in np.atleast_1d(ranks))
     if k > gallery.shape[0]:
         raise ValueError(f"ranks ask for {k} candidates but the gallery has {gallery.shape[0]}")
-    scores, indices = top_k(probes, gallery, k, metric="cosine", use_gpu=use_gpu)
+    scores, indices = _top_k_ties_in_gallery_order(probes, gallery, k, use_gpu)
     return identification_from_top_k(
         scores, gallery_ids[indices], probe_ids, gallery_ids, ranks, fpir_targets
     )
