@@ -230,3 +230,21 @@ def test_a_shadowing_evaluation_folder_is_named_in_one_line(tmp_path):
         assert "run from another directory" in lines[0]
     clean = _run_python(["-m", "pml_largest_margin.cli", "prototypes", "--help"], ROOT)
     assert clean.returncode == 0 and clean.stderr == ""
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:7"])
+def test_device_errors_of_train_and_embed_are_one_line(monkeypatch, tmp_path, capsys, device):
+    from PIL import Image
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for index in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "data" / name / f"{index}.png")
+    train = ["train", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")]
+    assert main([*train, "--device", device]) == 2
+    assert "device" in _one_error_line(capsys, "train")
+    assert not (tmp_path / "out").exists()
+    embed = ["embed", str(tmp_path / "x.pt"), str(tmp_path / "data"), "-o", str(tmp_path / "f.npz")]
+    assert main([*embed, "--device", device]) == 2
+    assert "device" in _one_error_line(capsys, "embed")
