@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from .._deprecation import DeprecatedAlias, renamed_keywords
 from ..knn import l2_normalize
 from ..verification import verification_accuracy_10fold, verification_report
 from ..verification.pair_metrics import TAR_AT_FAR_RULES, check_far_targets
@@ -35,7 +36,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
     Pairs (``pairs=``):
     - ``"interleaved"``: query rows 0::2 against rows 1::2, genuine when their labels are equal
       (the layout of ``.bin`` pair sets and :func:`evaluation.verification.load_bin`); adds
-      ``verification_accuracy`` (mean of the ``n_folds``-fold protocol, docs/theory.md §6).
+      ``verification_accuracy`` (mean of the ``num_folds``-fold protocol, docs/theory.md §6).
     - ``"all"``: every unordered pair of distinct query rows, n (n − 1) / 2 of them, so meant
       for validation sets of up to a few thousand embeddings.
 
@@ -44,13 +45,16 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
     metrics unless ``include``/``exclude`` select otherwise.
     """
 
+    n_folds = DeprecatedAlias("num_folds")
+
+    @renamed_keywords(n_folds="num_folds")
     def __init__(
         self,
         *args,
         pairs: str = "interleaved",
         far_targets=(1e-4, 1e-3, 1e-2),
         tar_rule: str = "nearest",
-        n_folds: int = 10,
+        num_folds: int = 10,
         **kwargs,
     ):
         if pairs not in PAIR_MODES:
@@ -60,7 +64,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
         self.pairs = pairs
         self.far_targets = check_far_targets(far_targets)
         self.tar_rule = tar_rule
-        self.n_folds = n_folds
+        self.num_folds = num_folds
         # PML discovers metrics from the calculate_* attributes when it is initialised.
         self.pair_metric_names = ["verification_auc", "verification_eer"]
         for position, target in enumerate(self.far_targets):
@@ -100,7 +104,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
                 kwargs[_REPORT_KEY] = verification_report(scores, issame, self.far_targets)
             if "verification_accuracy" in requested:
                 kwargs[_TEN_FOLD_KEY] = verification_accuracy_10fold(
-                    embeddings, issame, n_folds=self.n_folds
+                    embeddings, issame, num_folds=self.num_folds
                 )
         return super()._get_accuracy(function_dict, **kwargs)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .._deprecation import DeprecatedAlias
 from ..validation import (
     check_feature_pair,
     check_features,
@@ -102,7 +103,7 @@ class ReIDResult:
 
         return bootstrap_reid(self, num_resamples, seed, confidence)
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         summary = {
             "mAP": self.mAP,
             "mINP": self.mINP,
@@ -117,6 +118,8 @@ class ReIDResult:
         if self.intervals is not None:
             summary["intervals"] = self.intervals.as_dict()
         return summary
+
+    to_dict = DeprecatedAlias("as_dict")
 
 
 def evaluate_reid(

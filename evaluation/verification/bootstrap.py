@@ -88,7 +88,7 @@ class _ScoreBlocks:
     pair in any resample, so they only move the FAR along one horizontal stretch of the ROC,
     which adds nothing to the AUC, holds one TAR for the threshold rule, and
     keeps the EER on the same segment. With few genuine pairs the blocks are few (at most
-    ``2 n_genuine + 1``), which is what makes a resample cheap.
+    ``2 num_genuine + 1``), which is what makes a resample cheap.
     """
 
     genuine_blocks: np.ndarray  # block of each genuine pair

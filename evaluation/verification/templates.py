@@ -44,17 +44,17 @@ def template_features(features, template_ids, media_ids) -> tuple[np.ndarray, np
     sum over its media of the mean image feature of each media (media grouped within template).
     Accumulates in float64."""
     feature_array = check_features(features, "features")
-    n_images = feature_array.shape[0]
-    templates = check_ids(template_ids, "template_ids", length=n_images)
-    medias = check_ids(media_ids, "media_ids", length=n_images)
+    num_images = feature_array.shape[0]
+    templates = check_ids(template_ids, "template_ids", length=num_images)
+    medias = check_ids(media_ids, "media_ids", length=num_images)
     order = np.lexsort((medias, templates))
     sorted_templates, sorted_medias = templates[order], medias[order]
-    new_group = np.ones(n_images, dtype=bool)
+    new_group = np.ones(num_images, dtype=bool)
     new_group[1:] = (sorted_templates[1:] != sorted_templates[:-1]) | (
         sorted_medias[1:] != sorted_medias[:-1]
     )
     group_starts = np.flatnonzero(new_group)
-    group_sizes = np.diff(np.append(group_starts, n_images))
+    group_sizes = np.diff(np.append(group_starts, num_images))
     media_sums = np.add.reduceat(feature_array[order].astype(np.float64), group_starts, axis=0)
     media_means = media_sums / group_sizes[:, None]
     group_templates = sorted_templates[group_starts]

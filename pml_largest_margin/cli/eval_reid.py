@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(format_table(result))
     if args.json:
-        record = {**result.to_dict(), "metric": args.metric or DEFAULT_METRIC}
+        record = {**result.as_dict(), "metric": args.metric or DEFAULT_METRIC}
         if "distmat" in arrays:
             record["metric"] = "distmat"
         write_json(args.json, {**record, "environment": environment_record(device)})

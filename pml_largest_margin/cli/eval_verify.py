@@ -152,12 +152,12 @@ def _scores_and_labels(arrays: dict, pair_file: Path | None):
 
 def mark_unmeasurable(summary: dict) -> None:
     """Replace, in ``summary`` (``VerificationReport.as_dict()``), each TAR at a FAR target
-    below ``1 / n_impostor`` by ``None`` with ``"measurable": False`` and the reason.
+    below ``1 / num_impostor`` by ``None`` with ``"measurable": False`` and the reason.
 
     With N impostor pairs the smallest non-zero FAR is 1/N, so a lower target can only be met
     at FAR 0: the number read there does not measure the TAR at that target.
     """
-    num_impostor = summary["n_impostor"]
+    num_impostor = summary["num_impostor"]
     intervals = summary.get("intervals")
     for position, row in enumerate(summary["tar_at_far"]):
         row["measurable"] = row["far"] * num_impostor >= 1
@@ -208,9 +208,10 @@ def _table(summary: dict) -> str:
                 percent(row["threshold"], 3, threshold),
             )
         )
+    num_impostor = summary["num_impostor"]
     lines = [
-        f"pairs: {summary['n_genuine']} genuine, {summary['n_impostor']} impostor "
-        f"(smallest measurable FAR: 1/{summary['n_impostor']} = {1 / summary['n_impostor']:.3g})",
+        f"pairs: {summary['num_genuine']} genuine, {num_impostor} impostor "
+        f"(smallest measurable FAR: 1/{num_impostor} = {1 / num_impostor:.3g})",
         "",
         markdown_table(["metric", "%"], rows),
         "",
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         if distances is not None:
             folds = DEFAULT_FOLDS if args.folds is None else args.folds
             ten_fold = verification_accuracy_10fold(
-                distances=distances, issame=labels, n_folds=folds
+                distances=distances, issame=labels, num_folds=folds
             )
             summary["folds"] = folds
             summary["ten_fold"] = ten_fold.as_dict()
