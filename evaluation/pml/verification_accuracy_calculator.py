@@ -17,6 +17,7 @@ from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from .._deprecation import DeprecatedAlias, renamed_keywords
 from ..knn import l2_normalize
+from ..validation import ArrayLike
 from ..verification import verification_accuracy_10fold, verification_report
 from ..verification.pair_metrics import TAR_AT_FAR_RULES, check_far_targets
 
@@ -52,11 +53,11 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
         self,
         *args,
         pairs: str = "interleaved",
-        far_targets=(1e-4, 1e-3, 1e-2),
+        far_targets: ArrayLike | float = (1e-4, 1e-3, 1e-2),
         tar_rule: str = "nearest",
         num_folds: int = 10,
         **kwargs,
-    ):
+    ) -> None:
         if pairs not in PAIR_MODES:
             raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
         if tar_rule not in TAR_AT_FAR_RULES:

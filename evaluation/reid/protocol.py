@@ -29,6 +29,8 @@ import numpy as np
 
 from .._deprecation import DeprecatedAlias
 from ..validation import (
+    ArrayLike,
+    DeviceLike,
     check_feature_pair,
     check_features,
     check_positive_integer,
@@ -37,7 +39,10 @@ from ..validation import (
     to_numpy,
 )
 from ._ranking_kernel import count_positives, positive_ranks_block
+from .bootstrap import ReIDIntervals
 from .distances import DEFAULT_BLOCK_BYTES, DistanceBlocks
+from .query_expansion import QueryExpansionArgument
+from .rerank import RerankArgument
 
 PROTOCOLS = ("market1501", "cuhk03")
 
@@ -89,14 +94,16 @@ class ReIDResult:
         """Rank-1, mAP, mINP and the number of valid queries, per query identity."""
         return self._breakdown(self.query_pids, "query_pids")
 
-    def _breakdown(self, groups, name: str) -> dict[int, dict]:
+    def _breakdown(self, groups: np.ndarray | None, name: str) -> dict[int, dict]:
         from .bootstrap import group_breakdown
 
         if groups is None:
             raise ValueError(f"this result carries no {name}: build it with evaluate_reid")
         return group_breakdown(self, groups)
 
-    def bootstrap(self, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95):
+    def bootstrap(
+        self, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+    ) -> ReIDIntervals:
         """Percentile intervals of rank-k, mAP and mINP over query identities resampled with
         replacement (docs/theory.md §10); see :func:`evaluation.reid.bootstrap.bootstrap_reid`."""
         from .bootstrap import bootstrap_reid
@@ -123,22 +130,22 @@ class ReIDResult:
 
 
 def evaluate_reid(
-    query_features,
-    gallery_features,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
     metric: str = "euclidean",
     max_rank: int = 50,
     *,
     protocol: str = "market1501",
     num_repeats: int = 10,
     seed: int = 0,
-    device=None,
+    device: DeviceLike = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    rerank=None,
-    query_expansion=None,
+    rerank: RerankArgument = None,
+    query_expansion: QueryExpansionArgument = None,
     bootstrap: int | None = None,
 ) -> ReIDResult:
     """CMC, mAP and mINP of query features against gallery features (see the module docstring).
@@ -199,11 +206,11 @@ def _feature_blocks(
 
 
 def evaluate_reid_from_distances(
-    distmat,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
+    distmat: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
     max_rank: int = 50,
     *,
     protocol: str = "market1501",

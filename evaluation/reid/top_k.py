@@ -21,6 +21,7 @@ import numpy as np
 
 from ..knn import GPU_MAX_K, gpu_available, top_k
 from ..validation import (
+    ArrayLike,
     check_features,
     check_positive_integer,
     check_protocol_ids,
@@ -32,12 +33,12 @@ _FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
 
 
 def cmc_from_top_k(
-    query_features,
-    gallery_features,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
     metric: str = "euclidean",
     max_rank: int = 50,
     use_gpu: bool | None = None,
@@ -75,8 +76,8 @@ def cmc_from_top_k(
 
 
 def reranking_candidates(
-    query_features,
-    gallery_features,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
     k: int,
     metric: str = "euclidean",
     use_gpu: bool | None = None,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..reid.bootstrap import check_resampling, percentile_interval
-from ..validation import check_ids
+from ..validation import ArrayLike, check_ids
 from ._bootstrap_kernel import count_subject_draws, resample_metrics
 
 # FAR grid of the TAR band drawn on ROC figures.
@@ -156,7 +156,7 @@ def bootstrap_verification(
     num_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
-    subjects=None,
+    subjects: ArrayLike | None = None,
 ) -> VerificationIntervals:
     """Intervals of AUC, EER and TAR@FAR (threshold rule) of validated ``(scores, labels)``.
 

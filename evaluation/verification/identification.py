@@ -13,13 +13,14 @@ without mated probes nothing is defined and a ``ValueError`` is raised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .._deprecation import DeprecatedAlias, RenamedKeysDict, renamed_keys
 from ..knn import top_k
-from ..validation import check_features, check_ids, to_numpy
+from ..validation import ArrayLike, check_features, check_ids, to_numpy
 from .pair_metrics import check_far_targets
 
 _RENAMED_KEYS = renamed_keys(
@@ -55,12 +56,12 @@ class IdentificationResult:
 
 
 def identification_from_top_k(
-    top_scores,
-    top_subjects,
-    probe_subjects,
-    gallery_subjects,
-    ranks=(1, 5, 10),
-    fpir_targets=(1e-2, 1e-1),
+    top_scores: ArrayLike,
+    top_subjects: ArrayLike,
+    probe_subjects: ArrayLike,
+    gallery_subjects: ArrayLike,
+    ranks: Sequence[int] = (1, 5, 10),
+    fpir_targets: ArrayLike | float = (1e-2, 1e-1),
 ) -> IdentificationResult:
     """Metrics from each probe's best gallery candidates, best first: ``top_scores`` and
     ``top_subjects`` of shape (num_probes, k); ``gallery_subjects`` lists every gallery subject
@@ -105,12 +106,12 @@ def identification_from_top_k(
 
 
 def open_set_identification(
-    probe_features,
-    probe_subjects,
-    gallery_features,
-    gallery_subjects,
-    ranks=(1, 5, 10),
-    fpir_targets=(1e-2, 1e-1),
+    probe_features: ArrayLike,
+    probe_subjects: ArrayLike,
+    gallery_features: ArrayLike,
+    gallery_subjects: ArrayLike,
+    ranks: Sequence[int] = (1, 5, 10),
+    fpir_targets: ArrayLike | float = (1e-2, 1e-1),
     use_gpu: bool | None = None,
 ) -> IdentificationResult:
     """Search each probe template among the gallery templates (cosine, exact FAISS top-k with

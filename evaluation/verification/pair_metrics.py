@@ -200,7 +200,7 @@ def false_accepts_allowed(targets: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-def check_far_targets(far_targets) -> np.ndarray:
+def check_far_targets(far_targets: ArrayLike | float) -> np.ndarray:
     targets = to_numpy(far_targets, "far_targets").astype(np.float64, copy=False)
     targets = np.atleast_1d(targets)
     if targets.ndim != 1 or targets.size == 0:

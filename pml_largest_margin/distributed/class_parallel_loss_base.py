@@ -93,7 +93,7 @@ class ClassParallelLossBase(
         num_classes: int,
         embedding_size: int,
         scale: float,
-        process_group=None,
+        process_group: dist.ProcessGroup | None = None,
         sample_rate: float = 1.0,
         generator: torch.Generator | None = None,
         memory: str = "auto",
@@ -182,7 +182,14 @@ class ClassParallelLossBase(
             raise ValueError(f"full_W must have shape {expected}, got {tuple(full_W.shape)}")
         self.W.copy_(full_W[:, self.class_range[0] : self.class_range[1]])
 
-    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``indices_tuple``: a miner's output on this rank's batch (ranks may pass ``None``).
         Samples are weighted as PML's ``convert_to_weights`` weights them in the single-process
         loss given the concatenation of all ranks' tuples, shifted to positions in the gathered
@@ -224,7 +231,9 @@ class ClassParallelLossBase(
         """The loss of each gathered sample from the exact sharded statistics."""
         raise NotImplementedError
 
-    def per_sample_losses_and_margins(self, embeddings, labels):
+    def per_sample_losses_and_margins(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses and sample margins (N,) of the gathered batch, from the exact sharded
         statistics; the margins are differentiable when a sample-margin regularizer is set."""
         weights, local_targets = self._scored_columns(labels)
@@ -243,7 +252,14 @@ class ClassParallelLossBase(
         margins = statistics.target_cosine - statistics.non_target_max
         return self.losses_from_statistics(statistics), margins
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> dict:
         if embeddings.shape[0] == 0:
             return self._zero_loss_dict(embeddings)
         losses, margins = self.per_sample_losses_and_margins(embeddings, labels)

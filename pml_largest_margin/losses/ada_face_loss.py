@@ -98,7 +98,9 @@ class AdaFaceLoss(BaseMarginHeadLoss):
         std = self.running_norm_std.to(clipped)
         return (self.h * (clipped - mean) / (std + self.eps)).clamp(-1.0, 1.0)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         if self.training:
             self.update_norm_statistics(norms)
         scalers = self.margin_scalers(norms).to(target_cosines)

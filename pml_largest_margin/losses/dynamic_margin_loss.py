@@ -57,6 +57,8 @@ class DynamicMarginLoss(BaseMarginHeadLoss):
         self.register_buffer("class_margins", margins)
         self.add_to_recordable_attributes(list_of_names=["a", "power", "b"], is_stat=False)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         margins = self.class_margins.to(target_cosines)[labels.long()]
         return additive_angular_margin(target_cosines, margins)

@@ -64,7 +64,9 @@ class ElasticFaceLoss(BaseMarginHeadLoss):
         self.broadcast_from_first_rank(noise)
         return self.margin + self.std * noise.to(like)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         margins = self.sample_margins(target_cosines)
         if self.variant == "cos":
             return target_cosines - margins

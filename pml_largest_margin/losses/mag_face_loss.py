@@ -69,9 +69,11 @@ class MagFaceLoss(BaseMarginHeadLoss):
         slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
         return self.lower_margin + slope * (self.magnitudes(norms) - self.lower_norm)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return additive_angular_margin(target_cosines, self.margins(norms).to(target_cosines))
 
-    def norm_penalties(self, norms):
+    def norm_penalties(self, norms: torch.Tensor) -> torch.Tensor:
         magnitudes = self.magnitudes(norms)
         return self.lambda_g * (magnitudes / self.upper_norm**2 + 1 / magnitudes)
