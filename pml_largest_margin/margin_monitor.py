@@ -34,7 +34,7 @@ from .margins import (
 from .validation import check_embeddings, check_labels, check_prototypes
 
 if TYPE_CHECKING:
-    from pytorch_metric_learning.trainers import BaseTrainer
+    from ._pml import BaseTrainer
 
 __all__ = ["EpochMargins", "MarginMonitor", "format_epoch_line", "prototype_cosine_histogram"]
 

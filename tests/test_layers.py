@@ -6,6 +6,8 @@
 - The library never imports the application layer, and no two modules import each other in a cycle
   (imports under ``if TYPE_CHECKING:``, for type hints only, count for the layers but not as cycles:
   they never run).
+- Each package imports pytorch-metric-learning in one module (``_pml.py``), so that a port to
+  another major version of it starts there.
 - No file of the project refers to documents outside the repository.
 """
 
@@ -182,3 +184,35 @@ def test_no_reference_outside_the_repository(needle):
     ]
     offenders = [str(path.relative_to(ROOT)) for path in tracked if needle in path.read_text()]
     assert not offenders
+
+
+PML_GATEWAYS = {"pml_largest_margin/_pml.py", "evaluation/pml/_pml.py"}
+
+
+def third_party_imports(path: Path, package: str) -> set[str]:
+    """Names of the modules of ``package`` that ``path`` imports, wherever the import statement
+    sits (module level, inside a function, under ``if TYPE_CHECKING:``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] == package}
+
+
+def test_pytorch_metric_learning_is_imported_by_one_module_per_package():
+    importers = {
+        str(path.relative_to(ROOT))
+        for path in source_files()
+        if third_party_imports(path, "pytorch_metric_learning")
+    }
+    assert importers == PML_GATEWAYS
+
+
+def test_the_pml_import_check_reads_lazy_imports(tmp_path):
+    source = tmp_path / "lazy.py"
+    source.write_text("def f():\n    from pytorch_metric_learning.losses import ArcFaceLoss\n")
+    assert third_party_imports(source, "pytorch_metric_learning") == {
+        "pytorch_metric_learning.losses"
+    }

@@ -7,12 +7,12 @@ from functools import partial
 
 import numpy as np
 import torch
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from ..reid import ReIDResult, evaluate_reid
 from ..reid.query_expansion import QueryExpansionArgument
 from ..reid.rerank import RerankArgument
 from ..validation import ArrayLike, DeviceLike, to_numpy
+from ._pml import AccuracyCalculator
 
 
 def exact_id_rows(labels: ArrayLike, name: str) -> np.ndarray:

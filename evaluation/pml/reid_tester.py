@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
 from ..reid.query_expansion import QueryExpansionArgument
 from ..reid.rerank import RerankArgument
+from ._pml import AccuracyCalculator, GlobalEmbeddingSpaceTester
 from .reid_accuracy_calculator import ReIDAccuracyCalculator
 
 

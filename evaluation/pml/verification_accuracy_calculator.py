@@ -13,13 +13,13 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
 from .._deprecation import DeprecatedAlias, renamed_keywords
 from ..knn import l2_normalize
 from ..validation import ArrayLike
 from ..verification import verification_accuracy_10fold, verification_report
 from ..verification.pair_metrics import TAR_AT_FAR_RULES, check_far_targets
+from ._pml import AccuracyCalculator
 
 PAIR_MODES = ("interleaved", "all")
 _REPORT_KEY = "verification_report"

@@ -6,11 +6,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .._pml import BaseMetricLossFunction, WeightRegularizerMixin, c_f, lmu
 from ..losses.fused import check_memory_mode
 from ..regularizers import SampleMarginRegularizerMixin
 from ..validation import check_loss_arguments, check_real

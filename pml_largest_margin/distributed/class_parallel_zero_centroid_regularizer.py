@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.regularizers import BaseRegularizer
 
+from .._pml import BaseRegularizer
 from ..regularizers.zero_centroid_regularizer import FORMS
 from ..validation import check_choice
 from ._collectives import replicated_all_reduce_sum, world_size

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .._pml import BaseMetricLossFunction, CosineSimilarity, WeightRegularizerMixin, c_f, lmu
 from ..margins import class_margin, cosine_logits
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
 from ..validation import check_embeddings, check_flag, check_labels, check_loss_arguments

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .._pml import lmu
 from ..validation import check_real
 from .sample_margin_regularizer import SampleMarginRegularizer
 

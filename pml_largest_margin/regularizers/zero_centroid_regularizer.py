@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from pytorch_metric_learning.regularizers import BaseRegularizer
 
+from .._pml import BaseRegularizer
 from ..margins import class_margin
 from ..validation import check_choice, check_flag, check_prototypes
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pytorch_metric_learning import losses as pml_losses
-
 from pml_largest_margin.losses import (
     AdaCosLoss,
     AdaFaceLoss,
@@ -23,6 +21,7 @@ from pml_largest_margin.regularizers import (
     with_sample_margin_regularizer,
 )
 
+from .._pml import pml_losses
 from .loss_registry import LOSS_NAMES, LOSSES, check_loss_options, loss_spec
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 

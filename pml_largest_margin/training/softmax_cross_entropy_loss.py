@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from .._pml import BaseMetricLossFunction, WeightRegularizerMixin, c_f, lmu
 
 
 class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):

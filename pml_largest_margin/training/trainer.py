@@ -7,10 +7,10 @@ import warnings
 from types import SimpleNamespace
 
 import torch
-from pytorch_metric_learning import trainers
 
 # ``Schedule`` lives in a module without torch (the command line reads its defaults); this
 # import keeps ``training.trainer.Schedule`` working.
+from .._pml import base_trainer, trainers
 from .schedule import Schedule, lr_factor
 
 
@@ -128,8 +128,6 @@ def run_epochs(
     ``progress_bar`` None keeps PML's own bar; True replaces it by one labelled with the epoch
     (for a terminal); False draws none (the caller prints a line per epoch).
     """
-    from pytorch_metric_learning.trainers import base_trainer
-
     pml_tqdm = base_trainer.tqdm
     if progress_bar is not None:
         # PML calls ``tqdm.tqdm(range(iterations))`` after setting ``trainer.epoch``.
