@@ -29,6 +29,7 @@ import torch.distributed as dist
 from numba import njit, prange
 from numpy.typing import ArrayLike
 
+from .defaults import DEFAULT_MAX_RANK
 from .knn import METRICS, top_k
 from .reid._ranking_kernel import positives_before
 from .reid.protocol import ReIDResult, result_from_positive_ranks
@@ -175,7 +176,7 @@ def sharded_reid_from_distances(
     local_g_pids: ArrayLike,
     q_camids: ArrayLike,
     local_g_camids: ArrayLike,
-    max_rank: int = 50,
+    max_rank: int = DEFAULT_MAX_RANK,
     group: dist.ProcessGroup | None = None,
 ) -> ReIDResult:
     """Exact CMC, mAP and mINP (market1501 protocol, docs/theory.md §5) with the gallery sharded.

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -238,3 +239,60 @@ def test_the_hint_check_finds_unhinted_callables():
 
 def test_public_functions_and_methods_have_type_hints():
     assert not unhinted(application=False)
+
+
+# Literal defaults that several library functions share on purpose, with the reason.
+SHARED_LITERAL_DEFAULTS = {
+    ("m1", "1.0"): "m1 = 1, m2 = m3 = 0 is the margin function without margin, not a setting",
+    ("m2", "0.0"): "see m1",
+    ("m3", "0.0"): "see m1",
+    ("sub_centers", "1"): "one prototype per class: no sub-centres",
+    ("name", "'labels'"): "the argument name an error message states",
+    ("seed", "0"): "an unrelated seed of each random procedure",
+    (
+        "metric",
+        "'cosine'",
+    ): "evaluation.sharded.sharded_top_k takes evaluation.knn.top_k's signature",
+}
+
+
+def literal_defaults(path: Path) -> list[tuple[str, str, str]]:
+    """``(parameter, repr(default), function)`` of every literal default (not None or a bool)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        arguments = node.args
+        positional = arguments.posonlyargs + arguments.args
+        named = positional[len(positional) - len(arguments.defaults) :]
+        pairs = list(zip(named, arguments.defaults, strict=True))
+        keywords = zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+        pairs += [(a, d) for a, d in keywords if d is not None]
+        for argument, default in pairs:
+            try:
+                value = ast.literal_eval(default)
+            except ValueError:
+                continue  # a named constant or an expression
+            if value is not None and not isinstance(value, bool) and value not in ((), ""):
+                found.append((argument.arg, repr(value), f"{path.name}:{node.name}"))
+    return found
+
+
+def test_each_library_default_is_defined_once():
+    root = README.parent
+    application = {Path(*module.split(".")) for module in APPLICATION}
+    places: dict[tuple[str, str], set[str]] = {}
+    for package in ("evaluation", "pml_largest_margin"):
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root).with_suffix("")
+            if any(relative == a or a in relative.parents for a in application):
+                continue
+            for argument, value, where in literal_defaults(path):
+                places.setdefault((argument, value), set()).add(where)
+    assert len(places[("m1", "1.0")]) > 1  # the scan reads every signature
+    repeated = {
+        key: sorted(where)
+        for key, where in places.items()
+        if len(where) > 1 and key not in SHARED_LITERAL_DEFAULTS
+    }
+    assert not repeated, f"define these once (a DEFAULT_ constant) and import it: {repeated}"

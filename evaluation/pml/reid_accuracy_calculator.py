@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from ..defaults import DEFAULT_RANKS, DEFAULT_REID_METRIC
 from ..reid import ReIDResult, evaluate_reid
 from ..reid.query_expansion import QueryExpansionArgument
 from ..reid.rerank import RerankArgument
@@ -63,8 +64,8 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
 
     def __init__(
         self,
-        ranks: tuple[int, ...] = (1, 5, 10),
-        metric: str = "euclidean",
+        ranks: tuple[int, ...] = DEFAULT_RANKS,
+        metric: str = DEFAULT_REID_METRIC,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
         device: DeviceLike = None,

@@ -15,6 +15,7 @@ from functools import partial
 import numpy as np
 
 from .._deprecation import DeprecatedAlias, renamed_keywords
+from ..defaults import DEFAULT_NUM_FOLDS
 from ..knn import l2_normalize
 from ..validation import ArrayLike
 from ..verification import verification_accuracy_10fold, verification_report
@@ -55,7 +56,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
         pairs: str = "interleaved",
         far_targets: ArrayLike | float = (1e-4, 1e-3, 1e-2),
         tar_rule: str = "nearest",
-        num_folds: int = 10,
+        num_folds: int = DEFAULT_NUM_FOLDS,
         **kwargs,
     ) -> None:
         if pairs not in PAIR_MODES:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..defaults import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, DEFAULT_SEED
 from ..validation import ArrayLike, check_positive_integer
 
 if TYPE_CHECKING:
@@ -130,7 +131,10 @@ def group_breakdown(result: ReIDResult, groups: ArrayLike) -> dict[int, dict]:
 
 
 def bootstrap_reid(
-    result: ReIDResult, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+    result: ReIDResult,
+    num_resamples: int = DEFAULT_NUM_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ReIDIntervals:
     """Percentile intervals of every CMC rank, mAP and mINP of ``result`` (module docstring).
 

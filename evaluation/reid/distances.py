@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_REID_METRIC
 from ..knn import l2_normalize
 from ..validation import (
     ArrayLike,
@@ -28,7 +29,7 @@ DEFAULT_BLOCK_BYTES = 256 * 2**20
 def pairwise_distances(
     query_features: ArrayLike,
     gallery_features: ArrayLike,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_REID_METRIC,
     device: DeviceLike = None,
 ) -> np.ndarray:
     """The full (num_query, num_gallery) distance matrix of :func:`evaluate_reid`, as numpy.

@@ -28,6 +28,15 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .._deprecation import DeprecatedAlias
+from ..defaults import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MAX_RANK,
+    DEFAULT_NUM_REPEATS,
+    DEFAULT_NUM_RESAMPLES,
+    DEFAULT_PROTOCOL,
+    DEFAULT_REID_METRIC,
+    DEFAULT_SEED,
+)
 from ..validation import (
     ArrayLike,
     DeviceLike,
@@ -102,7 +111,10 @@ class ReIDResult:
         return group_breakdown(self, groups)
 
     def bootstrap(
-        self, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+        self,
+        num_resamples: int = DEFAULT_NUM_RESAMPLES,
+        seed: int = DEFAULT_SEED,
+        confidence: float = DEFAULT_CONFIDENCE,
     ) -> ReIDIntervals:
         """Percentile intervals of rank-k, mAP and mINP over query identities resampled with
         replacement (docs/theory.md §10); see :func:`evaluation.reid.bootstrap.bootstrap_reid`."""
@@ -136,12 +148,12 @@ def evaluate_reid(
     g_pids: ArrayLike,
     q_camids: ArrayLike,
     g_camids: ArrayLike,
-    metric: str = "euclidean",
-    max_rank: int = 50,
+    metric: str = DEFAULT_REID_METRIC,
+    max_rank: int = DEFAULT_MAX_RANK,
     *,
-    protocol: str = "market1501",
-    num_repeats: int = 10,
-    seed: int = 0,
+    protocol: str = DEFAULT_PROTOCOL,
+    num_repeats: int = DEFAULT_NUM_REPEATS,
+    seed: int = DEFAULT_SEED,
     device: DeviceLike = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     rerank: RerankArgument = None,
@@ -211,11 +223,11 @@ def evaluate_reid_from_distances(
     g_pids: ArrayLike,
     q_camids: ArrayLike,
     g_camids: ArrayLike,
-    max_rank: int = 50,
+    max_rank: int = DEFAULT_MAX_RANK,
     *,
-    protocol: str = "market1501",
-    num_repeats: int = 10,
-    seed: int = 0,
+    protocol: str = DEFAULT_PROTOCOL,
+    num_repeats: int = DEFAULT_NUM_REPEATS,
+    seed: int = DEFAULT_SEED,
     bootstrap: int | None = None,
 ) -> ReIDResult:
     """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer

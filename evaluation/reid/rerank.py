@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_REID_METRIC
 from ..validation import (
     ArrayLike,
     DeviceLike,
@@ -113,7 +114,7 @@ def as_rerank_options(rerank: RerankArgument) -> KReciprocalOptions | None:
 def k_reciprocal_rerank(
     query_features: ArrayLike,
     gallery_features: ArrayLike,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_REID_METRIC,
     options: KReciprocalOptions | None = None,
     *,
     device: DeviceLike = None,

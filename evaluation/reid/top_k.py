@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..defaults import DEFAULT_MAX_RANK, DEFAULT_REID_METRIC
 from ..knn import GPU_MAX_K, gpu_available, top_k
 from ..validation import (
     ArrayLike,
@@ -39,8 +40,8 @@ def cmc_from_top_k(
     g_pids: ArrayLike,
     q_camids: ArrayLike,
     g_camids: ArrayLike,
-    metric: str = "euclidean",
-    max_rank: int = 50,
+    metric: str = DEFAULT_REID_METRIC,
+    max_rank: int = DEFAULT_MAX_RANK,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, int]:
     """``(cmc, num_valid_queries)`` of the camera-aware protocol from exact FAISS top-k lists."""
@@ -79,7 +80,7 @@ def reranking_candidates(
     query_features: ArrayLike,
     gallery_features: ArrayLike,
     k: int,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_REID_METRIC,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranking candidates: ``(distances, indices)``, each of shape (num_query + num_gallery, k).
@@ -100,7 +101,7 @@ def reranking_candidates(
 
 
 def joint_nearest_neighbours(
-    joint: np.ndarray, k: int, metric: str = "euclidean", use_gpu: bool | None = None
+    joint: np.ndarray, k: int, metric: str = DEFAULT_REID_METRIC, use_gpu: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`reranking_candidates` on the already stacked (queries, then gallery) features."""
     if metric not in _FAISS_METRICS:

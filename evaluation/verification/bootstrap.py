@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, DEFAULT_SEED
 from ..reid.bootstrap import check_resampling, percentile_interval
 from ..validation import ArrayLike, check_ids
 from ._bootstrap_kernel import count_subject_draws, resample_metrics
@@ -153,9 +154,9 @@ def bootstrap_verification(
     scores: np.ndarray,
     labels: np.ndarray,
     far_targets: np.ndarray,
-    num_resamples: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
+    num_resamples: int = DEFAULT_NUM_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
     subjects: ArrayLike | None = None,
 ) -> VerificationIntervals:
     """Intervals of AUC, EER and TAR@FAR (threshold rule) of validated ``(scores, labels)``.

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_RANKS
 from ..knn import l2_normalize, top_k
 from ..validation import (
     ArrayLike,
@@ -73,7 +74,7 @@ def identification_with_distractors(
     gallery_subjects: ArrayLike,
     distractor_features: ArrayLike,
     distractor_counts: ArrayLike | None = None,
-    ranks: Sequence[int] = (1, 5, 10),
+    ranks: Sequence[int] = DEFAULT_RANKS,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     use_gpu: bool | None = None,
 ) -> DistractorCurve:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._deprecation import DeprecatedAlias, RenamedKeysDict, renamed_keys
+from ..defaults import DEFAULT_FPIR_TARGETS, DEFAULT_RANKS
 from ..knn import top_k
 from ..validation import ArrayLike, check_features, check_ids, to_numpy
 from .pair_metrics import check_far_targets
@@ -60,8 +61,8 @@ def identification_from_top_k(
     top_subjects: ArrayLike,
     probe_subjects: ArrayLike,
     gallery_subjects: ArrayLike,
-    ranks: Sequence[int] = (1, 5, 10),
-    fpir_targets: ArrayLike | float = (1e-2, 1e-1),
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    fpir_targets: ArrayLike | float = DEFAULT_FPIR_TARGETS,
 ) -> IdentificationResult:
     """Metrics from each probe's best gallery candidates, best first: ``top_scores`` and
     ``top_subjects`` of shape (num_probes, k); ``gallery_subjects`` lists every gallery subject
@@ -110,8 +111,8 @@ def open_set_identification(
     probe_subjects: ArrayLike,
     gallery_features: ArrayLike,
     gallery_subjects: ArrayLike,
-    ranks: Sequence[int] = (1, 5, 10),
-    fpir_targets: ArrayLike | float = (1e-2, 1e-1),
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    fpir_targets: ArrayLike | float = DEFAULT_FPIR_TARGETS,
     use_gpu: bool | None = None,
 ) -> IdentificationResult:
     """Search each probe template among the gallery templates (cosine, exact FAISS top-k with

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._deprecation import DeprecatedAlias, RenamedKeysDict, renamed_keys
+from ..defaults import DEFAULT_CONFIDENCE, DEFAULT_FAR_TARGETS, DEFAULT_SEED
 from ..validation import ArrayLike, check_binary_labels, check_scores, to_numpy
 
 TAR_AT_FAR_RULES = ("nearest", "threshold")
-DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 _RENAMED_KEYS = renamed_keys(
     "VerificationReport", n_genuine="num_genuine", n_impostor="num_impostor"
 )
@@ -348,8 +348,8 @@ def verification_report(
     *,
     bootstrap: int | None = None,
     subjects: ArrayLike | None = None,
-    seed: int = 0,
-    confidence: float = 0.95,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> VerificationReport:
     """ROC, AUC, EER and TAR@FAR (both rules) from one sort of the scores.
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._deprecation import renamed_keywords
+from ..defaults import DEFAULT_NUM_FOLDS
 from ..validation import ArrayLike, check_binary_labels, check_features, check_scores
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -162,7 +163,7 @@ def _checked_pair_distances(embeddings, flipped_embeddings, scores, distances) -
 def verification_accuracy_10fold(
     embeddings: ArrayLike | None = None,
     issame: ArrayLike | None = None,
-    num_folds: int = 10,
+    num_folds: int = DEFAULT_NUM_FOLDS,
     *,
     flipped_embeddings: ArrayLike | None = None,
     scores: ArrayLike | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from evaluation.defaults import DEFAULT_MAX_RANK, DEFAULT_PROTOCOL, DEFAULT_SEED
+
 from . import (
     CommandError,
     check_device,
@@ -20,7 +22,6 @@ ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
 TABLE_RANKS = (1, 5, 10, 20, 50)
 # Cosine, as ``pml-lm train`` and the docs use: the margin losses learn directions.
 DEFAULT_METRIC = "cosine"
-DEFAULT_SEED = 0
 
 DESCRIPTION = """\
 Re-ID CMC, mAP and mINP of saved query and gallery features (rates in percent in the table,
@@ -43,11 +44,13 @@ def add_subparser(subparsers) -> None:
         default=None,
         help=f"distance of the features (default: {DEFAULT_METRIC}); not with a distmat",
     )
-    parser.add_argument("--max-rank", type=int, default=50, help="length of the CMC curve")
+    parser.add_argument(
+        "--max-rank", type=int, default=DEFAULT_MAX_RANK, help="length of the CMC curve"
+    )
     parser.add_argument(
         "--protocol",
         choices=("market1501", "cuhk03"),
-        default="market1501",
+        default=DEFAULT_PROTOCOL,
         help="market1501 (also Duke, MSMT17) or CUHK03 single-shot",
     )
     parser.add_argument(

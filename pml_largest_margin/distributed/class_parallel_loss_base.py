@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .._pml import BaseMetricLossFunction, WeightRegularizerMixin, c_f, lmu
-from ..losses.fused import check_memory_mode
+from ..losses.fused import DEFAULT_MEMORY, check_memory_mode
 from ..regularizers import SampleMarginRegularizerMixin
 from ..validation import check_loss_arguments, check_real
 from ._collectives import (
@@ -93,7 +93,7 @@ class ClassParallelLossBase(
         process_group: dist.ProcessGroup | None = None,
         sample_rate: float = 1.0,
         generator: torch.Generator | None = None,
-        memory: str = "auto",
+        memory: str = DEFAULT_MEMORY,
         **kwargs,
     ):
         super().__init__(**kwargs)

@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from .._pml import BaseRegularizer
-from ..regularizers.zero_centroid_regularizer import FORMS
+from ..regularizers.zero_centroid_regularizer import DEFAULT_FORM, FORMS
 from ..validation import check_choice
 from ._collectives import replicated_all_reduce_sum, world_size
 
@@ -28,7 +28,7 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
     """
 
     def __init__(
-        self, process_group: dist.ProcessGroup | None = None, form: str = "mean", **kwargs
+        self, process_group: dist.ProcessGroup | None = None, form: str = DEFAULT_FORM, **kwargs
     ) -> None:
         form = check_choice(form, "form", FORMS)
         super().__init__(**kwargs)

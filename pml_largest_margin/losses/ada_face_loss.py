@@ -8,6 +8,7 @@ import torch
 
 from ._angles import arccos
 from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE
 
 # Norms are clipped to [0.001, 100] before the statistics, as in the reference.
 _NORM_RANGE = (1e-3, 100.0)
@@ -45,7 +46,7 @@ class AdaFaceLoss(BaseMarginHeadLoss):
         embedding_size: int,
         margin: float = 0.4,
         h: float = 0.333,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         t_alpha: float = 1.0,
         eps: float = 1e-3,
         **kwargs,

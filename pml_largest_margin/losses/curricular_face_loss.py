@@ -8,6 +8,7 @@ import torch
 
 from ._angles import additive_angular_margin, arccos
 from .base_margin_head_loss import BaseMarginHeadLoss, CosineStatistics
+from .base_margin_softmax_loss import DEFAULT_SCALE
 from .functional import generalized_margin_softmax_head
 from .fused import NORM_EPS, clamped_normalisation, column_dots
 
@@ -138,7 +139,7 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         num_classes: int,
         embedding_size: int,
         margin: float = 0.5,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         **kwargs,
     ):
         if kwargs.get("sample_margin_regularizer") is not None:

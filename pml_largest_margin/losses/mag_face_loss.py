@@ -8,6 +8,7 @@ import torch
 
 from ._angles import additive_angular_margin
 from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE
 
 
 class MagFaceLoss(BaseMarginHeadLoss):
@@ -33,7 +34,7 @@ class MagFaceLoss(BaseMarginHeadLoss):
         self,
         num_classes: int,
         embedding_size: int,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         lower_norm: float = 10.0,
         upper_norm: float = 110.0,
         lower_margin: float = 0.45,

@@ -8,6 +8,9 @@ from .._pml import lmu
 from ..validation import check_real
 from .sample_margin_regularizer import SampleMarginRegularizer
 
+#: Default weight λ of the sample-margin sub-loss λ·R_sm.
+DEFAULT_SAMPLE_MARGIN_REG_WEIGHT = 1.0
+
 
 class SampleMarginRegularizerMixin:
     """Adds ``λ·R_sm`` as the sub-loss ``sample_margin_loss`` of a loss that owns prototypes ``W``.
@@ -28,7 +31,7 @@ class SampleMarginRegularizerMixin:
         self,
         *args,
         sample_margin_regularizer: SampleMarginRegularizer | None = None,
-        sample_margin_reg_weight: float = 1.0,
+        sample_margin_reg_weight: float = DEFAULT_SAMPLE_MARGIN_REG_WEIGHT,
         **kwargs,
     ):
         if sample_margin_regularizer is not None and not callable(sample_margin_regularizer):

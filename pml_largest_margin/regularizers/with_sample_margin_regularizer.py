@@ -6,7 +6,10 @@ import functools
 
 from .._pml import BaseMetricLossFunction, pml_losses
 from .sample_margin_regularizer import SampleMarginRegularizer
-from .sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
+from .sample_margin_regularizer_mixin import (
+    DEFAULT_SAMPLE_MARGIN_REG_WEIGHT,
+    SampleMarginRegularizerMixin,
+)
 
 
 @functools.cache
@@ -37,7 +40,7 @@ def with_sample_margin_regularizer(loss_class: type) -> type:
             self,
             *args,
             sample_margin_regularizer: SampleMarginRegularizer | None = None,
-            sample_margin_reg_weight: float = 1.0,
+            sample_margin_reg_weight: float = DEFAULT_SAMPLE_MARGIN_REG_WEIGHT,
             **kwargs,
         ):
             if sample_margin_regularizer is None:
