@@ -241,6 +241,10 @@ def test_public_functions_and_methods_have_type_hints():
     assert not unhinted(application=False)
 
 
+def test_application_functions_and_methods_have_type_hints():
+    assert not unhinted(application=True)
+
+
 # Literal defaults that several library functions share on purpose, with the reason.
 SHARED_LITERAL_DEFAULTS = {
     ("m1", "1.0"): "m1 = 1, m2 = m3 = 0 is the margin function without margin, not a setting",

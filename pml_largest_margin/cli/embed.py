@@ -17,7 +17,7 @@ from . import CommandError
 DEFAULT_BATCH_SIZE = 64
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "embed",
         help="features of a dataset from a pml-lm train checkpoint, for eval-reid / eval-verify",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from evaluation.defaults import DEFAULT_MAX_RANK, DEFAULT_PROTOCOL, DEFAULT_SEED
 
@@ -17,6 +18,13 @@ from . import (
 )
 from .environment import environment_record
 from .tables import markdown_table, percent
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from evaluation.reid import ReIDResult
+    from evaluation.reid.bootstrap import ReIDIntervals
+
 
 ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
 TABLE_RANKS = (1, 5, 10, 20, 50)
@@ -33,7 +41,7 @@ query_camids and gallery_camids (what pml-lm embed writes for a re-ID layout).
 """
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval-reid", help="re-ID CMC / mAP / mINP of a features file", description=DESCRIPTION
     )
@@ -151,7 +159,7 @@ def _automatic_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def format_table(result) -> str:
+def format_table(result: ReIDResult) -> str:
     """The metrics as a markdown table, rates in percent."""
     intervals = result.intervals
     rows = [("mAP", result.mAP, intervals and (intervals.mAP_low, intervals.mAP_high))]
@@ -177,7 +185,7 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_cmc(cmc, path: Path, intervals=None) -> None:
+def plot_cmc(cmc: Sequence[float], path: Path, intervals: ReIDIntervals | None = None) -> None:
     import numpy as np
 
     from ..plotting import pyplot

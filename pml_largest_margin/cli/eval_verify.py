@@ -32,7 +32,7 @@ gallery_subjects (in the .npz) as distractors are added.
 """
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval-verify",
         help="ROC, AUC, EER, TAR@FAR (and 10-fold accuracy) from features or pair scores",

@@ -21,7 +21,7 @@ from pml_largest_margin.regularizers import (
     with_sample_margin_regularizer,
 )
 
-from .._pml import pml_losses
+from .._pml import BaseMetricLossFunction, pml_losses
 from .loss_registry import LOSS_NAMES, LOSSES, check_loss_options, loss_spec
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
@@ -77,7 +77,7 @@ def build_loss(
     class_counts: Sequence[int] | None = None,
     zero_centroid_form: str = "mean",
     record_margins: bool = False,
-):
+) -> BaseMetricLossFunction:
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
     ``scale`` is ``s`` of the losses that have one (``loss_registry``; ignored by the others);

@@ -25,10 +25,17 @@ class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             list_of_names=["embedding_size", "num_classes"], is_stat=False
         )
 
-    def get_default_weight_init_func(self):
+    def get_default_weight_init_func(self) -> c_f.TorchInitWrapper:
         return c_f.TorchInitWrapper(torch.nn.init.xavier_uniform_)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> dict:
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)

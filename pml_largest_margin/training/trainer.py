@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -44,8 +45,8 @@ def build_trainer(
     device: torch.device,
     epochs_per_trainer_epoch: int = 1,
     num_workers: int = 0,
-    end_of_iteration_hook=None,
-    end_of_epoch_hook=None,
+    end_of_iteration_hook: Callable[[trainers.MetricLossOnly], None] | None = None,
+    end_of_epoch_hook: Callable[[trainers.MetricLossOnly], bool] | None = None,
 ) -> trainers.MetricLossOnly:
     """A ``MetricLossOnly`` trainer whose ``metric_loss_optimizer`` updates the loss's ``W``.
 
