@@ -1,12 +1,15 @@
-"""Defaults that several evaluators (and the command line) share, each defined here only.
+"""Defaults and named choices that several evaluators (and the command line) share, each
+defined here only.
 
 Plain Python without numpy, so that ``pml-lm ... --help`` states them without importing the
-evaluators.
+evaluators. The evaluators' modules re-export the choices under their usual names
+(``evaluation.reid.PROTOCOLS``, ...).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "CONVENTIONS",
     "DEFAULT_CONFIDENCE",
     "DEFAULT_FAR_TARGETS",
     "DEFAULT_FPIR_TARGETS",
@@ -18,10 +21,21 @@ __all__ = [
     "DEFAULT_RANKS",
     "DEFAULT_REID_METRIC",
     "DEFAULT_SEED",
+    "METRICS",
+    "NAMED_EXPANSIONS",
+    "PROTOCOLS",
 ]
 
 #: Rank-k rates reported by 1:N identification, the distractor curve and the PML re-ID calculator.
 DEFAULT_RANKS = (1, 5, 10)
+#: Distances of the re-ID evaluators.
+METRICS = ("euclidean", "cosine")
+#: Re-ID protocols (docs/theory.md §5).
+PROTOCOLS = ("market1501", "cuhk03")
+#: Conventions of k-reciprocal re-ranking (see :mod:`evaluation.reid.rerank`).
+CONVENTIONS = ("paper", "torchreid")
+#: Named query expansions (see :mod:`evaluation.reid.query_expansion`).
+NAMED_EXPANSIONS = ("average", "alpha")
 #: Distance of the re-ID evaluators (squared euclidean; ``"cosine"`` the other choice).
 DEFAULT_REID_METRIC = "euclidean"
 #: Re-ID protocol (``"market1501"`` also serves DukeMTMC and MSMT17).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..defaults import DEFAULT_REID_METRIC
+from ..defaults import DEFAULT_REID_METRIC, METRICS
 from ..knn import l2_normalize
 from ..validation import (
     ArrayLike,
@@ -21,7 +21,6 @@ from ..validation import (
     distance_rescaling_exponent,
 )
 
-METRICS = ("euclidean", "cosine")
 # Size of one block of the query x gallery distance matrix when evaluating from features.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 

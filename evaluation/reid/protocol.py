@@ -36,6 +36,7 @@ from ..defaults import (
     DEFAULT_PROTOCOL,
     DEFAULT_REID_METRIC,
     DEFAULT_SEED,
+    PROTOCOLS,
 )
 from ..validation import (
     ArrayLike,
@@ -52,8 +53,6 @@ from .bootstrap import ReIDIntervals
 from .distances import DEFAULT_BLOCK_BYTES, DistanceBlocks
 from .query_expansion import QueryExpansionArgument
 from .rerank import RerankArgument
-
-PROTOCOLS = ("market1501", "cuhk03")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from ..defaults import NAMED_EXPANSIONS
 from ..validation import ArrayLike, check_features, check_positive_integer, check_same_dimension
 from .top_k import joint_nearest_neighbours
-
-NAMED_EXPANSIONS = ("average", "alpha")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..defaults import DEFAULT_REID_METRIC
+from ..defaults import CONVENTIONS, DEFAULT_REID_METRIC
 from ..validation import (
     ArrayLike,
     DeviceLike,
@@ -55,7 +55,6 @@ from ._rerank_kernel import (
 from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
 from .top_k import joint_nearest_neighbours
 
-CONVENTIONS = ("paper", "torchreid")
 # Farthest candidates per item whose exact distance decides the row maximum (float32 near-ties).
 _FARTHEST_CANDIDATES = 4
 

@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from evaluation.defaults import DEFAULT_MAX_RANK, DEFAULT_PROTOCOL, DEFAULT_SEED
+from evaluation.defaults import (
+    CONVENTIONS,
+    DEFAULT_MAX_RANK,
+    DEFAULT_PROTOCOL,
+    DEFAULT_SEED,
+    METRICS,
+    NAMED_EXPANSIONS,
+    PROTOCOLS,
+)
 
 from . import (
     CommandError,
@@ -48,7 +56,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("features", type=Path, help="the .npz file (keys above)")
     parser.add_argument(
         "--metric",
-        choices=("euclidean", "cosine"),
+        choices=METRICS,
         default=None,
         help=f"distance of the features (default: {DEFAULT_METRIC}); not with a distmat",
     )
@@ -57,7 +65,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--protocol",
-        choices=("market1501", "cuhk03"),
+        choices=PROTOCOLS,
         default=DEFAULT_PROTOCOL,
         help="market1501 (also Duke, MSMT17) or CUHK03 single-shot",
     )
@@ -78,13 +86,13 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         "--rerank",
         nargs="?",
         const="paper",
-        choices=("paper", "torchreid"),
+        choices=CONVENTIONS,
         help="k-reciprocal re-ranking, k1=20 k2=6 lambda=0.3 (convention: paper, the default, "
         "or torchreid); needs features",
     )
     parser.add_argument(
         "--query-expansion",
-        choices=("average", "alpha"),
+        choices=NAMED_EXPANSIONS,
         help="fast-reid's query expansion (k=5; alpha: weights cos^3); needs features",
     )
     parser.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._pml import BaseMetricLossFunction, WeightRegularizerMixin, c_f, lmu
+from ..validation import check_integer
 
 
 class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -16,6 +17,9 @@ class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     def __init__(self, num_classes: int, embedding_size: int, **kwargs):
+        # The sizes are checked as every loss of the library checks them.
+        num_classes = check_integer(num_classes, "num_classes", at_least=2)
+        embedding_size = check_integer(embedding_size, "embedding_size", at_least=1)
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size
