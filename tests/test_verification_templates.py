@@ -117,7 +117,7 @@ def test_open_set_identification_equals_brute_force():
     probe_ids = np.concatenate([gallery_ids[mated_rows], np.full(80, 1)])  # id 1: no mate
     ranks, fpirs = (1, 5, 10), (0.0, 0.05, 0.1, 0.5, 1.0)
     result = open_set_identification(
-        probes, probe_ids, gallery, gallery_ids, ranks, fpirs, use_gpu=False
+        probes, probe_ids, gallery, gallery_ids, ranks, fpirs, device="cpu"
     )
     rank_rates, tpirs = _brute_force_identification(
         probes, probe_ids, gallery, gallery_ids, ranks, fpirs

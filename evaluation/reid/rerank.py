@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..knn import search_device
 from ..validation import check_features, check_positive_integer, check_same_dimension
 from ._rerank_kernel import (
     expanded_sets,
@@ -115,8 +116,9 @@ def k_reciprocal_rerank(
     Returns :class:`~evaluation.reid.distances.DistanceBlocks` whose blocks are float64 rows of
     the final distance ``(1 − λ) J + λ D`` (zero offsets, scale 1): hand it to the evaluator,
     or call ``.dense()`` on a small problem. ``options`` defaults to the paper's parameters.
-    Products run with torch on ``device``; the neighbour search is FAISS (``use_gpu`` as in
-    :func:`evaluation.knn.top_k`). A block (the products of its query rows and their float64
+    Products run with torch on ``device``, and so does the FAISS neighbour search when it is a
+    CUDA device (:func:`evaluation.knn.search_device`; the deprecated ``use_gpu=`` sets the
+    search's device alone). A block (the products of its query rows and their float64
     final distances) holds at most about ``block_bytes``.
 
     Raises:
@@ -146,7 +148,10 @@ def k_reciprocal_rerank(
         raise ValueError("cannot L2-normalise a zero feature vector")
 
     _, neighbours = joint_nearest_neighbours(
-        joint.astype(np.float32, copy=False), num_neighbours, metric, use_gpu
+        joint.astype(np.float32, copy=False),
+        num_neighbours,
+        metric,
+        search_device(device if use_gpu is None else None, use_gpu),
     )
     neighbours = neighbours.astype(np.int64, copy=False)
     power = options.power

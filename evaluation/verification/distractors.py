@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..knn import l2_normalize, top_k
-from ..validation import check_features, check_ids, check_positive_integer, to_numpy
+from ..knn import l2_normalize, search_device, top_k
+from ..validation import check_features, check_ids, check_positive_integer, check_ranks, to_numpy
 
 DEFAULT_BLOCK_ROWS = 2**15
 
@@ -68,18 +68,22 @@ def identification_with_distractors(
     distractor_counts=None,
     ranks=(1, 5, 10),
     block_rows: int = DEFAULT_BLOCK_ROWS,
+    device=None,
+    *,
     use_gpu: bool | None = None,
 ) -> DistractorCurve:
     """Rank-k identification rates as the gallery grows with distractors (module docstring).
 
     ``distractor_features`` (num_distractors, d) may be a memory-mapped array: it is read
     ``block_rows`` rows at a time and never copied whole. ``distractor_counts``: non-decreasing
-    counts in [0, num_distractors] (default :func:`default_distractor_counts`).
+    counts in [0, num_distractors] (default :func:`default_distractor_counts`). The search
+    runs on ``device`` (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated).
 
     Raises:
         ValueError: bad features or ids, mismatched dimensions, no mated probe, ranks or counts
             out of range, a zero or non-finite feature vector.
     """
+    device = search_device(device, use_gpu)
     probes = l2_normalize(check_features(probe_features, "probe_features").astype(np.float32))
     gallery = l2_normalize(check_features(gallery_features, "gallery_features").astype(np.float32))
     probe_ids = check_ids(probe_subjects, "probe_subjects", len(probes))
@@ -96,7 +100,7 @@ def identification_with_distractors(
                 f"probe_features have dimension {probes.shape[1]} but {name} have "
                 f"{features.shape[1]}"
             )
-    rank_list = tuple(check_positive_integer(k, "ranks") for k in np.atleast_1d(ranks).tolist())
+    rank_list = check_ranks(ranks)
     max_rank = max(rank_list)
     block_rows = check_positive_integer(block_rows, "block_rows")
     counts = _check_counts(distractor_counts, len(distractors))
@@ -114,7 +118,7 @@ def identification_with_distractors(
         while start < count:
             stop = min(count, start + block_rows)
             block = check_features(distractors[start:stop], "distractor_features")
-            scores, _ = top_k(probes, block, min(max_rank, stop - start), "cosine", use_gpu)
+            scores, _ = top_k(probes, block, min(max_rank, stop - start), "cosine", device)
             merged = np.concatenate([running, scores], axis=1)
             running = -np.sort(-merged, axis=1)[:, :max_rank]
             start = stop

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..knn import top_k
-from ..validation import check_features, check_ids, to_numpy
+from ..knn import search_device, top_k
+from ..validation import check_features, check_ids, check_ranks, to_numpy
 from .pair_metrics import check_far_targets
 
 
@@ -68,8 +68,8 @@ def identification_from_top_k(
         )
     if not np.isfinite(scores).all():
         raise ValueError("top_scores contains NaN or Inf")
-    rank_list = tuple(int(k) for k in np.atleast_1d(ranks))
-    if any(k < 1 or k > scores.shape[1] for k in rank_list):
+    rank_list = check_ranks(ranks)
+    if any(k > scores.shape[1] for k in rank_list):
         raise ValueError(f"ranks must lie in [1, {scores.shape[1]}] (the k searched), got {ranks}")
     targets = check_far_targets(fpir_targets)
     mated = np.isin(probes, gallery)
@@ -103,18 +103,27 @@ def open_set_identification(
     gallery_subjects,
     ranks=(1, 5, 10),
     fpir_targets=(1e-2, 1e-1),
+    device=None,
+    *,
     use_gpu: bool | None = None,
 ) -> IdentificationResult:
     """Search each probe template among the gallery templates (cosine, exact FAISS top-k with
-    ``k = max(ranks)``) and report rank-k rates and TPIR@FPIR (see the module docstring)."""
+    ``k = max(ranks)``, on ``device`` as :func:`evaluation.knn.search_device` reads it;
+    ``use_gpu=`` is deprecated) and report rank-k rates and TPIR@FPIR (module docstring).
+
+    Raises:
+        ValueError: bad features or ids, no rank or a rank above the gallery size, no mated
+            probe, FPIR targets out of range.
+    """
+    device = search_device(device, use_gpu)
     probes = check_features(probe_features, "probe_features")
     gallery = check_features(gallery_features, "gallery_features")
     probe_ids = check_ids(probe_subjects, "probe_subjects", length=probes.shape[0])
     gallery_ids = check_ids(gallery_subjects, "gallery_subjects", length=gallery.shape[0])
-    k = max(int(r) for r in np.atleast_1d(ranks))
+    k = max(check_ranks(ranks))
     if k > gallery.shape[0]:
         raise ValueError(f"ranks ask for {k} candidates but the gallery has {gallery.shape[0]}")
-    scores, indices = top_k(probes, gallery, k, metric="cosine", use_gpu=use_gpu)
+    scores, indices = top_k(probes, gallery, k, metric="cosine", device=device)
     return identification_from_top_k(
         scores, gallery_ids[indices], probe_ids, gallery_ids, ranks, fpir_targets
     )
