@@ -76,6 +76,19 @@ def test_reranked_distances_equal_the_dense_reference(metric, convention, k1, k2
         assert (expected < 1 - lambda_value).any()
 
 
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_exact_ties_are_ordered_as_a_stable_argsort_does(metric):
+    # Duplicated items tie exactly with their copies: neighbour order is decided by the exact
+    # distance, then by index, as the reference's stable argsort does.
+    query, gallery, _ = make_problem(5)
+    gallery[30:45] = gallery[:15]
+    query[:4] = gallery[20:24]
+    options = KReciprocalOptions(k1=6, k2=3)
+    ours = k_reciprocal_rerank(query, gallery, metric, options, device="cpu").dense()
+    expected = dense_reference(query, gallery, 6, 3, metric=metric)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+
+
 def test_blocks_of_one_row_give_the_same_distances():
     query, gallery, _ = make_problem(1)
     whole = k_reciprocal_rerank(query, gallery, device="cpu").dense()

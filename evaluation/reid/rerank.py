@@ -38,8 +38,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..knn import search_device
-from ..validation import check_features, check_positive_integer, check_same_dimension
+from ..validation import (
+    check_features,
+    check_positive_integer,
+    check_same_dimension,
+    distance_rescaling_exponent,
+)
 from ._rerank_kernel import (
+    exact_nearest,
     expanded_sets,
     gaussian_weights,
     jaccard_block,
@@ -47,11 +53,13 @@ from ._rerank_kernel import (
     row_maxima,
 )
 from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
-from .top_k import joint_nearest_neighbours
 
 CONVENTIONS = ("paper", "torchreid")
 # Farthest candidates per item whose exact distance decides the row maximum (float32 near-ties).
 _FARTHEST_CANDIDATES = 4
+# Nearest candidates beyond those needed, kept so that float32 near-ties at the last needed
+# neighbour are ordered by the exact distance.
+_NEAREST_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -147,15 +155,15 @@ def k_reciprocal_rerank(
     if cosine and (norms == 0).any():
         raise ValueError("cannot L2-normalise a zero feature vector")
 
-    _, neighbours = joint_nearest_neighbours(
-        joint.astype(np.float32, copy=False),
-        num_neighbours,
-        metric,
-        search_device(device if use_gpu is None else None, use_gpu),
+    if use_gpu is not None:
+        # The deprecated keyword picked the search's device; the search is now this one pass.
+        deprecated_device = search_device(None, use_gpu)
+        device = deprecated_device if device is None else device
+    neighbours, largest = _neighbours_and_largest_distances(
+        joint, norms, num_neighbours, metric, device, block_bytes
     )
-    neighbours = neighbours.astype(np.int64, copy=False)
     power = options.power
-    scales = _largest_distances(joint, norms, metric, device, block_bytes) ** power
+    scales = largest**power
     if not (scales > 0).all():
         raise ValueError("an item is at distance 0 from every other: D cannot be normalised")
 
@@ -191,25 +199,47 @@ def k_reciprocal_rerank(
     return DistanceBlocks(np.zeros(num_gallery), np.float64(1), blocks())
 
 
-def _largest_distances(joint, norms, metric, device, block_bytes) -> np.ndarray:
-    """``max_j b(i, j)`` for every item: a blocked pass picks a few farthest candidates by the
-    evaluator's formula, whose distances are then recomputed exactly."""
+def _neighbours_and_largest_distances(joint, norms, num_neighbours, metric, device, block_bytes):
+    """Per item, its ``num_neighbours`` nearest items (itself included, nearest first, ties in
+    index order) and its largest distance ``max_j b(i, j)``, by the exact float64 distance.
+
+    One blocked torch pass over all (N, N) products keeps, per row, the
+    ``num_neighbours + _NEAREST_MARGIN`` nearest and the ``_FARTHEST_CANDIDATES`` farthest
+    columns by float32 keys; their distances are then recomputed exactly, which decides the
+    order (float32 rounding can only swap near-ties, and these stay within the margin).
+    """
     import torch
 
+    cosine = metric == "cosine"
     num_items = len(joint)
-    num_candidates = min(_FARTHEST_CANDIDATES, num_items)
-    # A quarter of the budget: this pass runs while the joint features are held as well.
-    block_rows = max(1, block_bytes // (4 * num_items * max(joint.itemsize, 4)))
-    blocks = DistanceBlocks.from_features(joint, joint, metric, device, block_rows)
-    candidates = np.empty((num_items, num_candidates), dtype=np.int64)
-    for first, products, query_offsets in blocks.blocks:
-        distances = torch.from_numpy(products)
-        distances *= blocks.scale
-        distances += torch.from_numpy(query_offsets)[:, None]
-        distances += torch.from_numpy(blocks.gallery_offsets)
-        farthest = torch.topk(distances, num_candidates, dim=1, sorted=False).indices
-        candidates[first : first + len(products)] = farthest.numpy()
-    return row_maxima(joint, norms, candidates, metric == "cosine")
+    num_near = min(num_items, num_neighbours + _NEAREST_MARGIN)
+    num_far = min(num_items, _FARTHEST_CANDIDATES)
+    exponent = distance_rescaling_exponent((joint,))
+    # A power-of-two rescaling (exact) keeps the products of huge or tiny features finite.
+    features = np.ldexp(joint, -exponent) if exponent else joint
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    features_t = torch.from_numpy(np.ascontiguousarray(features)).to(device)
+    # Per row, one constant (the row's own squared norm or norm) does not change the order, so
+    # the keys drop it: ‖x_j‖² − 2 x_i·x_j (euclidean), −x_i·x_j / ‖x_j‖ (cosine).
+    column_norms = torch.linalg.vector_norm(features_t, dim=1)
+    column_terms = 1 / column_norms if cosine else column_norms * column_norms
+    # Half the budget: the keys of a block, next to the features and their top-k selections.
+    block_rows = max(1, block_bytes // (2 * num_items * features.itemsize))
+    near = np.empty((num_items, num_near), dtype=np.int64)
+    far = np.empty((num_items, num_far), dtype=np.int64)
+    for first in range(0, num_items, block_rows):
+        keys = features_t[first : first + block_rows] @ features_t.T
+        if cosine:
+            keys *= -column_terms
+        else:
+            keys *= -2
+            keys += column_terms
+        rows = slice(first, first + len(keys))
+        near[rows] = torch.topk(keys, num_near, dim=1, largest=False, sorted=False).indices.cpu()
+        far[rows] = torch.topk(keys, num_far, dim=1, sorted=False).indices.cpu()
+    neighbours = exact_nearest(joint, norms, near, num_neighbours, cosine)
+    return neighbours, row_maxima(joint, norms, far, cosine)
 
 
 def _expanded_weights(joint, norms, neighbours, scales, options, cosine):
