@@ -21,14 +21,17 @@ torchreid does when it hands its (already squared) distance matrix to the same f
 which is half the squared euclidean distance of the L2-normalised features; the factor cancels
 in ``D``, so ``"paper"`` ranks exactly the paper's distance on normalised features.
 
-What is kept: the neighbour lists (N, max(k1 + 1, k2)) from an exact FAISS search, the sets and
-``V`` as sparse rows (about ``N · k2 · |R*|`` entries), and one block of query rows against the
-gallery at a time. A pair outside each other's neighbourhoods has ``s = 0``, hence ``J = 1`` and
-the distance ``(1 − λ) + λ D_ij``, which is what the block holds before the sparse overlaps are
-added: no (N, N) or (Q, G) matrix is ever formed. The row maxima of ``D`` come from one blocked
-pass over all pairs; the distances inside the sets are recomputed exactly (float64) from the
-features. FAISS orders exactly tied distances its own way, so on tied data the neighbour sets,
-and the result, can differ from an ``argsort``-based implementation.
+What is kept: the neighbour lists (N, max(k1 + 1, k2)), the sets and ``V`` as sparse rows
+(about ``N · k2 · |R*|`` entries), and one block of query rows against the gallery at a time.
+A pair outside each other's neighbourhoods has ``s = 0``, hence ``J = 1`` and the distance
+``(1 − λ) + λ D_ij``, which is what the block holds before the sparse overlaps are added: no
+(N, N) or (Q, G) matrix is ever formed. One blocked pass over all (N, N) products (torch, on
+``device``) keeps per item a few more nearest candidates than needed and a few farthest ones;
+their distances, the row maxima of ``b`` and the distances inside the sets are then recomputed
+exactly (float64) from the features, and the exact distance orders the neighbours (equal
+distances in index order, as a stable ``argsort`` of the row gives), so the k-NN lists are
+exact. Float32 rounding in the pass can only matter when more than 8 items tie, within float32
+rounding, with the last needed neighbour.
 """
 
 from __future__ import annotations
@@ -124,9 +127,8 @@ def k_reciprocal_rerank(
     Returns :class:`~evaluation.reid.distances.DistanceBlocks` whose blocks are float64 rows of
     the final distance ``(1 − λ) J + λ D`` (zero offsets, scale 1): hand it to the evaluator,
     or call ``.dense()`` on a small problem. ``options`` defaults to the paper's parameters.
-    Products run with torch on ``device``, and so does the FAISS neighbour search when it is a
-    CUDA device (:func:`evaluation.knn.search_device`; the deprecated ``use_gpu=`` sets the
-    search's device alone). A block (the products of its query rows and their float64
+    Products run with torch on ``device`` (default CUDA when available; the deprecated
+    ``use_gpu=`` picks ``"cuda"`` or ``"cpu"`` when ``device`` is not given). A block (the products of its query rows and their float64
     final distances) holds at most about ``block_bytes``.
 
     Raises:

@@ -7,12 +7,13 @@ gallery set), for ``n`` = 10, 100, ..., up to the whole set. The kept rank of a 
 least its best mate (ties count against the probe), and the rank-k identification rate is the
 share of mated probes (those with a mate in the gallery) whose rank is at most ``k``.
 
-Because only ranks up to ``K = max(ranks)`` matter, each probe needs just its best mate score,
-its count of non-mates at or above it, and its ``K`` best distractor scores among the first
-``n``. The distractors are read once, in order, block by block (an exact FAISS search per block),
-and the running top-``K`` is merged block after block; blocks end at every requested count, so
-every count is read off the same pass. Memory beyond the inputs is one block of distractors
-(as float32, normalised) and the (probes, K) running scores.
+A probe's rank only needs its best mate score, its count of non-mates at or above it, and its
+count of distractors at or above it among the first ``n``. The distractors are read once, in
+order, block by block: the block's probe x distractor products (cosine, float32, torch on
+``device``) are compared with each probe's best mate score and the counts added up; blocks end
+at every requested count, so every count is read off the same pass, at the cost of the
+products alone. Memory beyond the inputs is one block of distractors (as float32, normalised)
+and its (probes, block rows) scores.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..knn import l2_normalize, search_device, top_k
+from ..knn import l2_normalize, search_device
 from ..validation import check_features, check_ids, check_positive_integer, check_ranks, to_numpy
 
-DEFAULT_BLOCK_ROWS = 2**15
+DEFAULT_BLOCK_ROWS = 2**14
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ def identification_with_distractors(
 
     ``distractor_features`` (num_distractors, d) may be a memory-mapped array: it is read
     ``block_rows`` rows at a time and never copied whole. ``distractor_counts``: non-decreasing
-    counts in [0, num_distractors] (default :func:`default_distractor_counts`). The search
-    runs on ``device`` (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated).
+    counts in [0, num_distractors] (default :func:`default_distractor_counts`). The products
+    run with torch on ``device`` (default CUDA when available; the deprecated ``use_gpu=``
+    picks ``"cuda"`` or ``"cpu"``).
 
     Raises:
         ValueError: bad features or ids, mismatched dimensions, no mated probe, ranks or counts
@@ -101,7 +103,6 @@ def identification_with_distractors(
                 f"{features.shape[1]}"
             )
     rank_list = check_ranks(ranks)
-    max_rank = max(rank_list)
     block_rows = check_positive_integer(block_rows, "block_rows")
     counts = _check_counts(distractor_counts, len(distractors))
 
@@ -111,18 +112,25 @@ def identification_with_distractors(
         raise ValueError("no probe subject appears in gallery_subjects: every rate is undefined")
     best_mate, non_mates_ahead, probes = best_mate[mated], non_mates_ahead[mated], probes[mated]
 
-    running = np.full((len(probes), max_rank), -np.inf, dtype=np.float32)
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    probes_t = torch.from_numpy(probes).to(device)
+    best_mate_t = torch.from_numpy(best_mate).to(device)[:, None]
+    # Per probe, the distractors read so far that score at least its best mate.
+    ahead = torch.zeros(len(probes), dtype=torch.int64, device=device)
     rates = np.empty((len(counts), len(rank_list)))
     start = 0
     for position, count in enumerate(counts.tolist()):
         while start < count:
             stop = min(count, start + block_rows)
             block = check_features(distractors[start:stop], "distractor_features")
-            scores, _ = top_k(probes, block, min(max_rank, stop - start), "cosine", device)
-            merged = np.concatenate([running, scores], axis=1)
-            running = -np.sort(-merged, axis=1)[:, :max_rank]
+            block_t = torch.from_numpy(l2_normalize(block.astype(np.float32, copy=False)))
+            scores = probes_t @ block_t.to(device).T
+            ahead += (scores >= best_mate_t).sum(dim=1)
             start = stop
-        ranks_now = 1 + non_mates_ahead + (running >= best_mate[:, None]).sum(axis=1)
+        ranks_now = 1 + non_mates_ahead + ahead.cpu().numpy()
         rates[position] = [np.count_nonzero(ranks_now <= k) / len(probes) for k in rank_list]
     return DistractorCurve(counts, rank_list, rates, int(mated.sum()), int((~mated).sum()))
 
