@@ -170,10 +170,12 @@ def k_reciprocal_rerank(
         raise ValueError("an item is at distance 0 from every other: D cannot be normalised")
 
     weights = _expanded_weights(joint, norms, neighbours, scales, options, cosine)
+    del joint  # the blocks below read the query and gallery features only
     query_rows = weights[:num_query]
     gallery_columns = weights[num_query:].tocsc()
-    # Per gallery item, a block holds the products and the float64 final distance.
-    block_rows = max(1, block_bytes // (num_gallery * (query.itemsize + 8)))
+    # Per gallery item, a block holds the products and the float64 final distance; the next
+    # block is built while the consumer still holds the last one, hence the factor 2.
+    block_rows = max(1, block_bytes // (2 * num_gallery * (query.itemsize + 8)))
     originals = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
 
     def blocks():

@@ -127,8 +127,8 @@ def identification_with_distractors(
             stop = min(count, start + block_rows)
             block = check_features(distractors[start:stop], "distractor_features")
             block_t = torch.from_numpy(l2_normalize(block.astype(np.float32, copy=False)))
-            scores = probes_t @ block_t.to(device).T
-            ahead += (scores >= best_mate_t).sum(dim=1)
+            # One expression, so that a block's scores are freed before the next are made.
+            ahead += (probes_t @ block_t.to(device).T >= best_mate_t).sum(dim=1)
             start = stop
         ranks_now = 1 + non_mates_ahead + ahead.cpu().numpy()
         rates[position] = [np.count_nonzero(ranks_now <= k) / len(probes) for k in rank_list]
