@@ -66,11 +66,15 @@ def make_problem(seed, num_query=24, num_gallery=90, dim=10, num_ids=8):
 def test_reranked_distances_equal_the_dense_reference(metric, convention, k1, k2, lambda_value):
     query, gallery, _ = make_problem(0)
     options = KReciprocalOptions(k1, k2, lambda_value, convention)
-    ours = k_reciprocal_rerank(query, gallery, metric, options, device="cpu").dense()
     power = 2 if convention == "torchreid" else 1
     expected = dense_reference(query, gallery, k1, k2, lambda_value, power, metric)
-    assert ours.shape == expected.shape == (24, 90)
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    # One tile of all 114 items, then tiles of 17 rows (the last one partial: 114 = 6·17 + 12).
+    for block_bytes in (2**28, 24 * 17**2):
+        ours = k_reciprocal_rerank(
+            query, gallery, metric, options, device="cpu", block_bytes=block_bytes
+        ).dense()
+        assert ours.shape == expected.shape == (24, 90)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
     # The reference really re-ranks: the Jaccard term moves distances away from D.
     if lambda_value < 1:
         assert (expected < 1 - lambda_value).any()
