@@ -68,8 +68,8 @@ def test_reranked_distances_equal_the_dense_reference(metric, convention, k1, k2
     options = KReciprocalOptions(k1, k2, lambda_value, convention)
     power = 2 if convention == "torchreid" else 1
     expected = dense_reference(query, gallery, k1, k2, lambda_value, power, metric)
-    # One tile of all 114 items, then tiles of 17 rows (the last one partial: 114 = 6·17 + 12).
-    for block_bytes in (2**28, 24 * 17**2):
+    # One block of all 114 items, then blocks of 7 rows (the last one partial: 114 = 16·7 + 2).
+    for block_bytes in (2**28, 8 * 4 * 114 * 7):
         ours = k_reciprocal_rerank(
             query, gallery, metric, options, device="cpu", block_bytes=block_bytes
         ).dense()

@@ -207,12 +207,10 @@ def _neighbours_and_largest_distances(joint, norms, num_neighbours, metric, devi
     """Per item, its ``num_neighbours`` nearest items (itself included, nearest first, ties in
     index order) and its largest distance ``max_j b(i, j)``, by the exact float64 distance.
 
-    One torch pass over the (N, N) products, in square tiles of the upper triangle (the
-    products are symmetric, so each off-diagonal tile serves its rows and, transposed, its
-    columns), keeps per row the ``num_neighbours + _NEAREST_MARGIN`` nearest and the
-    ``_FARTHEST_CANDIDATES`` farthest columns by float32 keys, merged tile after tile; their
-    distances are then recomputed exactly, which decides the order (float32 rounding can only
-    swap near-ties, and these stay within the margin).
+    One blocked torch pass over all (N, N) products keeps, per row, the
+    ``num_neighbours + _NEAREST_MARGIN`` nearest and the ``_FARTHEST_CANDIDATES`` farthest
+    columns by float32 keys; their distances are then recomputed exactly, which decides the
+    order (float32 rounding can only swap near-ties, and these stay within the margin).
     """
     import torch
 
@@ -230,59 +228,23 @@ def _neighbours_and_largest_distances(joint, norms, num_neighbours, metric, devi
     # the keys drop it: ‖x_j‖² − 2 x_i·x_j (euclidean), −x_i·x_j / ‖x_j‖ (cosine).
     column_norms = torch.linalg.vector_norm(features_t, dim=1)
     column_terms = 1 / column_norms if cosine else column_norms * column_norms
-    # Half the budget for a tile's products and the two key matrices made from them.
-    tile = max(1, min(num_items, int((block_bytes // (2 * 3 * features.itemsize)) ** 0.5)))
-    near = _RunningTopK(num_items, num_near, False, features_t.dtype, device)
-    far = _RunningTopK(num_items, num_far, True, features_t.dtype, device)
-    for first in range(0, num_items, tile):
-        rows = slice(first, min(num_items, first + tile))
-        for first_column in range(first, num_items, tile):
-            columns = slice(first_column, min(num_items, first_column + tile))
-            products = features_t[rows] @ features_t[columns].T
-            for transposed in (False, True) if first_column != first else (False,):
-                # Keys of the tile's rows against its columns, or of its columns against its rows.
-                keys = products.T if transposed else products
-                keys = _keys(keys, column_terms[rows if transposed else columns], cosine)
-                own, other = (columns, rows) if transposed else (rows, columns)
-                near.update(own, keys, other.start)
-                far.update(own, keys, other.start)
-                del keys
-    neighbours = exact_nearest(joint, norms, near.indices.cpu().numpy(), num_neighbours, cosine)
-    return neighbours, row_maxima(joint, norms, far.indices.cpu().numpy(), cosine)
-
-
-def _keys(products, column_terms, cosine):
-    """The order keys of a tile from its inner products, as one new tensor."""
-    if cosine:
-        return products * -column_terms
-    keys = products * -2
-    keys += column_terms
-    return keys
-
-
-class _RunningTopK:
-    """Per row, the ``k`` smallest (or largest) keys seen so far and their column indices."""
-
-    def __init__(self, num_rows, k, largest, dtype, device):
-        import torch
-
-        fill = -np.inf if largest else np.inf
-        self.values = torch.full((num_rows, k), fill, dtype=dtype, device=device)
-        self.indices = torch.full((num_rows, k), -1, dtype=torch.int64, device=device)
-        self.k, self.largest = k, largest
-
-    def update(self, rows: slice, keys, first_column: int) -> None:
-        """Merge ``keys`` (rows, columns ``first_column ..``) into the rows' running top-k."""
-        import torch
-
-        top = torch.topk(
-            keys, min(self.k, keys.shape[1]), dim=1, largest=self.largest, sorted=False
-        )
-        values = torch.cat([self.values[rows], top.values], dim=1)
-        indices = torch.cat([self.indices[rows], top.indices + first_column], dim=1)
-        merged = torch.topk(values, self.k, dim=1, largest=self.largest, sorted=False)
-        self.values[rows] = merged.values
-        self.indices[rows] = torch.gather(indices, 1, merged.indices)
+    # An eighth of the budget for a block's keys: torch's top-k selections over them take
+    # temporaries of about their size, and the pass runs while the joint features are held.
+    block_rows = max(1, block_bytes // (8 * num_items * features.itemsize))
+    near = np.empty((num_items, num_near), dtype=np.int64)
+    far = np.empty((num_items, num_far), dtype=np.int64)
+    for first in range(0, num_items, block_rows):
+        keys = features_t[first : first + block_rows] @ features_t.T
+        if cosine:
+            keys *= -column_terms
+        else:
+            keys *= -2
+            keys += column_terms
+        rows = slice(first, first + len(keys))
+        near[rows] = torch.topk(keys, num_near, dim=1, largest=False, sorted=False).indices.cpu()
+        far[rows] = torch.topk(keys, num_far, dim=1, sorted=False).indices.cpu()
+    neighbours = exact_nearest(joint, norms, near, num_neighbours, cosine)
+    return neighbours, row_maxima(joint, norms, far, cosine)
 
 
 def _expanded_weights(joint, norms, neighbours, scales, options, cosine):
