@@ -11,7 +11,13 @@ import warnings
 
 import numpy as np
 
-from .validation import ArrayLike, check_feature_pair, check_features, distance_rescaling_exponent
+from .validation import (
+    ArrayLike,
+    Device,
+    check_feature_pair,
+    check_features,
+    distance_rescaling_exponent,
+)
 
 METRICS = ("ip", "cosine", "l2")
 # FAISS GPU flat search returns at most this many neighbours per query.
@@ -51,7 +57,7 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return features / norms
 
 
-def search_device(device=None, use_gpu: bool | None = None) -> str | None:
+def search_device(device: Device | bool = None, use_gpu: bool | None = None) -> str | None:
     """Where FAISS searches, from the ``device=`` of the evaluation functions.
 
     ``device``: ``None`` (a GPU when faiss-gpu and a GPU are usable, else the CPU), or a torch
@@ -104,7 +110,7 @@ def top_k(
     database: ArrayLike,
     k: int,
     metric: str = "cosine",
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ from numpy.typing import ArrayLike
 from .knn import METRICS, search_device, top_k
 from .reid._ranking_kernel import positives_before
 from .reid.protocol import ReIDResult, result_from_positive_ranks
-from .validation import check_features, check_ids, check_positive_integer, to_numpy
+from .validation import Device, check_features, check_ids, check_positive_integer, to_numpy
 
 
 def _collective_device(group):
@@ -100,7 +100,7 @@ def sharded_top_k(
     k: int,
     metric: str = "cosine",
     group: dist.ProcessGroup | None = None,
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

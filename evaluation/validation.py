@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 #: What the evaluation functions accept as an array: numpy arrays, (CPU or GPU) torch tensors
 #: and nested sequences of numbers.
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
+#: What ``device=`` accepts: ``None`` (chosen automatically), a torch device name such as
+#: ``"cpu"``, ``"cuda"`` or ``"cuda:1"``, or a ``torch.device``.
+Device = Union[str, "torch.device", None]
 
 
 def to_numpy(array: ArrayLike, name: str) -> np.ndarray:

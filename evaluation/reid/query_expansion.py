@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..knn import search_device
-from ..validation import check_features, check_positive_integer, check_same_dimension
+from ..validation import Device, check_features, check_positive_integer, check_same_dimension
 from .top_k import joint_nearest_neighbours
 
 NAMED_EXPANSIONS = ("average", "alpha")
@@ -73,7 +73,7 @@ def expand_queries(
     query_features,
     gallery_features,
     options: QueryExpansionOptions | None = None,
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

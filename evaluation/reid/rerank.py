@@ -42,6 +42,7 @@ import numpy as np
 
 from ..knn import search_device
 from ..validation import (
+    Device,
     check_features,
     check_positive_integer,
     check_same_dimension,
@@ -118,7 +119,7 @@ def k_reciprocal_rerank(
     metric: str = "euclidean",
     options: KReciprocalOptions | None = None,
     *,
-    device=None,
+    device: Device = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     use_gpu: bool | None = None,
 ) -> DistanceBlocks:

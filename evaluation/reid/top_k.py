@@ -21,6 +21,7 @@ import numpy as np
 
 from ..knn import search_device, top_k
 from ..validation import (
+    Device,
     check_features,
     check_positive_integer,
     check_protocol_ids,
@@ -40,7 +41,7 @@ def cmc_from_top_k(
     g_camids,
     metric: str = "euclidean",
     max_rank: int = 50,
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, int]:
@@ -81,7 +82,7 @@ def reranking_candidates(
     gallery_features,
     k: int,
     metric: str = "euclidean",
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

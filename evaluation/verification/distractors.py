@@ -25,7 +25,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..knn import l2_normalize, search_device
-from ..validation import check_features, check_ids, check_positive_integer, check_ranks, to_numpy
+from ..validation import (
+    Device,
+    check_features,
+    check_ids,
+    check_positive_integer,
+    check_ranks,
+    to_numpy,
+)
 
 DEFAULT_BLOCK_ROWS = 2**14
 
@@ -71,7 +78,7 @@ def identification_with_distractors(
     distractor_counts=None,
     ranks=(1, 5, 10),
     block_rows: int = DEFAULT_BLOCK_ROWS,
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> DistractorCurve:

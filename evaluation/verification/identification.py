@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..knn import search_device, top_k
-from ..validation import check_features, check_ids, check_ranks, to_numpy
+from ..validation import Device, check_features, check_ids, check_ranks, to_numpy
 from .pair_metrics import check_far_targets
 
 
@@ -103,7 +103,7 @@ def open_set_identification(
     gallery_subjects,
     ranks=(1, 5, 10),
     fpir_targets=(1e-2, 1e-1),
-    device=None,
+    device: Device = None,
     *,
     use_gpu: bool | None = None,
 ) -> IdentificationResult:
