@@ -13,7 +13,7 @@ import numpy as np
 
 from .validation import (
     ArrayLike,
-    Device,
+    DeviceLike,
     check_feature_pair,
     check_features,
     distance_rescaling_exponent,
@@ -57,7 +57,7 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return features / norms
 
 
-def search_device(device: Device | bool = None, use_gpu: bool | None = None) -> str | None:
+def search_device(device: DeviceLike | bool = None, use_gpu: bool | None = None) -> str | None:
     """Where FAISS searches, from the ``device=`` of the evaluation functions.
 
     ``device``: ``None`` (a GPU when faiss-gpu and a GPU are usable, else the CPU), or a torch
@@ -110,7 +110,7 @@ def top_k(
     database: ArrayLike,
     k: int,
     metric: str = "cosine",
-    device: Device = None,
+    device: DeviceLike = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

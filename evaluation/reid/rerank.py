@@ -40,9 +40,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import CONVENTIONS, DEFAULT_REID_METRIC
 from ..knn import search_device
 from ..validation import (
-    Device,
+    ArrayLike,
+    DeviceLike,
     check_features,
     check_positive_integer,
     check_same_dimension,
@@ -58,7 +60,6 @@ from ._rerank_kernel import (
 )
 from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
 
-CONVENTIONS = ("paper", "torchreid")
 # Farthest candidates per item whose exact distance decides the row maximum (float32 near-ties).
 _FARTHEST_CANDIDATES = 4
 # Nearest candidates beyond those needed, kept so that float32 near-ties at the last needed
@@ -97,7 +98,11 @@ class KReciprocalOptions:
         return 2 if self.convention == "torchreid" else 1
 
 
-def as_rerank_options(rerank) -> KReciprocalOptions | None:
+#: What ``rerank=`` accepts (see :func:`as_rerank_options`).
+RerankArgument = bool | KReciprocalOptions | dict | None
+
+
+def as_rerank_options(rerank: RerankArgument) -> KReciprocalOptions | None:
     """``rerank=`` of the evaluators: ``None``/``False`` (off), ``True`` (the paper's
     parameters), a :class:`KReciprocalOptions`, or a dict of its fields."""
     if rerank is None or rerank is False:
@@ -114,12 +119,12 @@ def as_rerank_options(rerank) -> KReciprocalOptions | None:
 
 
 def k_reciprocal_rerank(
-    query_features,
-    gallery_features,
-    metric: str = "euclidean",
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    metric: str = DEFAULT_REID_METRIC,
     options: KReciprocalOptions | None = None,
     *,
-    device: Device = None,
+    device: DeviceLike = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     use_gpu: bool | None = None,
 ) -> DistanceBlocks:
@@ -129,8 +134,9 @@ def k_reciprocal_rerank(
     the final distance ``(1 − λ) J + λ D`` (zero offsets, scale 1): hand it to the evaluator,
     or call ``.dense()`` on a small problem. ``options`` defaults to the paper's parameters.
     Products run with torch on ``device`` (default CUDA when available; the deprecated
-    ``use_gpu=`` picks ``"cuda"`` or ``"cpu"`` when ``device`` is not given). A block (the products of its query rows and their float64
-    final distances) holds at most about ``block_bytes``.
+    ``use_gpu=`` picks ``"cuda"`` or ``"cpu"`` when ``device`` is not given). A block (the
+    products of its query rows and their float64 final distances) holds at most about
+    ``block_bytes``.
 
     Raises:
         ValueError: bad features, ``metric``, parameters, ``k1 + 1`` or ``k2`` above the

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..defaults import DEFAULT_MAX_RANK, DEFAULT_REID_METRIC
 from ..knn import search_device, top_k
 from ..validation import (
-    Device,
+    ArrayLike,
+    DeviceLike,
     check_features,
     check_positive_integer,
     check_protocol_ids,
@@ -33,15 +35,15 @@ _FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
 
 
 def cmc_from_top_k(
-    query_features,
-    gallery_features,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
-    metric: str = "euclidean",
-    max_rank: int = 50,
-    device: Device = None,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    metric: str = DEFAULT_REID_METRIC,
+    max_rank: int = DEFAULT_MAX_RANK,
+    device: DeviceLike = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, int]:
@@ -78,11 +80,11 @@ def cmc_from_top_k(
 
 
 def reranking_candidates(
-    query_features,
-    gallery_features,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
     k: int,
-    metric: str = "euclidean",
-    device: Device = None,
+    metric: str = DEFAULT_REID_METRIC,
+    device: DeviceLike = None,
     *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +108,7 @@ def reranking_candidates(
 
 
 def joint_nearest_neighbours(
-    joint: np.ndarray, k: int, metric: str = "euclidean", device: str | None = None
+    joint: np.ndarray, k: int, metric: str = DEFAULT_REID_METRIC, device: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`reranking_candidates` on the already stacked (queries, then gallery) features;
     ``device`` as :func:`evaluation.knn.search_device` returns it."""

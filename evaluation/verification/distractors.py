@@ -19,14 +19,17 @@ and its (probes, block rows) scores.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, prange
 
+from ..defaults import DEFAULT_RANKS
 from ..knn import l2_normalize, search_device
 from ..validation import (
-    Device,
+    ArrayLike,
+    DeviceLike,
     check_features,
     check_ids,
     check_positive_integer,
@@ -70,15 +73,15 @@ def default_distractor_counts(num_distractors: int) -> np.ndarray:
 
 
 def identification_with_distractors(
-    probe_features,
-    probe_subjects,
-    gallery_features,
-    gallery_subjects,
-    distractor_features,
-    distractor_counts=None,
-    ranks=(1, 5, 10),
+    probe_features: ArrayLike,
+    probe_subjects: ArrayLike,
+    gallery_features: ArrayLike,
+    gallery_subjects: ArrayLike,
+    distractor_features: ArrayLike,
+    distractor_counts: ArrayLike | None = None,
+    ranks: Sequence[int] = DEFAULT_RANKS,
     block_rows: int = DEFAULT_BLOCK_ROWS,
-    device: Device = None,
+    device: DeviceLike = None,
     *,
     use_gpu: bool | None = None,
 ) -> DistractorCurve:
