@@ -8,8 +8,9 @@ push at most that many items out of the way. AP and INP are different: they need
 that one), so a top-k list would truncate them; GPU FAISS also caps k at 2048.
 :func:`evaluation.reid.evaluate_reid` therefore stays exact for mAP and mINP by counting, for
 every positive, the kept items before it over whole distance rows (one compiled pass per row),
-never by top-k. :func:`reranking_candidates` gives the neighbour lists that k-reciprocal
-re-ranking starts from, by the same exact search.
+never by top-k. :func:`reranking_candidates` gives the joint query-and-gallery neighbour lists
+(those query expansion uses), by the same exact search; k-reciprocal re-ranking orders its own
+lists by the exact float64 distance (:mod:`evaluation.reid.rerank`).
 
 FAISS computes its own distances (its L2 formula differs from torch's in the last bits) and
 orders equal scores its own way, so near-ties can rank differently from ``evaluate_reid``.
@@ -92,8 +93,8 @@ def reranking_candidates(
 
     Row ``i`` lists the ``k`` items of the joint set (queries first, then gallery items, so
     gallery item ``j`` is ``num_query + j``) nearest to item ``i`` of that set, nearest first,
-    the item itself included: the k-nearest-neighbour lists that k-reciprocal re-ranking
-    (and query expansion) start from. Distances are the evaluator's (``"euclidean"``: squared
+    the item itself included: the k-nearest-neighbour lists of the joint set, in FAISS's float32
+    order (k-reciprocal re-ranking builds its own, in exact order). Distances are the evaluator's (``"euclidean"``: squared
     euclidean on raw features; ``"cosine"``: ``1 - cos``) as FAISS computes them in float32,
     searched on ``device`` (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated).
     """
