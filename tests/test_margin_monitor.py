@@ -12,13 +12,14 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin import margin_monitor
-from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
 from pml_largest_margin.margin_monitor import (
     MarginMonitor,
     format_epoch_line,
     prototype_cosine_histogram,
 )
 from pml_largest_margin.margins import class_margin
+from pml_largest_margin.regularizers import SampleMarginRegularizer
 from pml_largest_margin.training.trainer import Schedule, build_trainer, run_epochs
 
 NUM_CLASSES, EMBEDDING_SIZE = 6, 5
@@ -241,3 +242,46 @@ def test_files_are_written_and_parse(tmp_path):
     assert len(data["histogram"]["edges"]) == len(data["epochs"][0]["cosine_histogram"]) + 1
     png = png_path.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_stats_only_loss_and_regularized_loss_give_the_same_epoch():
+    # With no sample-margin regularizer the loss takes its margins detached from the forward
+    # pass; with one, the differentiable margins. The monitor must see the same numbers.
+    stats_only = _loss()
+    regularized = _loss(sample_margin_regularizer=SampleMarginRegularizer())
+    with torch.no_grad():
+        regularized.W.copy_(stats_only.W)
+        stats_only.W[:, 3] = regularized.W[:, 3] = stats_only.W[:, 2]  # tied nearest classes
+    monitors = [MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE) for _ in range(2)]
+    for embeddings, labels in _batches(8):
+        for loss, monitor in zip((stats_only, regularized), monitors, strict=True):
+            loss(embeddings, labels)
+            monitor.update(loss)
+    records = [
+        monitor.end_epoch(loss.W)
+        for loss, monitor in zip((stats_only, regularized), monitors, strict=True)
+    ]
+    assert records[0].as_dict() == records[1].as_dict()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_zero_prototype_column_has_target_cosine_zero(fused):
+    # The fused kernel's t (recorded as it is) and the row-by-row gather of the losses that
+    # do not run it (a custom phi) both clamp the norm, as the loss itself does.
+    options = dict(collect_stats=True, record_target_cosines=True, record_class_margin=False)
+    if fused:
+        loss = _loss()
+    else:
+        loss = GeneralizedMarginSoftmaxLoss(
+            NUM_CLASSES, EMBEDDING_SIZE, phi=lambda c: 0.5 * c, **options
+        ).double()
+    with torch.no_grad():
+        loss.W[:, 1] = 0
+    embeddings, labels = _batches(9)[0]
+    labels[:2] = 1
+    loss(embeddings, labels)
+    assert (loss.target_cosines[labels == 1] == 0).all()
+    _, angles = _direct(embeddings[labels != 1], labels[labels != 1], loss.W.detach())
+    torch.testing.assert_close(
+        torch.rad2deg(torch.acos(loss.target_cosines[labels != 1])), angles, rtol=0, atol=1e-9
+    )

@@ -9,7 +9,6 @@ import torch.distributed as dist
 
 from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax_head
-from .fused import fused_nontarget_logsumexp
 
 # (scale, with_margins) -> (u, t, γ or None): u_i = log Σ_{j≠y_i} exp(s·cos_ij), t_i = cos_{i,y_i},
 # γ_i = t_i − max_{j≠y_i} cos_ij; from the fused kernel, or from class-parallel shards.
@@ -94,9 +93,7 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         def cosine_statistics(scale: float, margins_too: bool):
-            return fused_nontarget_logsumexp(
-                embeddings, weights, labels, scale, with_margins=margins_too
-            )
+            return self.fused_statistics(embeddings, weights, labels, scale, margins_too)
 
         norms = torch.linalg.vector_norm(embeddings, dim=1)
         return self.head_losses(cosine_statistics, norms, labels, with_margins)

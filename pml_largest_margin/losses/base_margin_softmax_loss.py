@@ -11,8 +11,14 @@ from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from ..margins import class_margin, cosine_logits
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
-from ..validation import check_embeddings, check_flag, check_labels, check_loss_arguments
-from .fused import check_memory_mode
+from ..validation import (
+    NORM_EPS,
+    check_embeddings,
+    check_flag,
+    check_labels,
+    check_loss_arguments,
+)
+from .fused import check_memory_mode, fused_nontarget_logsumexp
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -61,8 +67,9 @@ class BaseMarginSoftmaxLoss(
         record_target_cosines: with ``collect_stats``, also keep the batch's target cosines
             ``cos θ_{i,y_i}`` (N,) as ``target_cosines`` and its labels as ``target_labels``
             (detached tensors, not PML stats), for
-            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`. They are gathered from
-            the N target columns of ``W``, O(N·d): no further matrix product.
+            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`: the fused kernel's own
+            ``t`` (:meth:`fused_statistics`), or for a loss that does not run it, gathered from
+            the N target columns of ``W``, O(N·d); no further matrix product either way.
     """
 
     def __init__(
@@ -111,10 +118,46 @@ class BaseMarginSoftmaxLoss(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Losses (N,) of a non-empty batch, in the dtype of ``weights``, and the sample margins.
 
-        The margins ``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` (N,), differentiable, are computed
-        from the same cosines when ``with_margins`` is true; otherwise ``None``.
+        The margins ``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` (N,) are computed from the same
+        cosines when ``with_margins`` is true; otherwise ``None``. They are differentiable when
+        :attr:`margins_need_gradient`, else they may come detached (statistics only).
         """
         raise NotImplementedError
+
+    @property
+    def margins_need_gradient(self) -> bool:
+        """Whether the sample margins feed a loss term (the sample-margin regularizer); if not,
+        they are only recorded as stats and need no gradient."""
+        return self.sample_margin_regularizer is not None
+
+    def fused_statistics(
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        scale: float,
+        with_margins: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The fused kernel's ``(u, t, γ)`` on this loss's ``memory`` path.
+
+        ``γ`` (only with ``with_margins``) is differentiable when :attr:`margins_need_gradient`;
+        otherwise it is the same values taken from the forward pass without a gradient (no
+        nearest-class bookkeeping, nothing added to backward). With ``collect_stats`` and
+        ``record_target_cosines`` the batch's target cosines are recorded from ``t``.
+        """
+        differentiable = with_margins and self.margins_need_gradient
+        nontarget_lse, target, margins = fused_nontarget_logsumexp(
+            embeddings,
+            weights,
+            labels,
+            scale,
+            with_margins=differentiable,
+            detached_margins=with_margins and not differentiable,
+            memory=self.memory,
+        )
+        if self.collect_stats and self.record_target_cosines:
+            self.target_cosines, self.target_labels = target.detach(), labels.detach()
+        return nontarget_lse, target, margins
 
     def forward(
         self,
@@ -156,14 +199,17 @@ class BaseMarginSoftmaxLoss(
             if self.sample_margin_regularizer is not None:
                 loss_dict["sample_margin_loss"] = dict(loss)
         else:
-            with_margins = self.collect_stats or self.sample_margin_regularizer is not None
+            with_margins = self.collect_stats or self.margins_need_gradient
+            if self.record_target_cosines:
+                # Recorded by fused_statistics when the loss runs the fused kernel.
+                self.target_cosines = self.target_labels = None
             with torch.autocast(device_type=embeddings.device.type, enabled=False):
                 losses, margins = self.per_sample_losses(
                     embeddings.to(weights.dtype), weights, labels, with_margins
                 )
             if self.collect_stats:
                 self.record_sample_margins(margins.detach())
-                if self.record_target_cosines:
+                if self.record_target_cosines and self.target_cosines is None:
                     self._record_target_cosines(embeddings, weights, labels)
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
             loss = {
@@ -198,12 +244,13 @@ class BaseMarginSoftmaxLoss(
 
     @torch.no_grad()
     def _record_target_cosines(self, embeddings, weights, labels) -> None:
-        # Row by row (N, d): half the tensor operations of normalising first, which the monitor
-        # pays at every batch. The embedding norm is clamped as torch.nn.functional.normalize does.
+        # For the losses that do not run the fused kernel (fused_statistics records its t).
+        # Row by row (N, d): half the tensor operations of normalising first. Both norms are
+        # clamped as torch.nn.functional.normalize does, so a zero column has cosine 0.
         targets = weights.detach().t()[labels.long()]
         embeddings = embeddings.detach().to(targets.dtype)
-        norms = torch.linalg.vector_norm(embeddings, dim=1).clamp_min_(1e-12)
-        norms.mul_(torch.linalg.vector_norm(targets, dim=1))
+        norms = torch.linalg.vector_norm(embeddings, dim=1).clamp_min_(NORM_EPS)
+        norms.mul_(torch.linalg.vector_norm(targets, dim=1).clamp_min_(NORM_EPS))
         self.target_cosines = (embeddings * targets).sum(dim=1).div_(norms)
         self.target_labels = labels.detach()
 

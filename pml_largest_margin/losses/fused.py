@@ -346,9 +346,14 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                     rows, columns = rows[maxima], columns[maxima]
                     nearest = (rows, columns, _tie_shares(rows, unit.shape[0], unit.dtype))
             nontarget_lse = scale * row_max + row_sums.log()
-            margins = target - row_max if with_margins else unit.new_empty(0)
+            # One (N,) subtraction, so γ is always made; without with_margins it carries no
+            # gradient (non-differentiable, and backward gets None for it).
+            margins = target - row_max
 
         ctx.scale, ctx.block_columns = scale, block_columns
+        # Unused outputs reach backward as None rather than zeros, so margins kept only as
+        # statistics add nothing to it.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             unit,
             inverse_embedding_norms,
@@ -425,6 +430,7 @@ def fused_nontarget_logsumexp(
     with_margins: bool = False,
     memory: str = "auto",
     block_columns: int | None = None,
+    detached_margins: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(u, t, γ)`` for embeddings (N, d), prototypes ``weights`` (d, C) and labels (N,).
 
@@ -434,7 +440,9 @@ def fused_nontarget_logsumexp(
     ``with_margins`` is true, else ``None``: the values of
     :func:`pml_largest_margin.margins.sample_margins_from_cosines` on the same cosines, and
     differentiable too, with its gradient (ties among the nearest non-target classes share the
-    −1 evenly, as with ``torch.amax``).
+    −1 evenly, as with ``torch.amax``). ``detached_margins=True`` (with ``with_margins`` false)
+    returns the same values without a gradient, for margins kept only as statistics: taken from
+    the forward pass's row maxima, with no nearest-class bookkeeping and nothing added to backward.
 
     ``memory``: ``"buffer"`` keeps one (N, C) buffer, ``"stream"`` visits W in blocks of
     ``block_columns`` columns (default :func:`stream_block_columns`) with no N × C tensor,
@@ -442,8 +450,11 @@ def fused_nontarget_logsumexp(
     docstring). Both give the same values and gradients up to rounding.
 
     Raises:
-        ValueError: an unknown ``memory`` or a ``block_columns`` below 1.
+        ValueError: an unknown ``memory``, a ``block_columns`` below 1, or both
+            ``with_margins`` and ``detached_margins``.
     """
+    if with_margins and detached_margins:
+        raise ValueError("with_margins and detached_margins exclude each other; choose one")
     stream = uses_stream(memory, embeddings.shape[0], weights.shape[1], weights.dtype)
     if block_columns is not None and (int(block_columns) != block_columns or block_columns < 1):
         raise ValueError(f"block_columns must be an integer >= 1, got {block_columns}")
@@ -457,4 +468,4 @@ def fused_nontarget_logsumexp(
         bool(with_margins),
         int(block_columns) if stream else None,
     )
-    return nontarget_lse, target, margins if with_margins else None
+    return nontarget_lse, target, margins if with_margins or detached_margins else None

@@ -7,7 +7,6 @@ import torch
 from ..margins import cosine_logits, sample_margins_from_cosines
 from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax, generalized_margin_softmax_head
-from .fused import fused_nontarget_logsumexp
 from .margin_functions import MarginFunction, check_margins, target_margin_function
 from .margin_presets_mixin import MarginPresetsMixin
 
@@ -82,16 +81,14 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.phi is None:
-            nontarget_lse, target, margins = fused_nontarget_logsumexp(
-                embeddings,
-                weights,
-                labels,
-                self.scale,
-                with_margins=with_margins,
-                memory=self.memory,
+            nontarget_lse, target, margins = self.fused_statistics(
+                embeddings, weights, labels, self.scale, with_margins
             )
             losses = generalized_margin_softmax_head(nontarget_lse, self.psi(target), self.scale)
             return losses, margins
         cosines = cosine_logits(embeddings, weights)
-        margins = sample_margins_from_cosines(cosines, labels) if with_margins else None
+        margins = None
+        if with_margins:
+            given = cosines if self.margins_need_gradient else cosines.detach()
+            margins = sample_margins_from_cosines(given, labels)
         return generalized_margin_softmax(cosines, labels, self.scale, self.psi, self.phi), margins

@@ -6,7 +6,6 @@ import torch
 
 from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from .functional import largest_margin_softmax_head
-from .fused import fused_nontarget_logsumexp
 
 
 class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
@@ -54,7 +53,7 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
         labels: torch.Tensor,
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        nontarget_lse, target, margins = fused_nontarget_logsumexp(
-            embeddings, weights, labels, self.scale, with_margins=with_margins, memory=self.memory
+        nontarget_lse, target, margins = self.fused_statistics(
+            embeddings, weights, labels, self.scale, with_margins
         )
         return largest_margin_softmax_head(nontarget_lse, target, self.scale), margins
