@@ -16,6 +16,7 @@ from pml_largest_margin.losses import (
     ElasticFaceLoss,
     GeneralizedMarginSoftmaxLoss,
     MagFaceLoss,
+    fused,
 )
 
 NUM_CLASSES, DIM, BATCH = 9, 6, 14
@@ -464,3 +465,29 @@ def test_loss_factory_builds_every_head(name, loss_class, settings):
             build_loss(name, NUM_CLASSES, DIM)
     if "margin" in settings:
         assert build_loss(name, NUM_CLASSES, DIM, margin=0.2).margin == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("memory", ["buffer", "stream"])
+def test_heads_run_the_memory_path_they_are_built_with(memory, monkeypatch):
+    # "auto" buffers a batch of 14 × 9; built with "stream", the head streams it all the same,
+    # with the same values and gradients.
+    streamed = []
+    stream_statistics = fused.stream_statistics
+
+    def counted(*args, **kwargs):
+        streamed.append(True)
+        return stream_statistics(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "stream_statistics", counted)
+    embeddings, labels, W = problem()
+    results = []
+    for mode in ("auto", memory):
+        loss_fn = AdaFaceLoss(NUM_CLASSES, DIM, memory=mode).double()
+        with torch.no_grad():
+            loss_fn.W.copy_(W)
+        z = embeddings.clone().requires_grad_(True)
+        loss = loss_fn(z, labels)
+        results.append((loss, *torch.autograd.grad(loss, (z, loss_fn.W))))
+    assert bool(streamed) is (memory == "stream")
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
