@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin import margin_monitor
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+from pml_largest_margin.losses.base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from pml_largest_margin.margin_monitor import (
     MarginMonitor,
     format_epoch_line,
@@ -20,6 +22,7 @@ from pml_largest_margin.margin_monitor import (
 )
 from pml_largest_margin.margins import class_margin
 from pml_largest_margin.regularizers import SampleMarginRegularizer
+from pml_largest_margin.training.loss_factory import LOSS_NAMES, build_loss
 from pml_largest_margin.training.trainer import Schedule, build_trainer, run_epochs
 
 NUM_CLASSES, EMBEDDING_SIZE = 6, 5
@@ -285,3 +288,28 @@ def test_a_zero_prototype_column_has_target_cosine_zero(fused):
     torch.testing.assert_close(
         torch.rad2deg(torch.acos(loss.target_cosines[labels != 1])), angles, rtol=0, atol=1e-9
     )
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_named_loss_is_monitored_with_the_formulas_values(name):
+    # build_loss(record_margins=True): this package's losses record their stats (no extra
+    # product); PML's and the plain softmax are measured from the watched inputs.
+    torch.manual_seed(0)
+    loss = build_loss(
+        name, NUM_CLASSES, EMBEDDING_SIZE, record_margins=True, class_counts=[3] * NUM_CLASSES
+    ).double()
+    assert getattr(loss, "record_target_cosines", False) is isinstance(loss, BaseMarginSoftmaxLoss)
+    monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    monitor.watch(loss)
+    batches = _batches(10)
+    for embeddings, labels in batches:
+        loss(embeddings, labels)
+        monitor.end_of_iteration_hook(SimpleNamespace(loss_funcs={"metric_loss": loss}))
+    record = monitor.end_epoch(loss.W)
+    # Every loss here leaves W as it was: the forward alone does not step.
+    margins, angles = _direct(
+        torch.cat([e for e, _ in batches]), torch.cat([y for _, y in batches]), loss.W.detach()
+    )
+    assert record.mean_sample_margin == pytest.approx(float(margins.mean()), abs=1e-12)
+    assert record.min_sample_margin == pytest.approx(float(margins.min()), abs=1e-12)
+    assert record.max_angle_to_prototype_degrees == pytest.approx(float(angles.max()), abs=1e-9)

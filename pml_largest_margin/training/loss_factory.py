@@ -16,6 +16,7 @@ from pml_largest_margin.losses import (
     LargestMarginSoftmaxLoss,
     MagFaceLoss,
 )
+from pml_largest_margin.losses.base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from pml_largest_margin.regularizers import (
     SampleMarginRegularizer,
     SampleMarginRegularizerMixin,
@@ -89,10 +90,11 @@ def build_loss(
     ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
     ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form; ``"sum"``:
     ``λ · ‖Σ_j ŵ_j‖²``, the authors') as PML's ``weight_reg_loss``. ``record_margins`` makes
-    LM-Softmax record what a :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads
-    (``collect_stats``, ``record_target_cosines``; not its per-batch class margin); the other
-    losses record nothing and are monitored from their inputs. ``class_counts`` (the training set's count of each class) is needed by
-    ``dynamic-margin`` and ignored by the other losses.
+    this package's losses (LM-Softmax and the margin heads) record what a
+    :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads (``collect_stats``,
+    ``record_target_cosines``; not their per-batch class margin); PML's losses and the plain
+    softmax record nothing and are monitored from their inputs. ``class_counts`` (the training
+    set's count of each class) is needed by ``dynamic-margin`` and ignored by the other losses.
     """
     spec = loss_spec(name)
     if scale is None:
@@ -112,7 +114,7 @@ def build_loss(
         if class_counts is None:
             raise ValueError("loss 'dynamic-margin' needs the training set's class_counts")
         options["class_counts"] = class_counts
-    if record_margins and issubclass(loss_class, LargestMarginSoftmaxLoss):
+    if record_margins and issubclass(loss_class, BaseMarginSoftmaxLoss):
         options.update(collect_stats=True, record_target_cosines=True, record_class_margin=False)
     if zero_centroid_weight > 0:
         options.update(
