@@ -247,11 +247,14 @@ class MarginMonitor:
         Reads ``target_cosines``, ``target_labels``, ``mean_sample_margin`` and
         ``min_sample_margin`` when the loss recorded them (and marks them read, so a second call
         without a new batch is an error); otherwise measures ``embeddings`` and ``labels``
-        against ``loss_fn.W`` (one (N, C) product).
+        against ``loss_fn.W`` (one (N, C) product; the batch's margins are kept on their device
+        and reduced at the next fold, so a batch costs no copy to the host).
 
         Raises:
             ValueError: the loss recorded nothing new and no embeddings and labels were given,
-                or they do not fit the monitor's ``num_classes`` / ``embedding_size``.
+                or they do not fit the monitor's ``num_classes`` / ``embedding_size``; at a fold
+                (every 64 batches and at the epoch's end), NaN/Inf sample margins of a measured
+                batch (NaN/Inf in its embeddings or in ``W``).
         """
         target = getattr(loss_fn, "target_cosines", None)
         if isinstance(target, torch.Tensor):
@@ -265,7 +268,8 @@ class MarginMonitor:
                 )
             loss_fn.target_cosines = None
         elif embeddings is not None and labels is not None:
-            target = self._measure(loss_fn, embeddings, labels)
+            target, margins = self._measure(loss_fn, embeddings, labels)
+            self._pending_margins.append(margins)
         else:
             raise ValueError(
                 f"{type(loss_fn).__name__} recorded no new target cosines: build it with "
@@ -275,38 +279,50 @@ class MarginMonitor:
         self._pending.append((target.detach(), labels.detach()))
         self._batches += 1
         if len(self._pending) == _PENDING_BATCHES:
-            self._add_pending_angles()
+            self._fold()
 
     @torch.no_grad()
     def _measure(
         self, loss_fn: torch.nn.Module, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        check_embeddings(embeddings)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's target cosines and sample margins (N,), against ``loss_fn.W``."""
+        # Shapes here; NaN/Inf are caught at the fold, from the margins, without a sync per batch.
+        check_embeddings(embeddings, finite=False)
         check_labels(labels, self.num_classes, embeddings.shape[0])
         W = getattr(loss_fn, "W", None)
         if not isinstance(W, torch.Tensor):
             raise TypeError(f"{type(loss_fn).__name__} has no prototypes W to measure against")
-        check_prototypes(W, embedding_size=embeddings.shape[1])
+        check_prototypes(W, embedding_size=embeddings.shape[1], finite=False)
         if W.shape[1] != self.num_classes:
             raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
-        embeddings = embeddings.detach()
-        cosines = cosine_logits(embeddings.to(W.dtype), W.detach())
+        cosines = cosine_logits(embeddings.detach().to(W.dtype), W.detach())
         margins = sample_margins_from_cosines(cosines, labels)
-        if margins.numel():
-            self._add_margins(float(margins.sum()), float(margins.min()), margins.numel())
-        return cosines.gather(1, labels.long()[:, None]).squeeze(1)
+        return cosines.gather(1, labels.long()[:, None]).squeeze(1), margins
 
     def _add_margins(self, margin_sum: float, margin_min: float, num_samples: int) -> None:
         self._margin_sum += margin_sum
         self._margin_min = min(self._margin_min, margin_min)
         self._num_samples += num_samples
 
-    def _add_pending_angles(self) -> None:
-        """Fold the batches kept since the last call into the per-class angle statistics.
+    def _fold(self) -> None:
+        """Fold the batches kept since the last call into the epoch's statistics: the sample
+        margins of the measured batches, and every batch's angles per class.
 
         Raises:
-            ValueError: a label is not below the monitor's ``num_classes``.
+            ValueError: NaN/Inf sample margins, or a label not below the monitor's
+                ``num_classes``.
         """
+        if self._pending_margins:
+            margins = torch.cat(self._pending_margins).double()
+            self._pending_margins.clear()
+            if margins.numel():
+                total, low = torch.stack((margins.sum(), margins.min())).tolist()
+                if not (math.isfinite(total) and math.isfinite(low)):
+                    raise ValueError(
+                        "a measured batch has NaN or Inf sample margins: its embeddings or W "
+                        "contain NaN or Inf"
+                    )
+                self._add_margins(total, low, margins.numel())
         if not self._pending:
             return
         targets, labels = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
@@ -333,12 +349,12 @@ class MarginMonitor:
         Raises:
             ValueError: no batch since the last epoch, or ``W`` of the wrong shape.
         """
+        self._fold()
         if self._num_samples == 0:
             raise ValueError("no training batch was recorded since the last end_epoch")
         check_prototypes(W, embedding_size=self.embedding_size)
         if W.shape[1] != self.num_classes:
             raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
-        self._add_pending_angles()
         margin = class_margin(W)
         histogram = None
         if self.num_classes <= self.histogram_max_classes:
@@ -369,6 +385,7 @@ class MarginMonitor:
         self._margin_sum, self._margin_min, self._num_samples = 0.0, math.inf, 0
         self._batches = 0
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending_margins: list[torch.Tensor] = []
         self._angle_sums = torch.zeros(self.num_classes, dtype=torch.float64)
         self._angle_counts = torch.zeros(self.num_classes, dtype=torch.int64)
         self._angle_maxima = torch.full((self.num_classes,), -math.inf, dtype=torch.float64)
@@ -398,6 +415,7 @@ class MarginMonitor:
     def end_of_epoch_hook(self, trainer) -> bool:
         """PML's ``end_of_epoch_hook``: close the trainer's epoch (if batches are pending).
         Returns True, so training goes on."""
+        self._fold()
         if self._num_samples:
             epoch = None if self.iterations_per_epoch is not None else trainer.epoch
             self.end_epoch(trainer.loss_funcs[self.loss_name].W, epoch)

@@ -313,3 +313,26 @@ def test_every_named_loss_is_monitored_with_the_formulas_values(name):
     assert record.mean_sample_margin == pytest.approx(float(margins.mean()), abs=1e-12)
     assert record.min_sample_margin == pytest.approx(float(margins.min()), abs=1e-12)
     assert record.max_angle_to_prototype_degrees == pytest.approx(float(angles.max()), abs=1e-9)
+
+
+@pytest.mark.parametrize("where", ["embeddings", "W"])
+def test_nan_in_a_measured_batch_is_an_error_at_the_fold(where, monkeypatch):
+    # The measured path checks shapes per batch and finiteness once per fold (no host copy per
+    # batch): a NaN anywhere in a batch or in W still ends in a ValueError, not a NaN epoch.
+    monkeypatch.setattr(margin_monitor, "_PENDING_BATCHES", 2)
+    loss = pml_losses.CosFaceLoss(NUM_CLASSES, EMBEDDING_SIZE).double()
+    monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    (embeddings, labels), (bad, bad_labels) = _batches(11, sizes=(4, 5))
+    monitor.update(loss, embeddings, labels)
+    if where == "embeddings":
+        bad = bad.clone()
+        bad[2, 1] = math.nan
+    else:
+        with torch.no_grad():
+            loss.W[0, 3] = math.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        monitor.update(loss, bad, bad_labels)  # the second batch: the fold
+    monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    monitor.update(loss, bad, bad_labels)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        monitor.end_epoch(loss.W)
