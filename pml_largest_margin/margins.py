@@ -73,9 +73,9 @@ def _closest_pair_in_row_blocks(
     :func:`class_margin` so the benchmark can time a measured share of the tiles at C = 1M.
     """
     num_classes = weights.shape[1]
-    below_diagonal = torch.ones(
-        block_size, block_size, dtype=torch.bool, device=weights.device
-    ).tril_()
+    # No larger than the matrix: a 1024 × 1024 mask would cost more than the tiles of small C.
+    side = min(block_size, num_classes)
+    below_diagonal = torch.ones(side, side, dtype=torch.bool, device=weights.device).tril_()
     best_cosine, best_pair = -math.inf, (0, 1)
     for row_start in row_starts:
         row_stop = min(row_start + block_size, num_classes)
