@@ -4,8 +4,8 @@ Run:  PYTHONPATH=. python benchmarks/bench_monitor.py [--epochs 60] [--rounds 3]
 
 Every training starts from seed 0 and runs through PML's ``MetricLossOnly`` trainer on one torch
 thread, as in ``pml-lm demo``. Unmonitored: the loss records nothing and no hook is installed.
-Monitored: LM-Softmax records its sample margins and target cosines (``collect_stats``,
-``record_target_cosines``) and the monitor reads them; NormFace (PML's
+Monitored: LM-Softmax records its sample margins and target cosines as tensors
+(``record_target_cosines``) and the monitor reads them; NormFace (PML's
 ``NormalizedSoftmaxLoss``) records nothing, so the monitor measures each batch itself (one extra
 (N, C) product); both close an epoch every pass over the data (class margin, histogram).
 

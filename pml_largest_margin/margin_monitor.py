@@ -5,8 +5,8 @@ class margin of the prototypes ``W`` rising towards ``arccos(−1/(C−1))``, th
 margins ``γ_i = cos θ_{i,y_i} − max_{j≠y_i} cos θ_ij`` growing towards ``C/(C−1)``, how far each
 class's samples lie from their prototype, and how the prototype cosines are spread.
 
-Per batch it reads what the loss recorded (``collect_stats=True``, and
-``record_target_cosines=True`` for the per-class angles): no further matrix product. A loss that
+Per batch it reads what the loss recorded (``record_target_cosines=True``: the batch's target
+cosines, labels and sample margins): no further matrix product. A loss that
 records nothing (PML's ``ArcFaceLoss``, ``CosFaceLoss``...) can be monitored too, from the batch's
 embeddings and labels; that costs one (N, C) cosine product per batch
 (:func:`~pml_largest_margin.margins.sample_margins`).
@@ -188,9 +188,10 @@ class MarginMonitor:
     above, ``None``, since it costs O(C²d)). ``history`` keeps every epoch; :meth:`save` writes
     CSV, JSON and a PNG of the curves against their bounds.
 
-    Our losses record what the monitor needs with ``collect_stats=True`` and
-    ``record_target_cosines=True`` (``record_class_margin=False`` avoids their own O(C²d) class
-    margin at every batch: the monitor takes it once per epoch). ``on_epoch`` is called with each
+    Our losses record what the monitor needs with ``record_target_cosines=True`` (PML's
+    ``collect_stats`` is not needed; with it, ``record_class_margin=False`` avoids their own
+    O(C²d) class margin at every batch: the monitor takes it once per epoch). ``on_epoch`` is
+    called with each
     new :class:`EpochMargins` (e.g. ``lambda r: print(format_epoch_line(r))``).
     ``iterations_per_epoch`` makes the iteration hook close an epoch every that many batches,
     for trainers that fold several passes over the data into one trainer epoch.
@@ -244,39 +245,32 @@ class MarginMonitor:
     ) -> None:
         """Add the batch the loss has just seen.
 
-        Reads ``target_cosines``, ``target_labels``, ``mean_sample_margin`` and
-        ``min_sample_margin`` when the loss recorded them (and marks them read, so a second call
-        without a new batch is an error); otherwise measures ``embeddings`` and ``labels``
-        against ``loss_fn.W`` (one (N, C) product; the batch's margins are kept on their device
-        and reduced at the next fold, so a batch costs no copy to the host).
+        Reads ``target_cosines``, ``target_labels`` and ``batch_sample_margins`` when the loss
+        recorded them (and marks them read, so a second call without a new batch is an error);
+        otherwise measures ``embeddings`` and ``labels`` against ``loss_fn.W`` (one (N, C)
+        product). Either way the batch's tensors are kept as they are, on their device, and
+        reduced at the next fold (every 64 batches and at the epoch's end): a batch costs no
+        copy to the host.
 
         Raises:
             ValueError: the loss recorded nothing new and no embeddings and labels were given,
-                or they do not fit the monitor's ``num_classes`` / ``embedding_size``; at a fold
-                (every 64 batches and at the epoch's end), NaN/Inf sample margins of a measured
-                batch (NaN/Inf in its embeddings or in ``W``).
+                or they do not fit the monitor's ``num_classes`` / ``embedding_size``; at a fold,
+                NaN/Inf sample margins (NaN/Inf in a batch's embeddings or in ``W``) or a label
+                not below ``num_classes``.
         """
         target = getattr(loss_fn, "target_cosines", None)
         if isinstance(target, torch.Tensor):
-            labels = loss_fn.target_labels
-            num_samples = target.shape[0]
-            if num_samples:
-                self._add_margins(
-                    float(loss_fn.mean_sample_margin) * num_samples,
-                    float(loss_fn.min_sample_margin),
-                    num_samples,
-                )
+            labels, margins = loss_fn.target_labels, loss_fn.batch_sample_margins
             loss_fn.target_cosines = None
         elif embeddings is not None and labels is not None:
             target, margins = self._measure(loss_fn, embeddings, labels)
-            self._pending_margins.append(margins)
         else:
             raise ValueError(
                 f"{type(loss_fn).__name__} recorded no new target cosines: build it with "
-                "collect_stats=True and record_target_cosines=True (this package's losses) and "
-                "call update once per forward, or pass the batch's embeddings and labels"
+                "record_target_cosines=True (this package's losses) and call update once per "
+                "forward, or pass the batch's embeddings and labels"
             )
-        self._pending.append((target.detach(), labels.detach()))
+        self._pending.append((target.detach(), labels.detach(), margins.detach()))
         self._batches += 1
         if len(self._pending) == _PENDING_BATCHES:
             self._fold()
@@ -299,42 +293,35 @@ class MarginMonitor:
         margins = sample_margins_from_cosines(cosines, labels)
         return cosines.gather(1, labels.long()[:, None]).squeeze(1), margins
 
-    def _add_margins(self, margin_sum: float, margin_min: float, num_samples: int) -> None:
-        self._margin_sum += margin_sum
-        self._margin_min = min(self._margin_min, margin_min)
-        self._num_samples += num_samples
-
     def _fold(self) -> None:
         """Fold the batches kept since the last call into the epoch's statistics: the sample
-        margins of the measured batches, and every batch's angles per class.
+        margins' sum and minimum, and the angles per class.
 
         Raises:
             ValueError: NaN/Inf sample margins, or a label not below the monitor's
                 ``num_classes``.
         """
-        if self._pending_margins:
-            margins = torch.cat(self._pending_margins).double()
-            self._pending_margins.clear()
-            if margins.numel():
-                total, low = torch.stack((margins.sum(), margins.min())).tolist()
-                if not (math.isfinite(total) and math.isfinite(low)):
-                    raise ValueError(
-                        "a measured batch has NaN or Inf sample margins: its embeddings or W "
-                        "contain NaN or Inf"
-                    )
-                self._add_margins(total, low, margins.numel())
         if not self._pending:
             return
-        targets, labels = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
+        targets, labels, margins = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
         self._pending.clear()
         if not labels.numel():
             return
+        margins = margins.double()
+        total, low = torch.stack((margins.sum(), margins.min())).tolist()  # one host copy
+        if not (math.isfinite(total) and math.isfinite(low)):
+            raise ValueError(
+                "a batch has NaN or Inf sample margins: its embeddings or W contain NaN or Inf"
+            )
         angles = targets.double().clamp_(-1.0, 1.0).acos_().cpu()
         labels = labels.long().cpu()
         if int(labels.max()) >= self.num_classes:
             raise ValueError(
                 f"labels reach {int(labels.max())} but the monitor has {self.num_classes} classes"
             )
+        self._margin_sum += total
+        self._margin_min = min(self._margin_min, low)
+        self._num_samples += margins.numel()
         self._angle_sums.index_add_(0, labels, angles)
         self._angle_counts += torch.bincount(labels, minlength=self.num_classes)
         self._angle_maxima.scatter_reduce_(0, labels, angles, reduce="amax")
@@ -352,7 +339,8 @@ class MarginMonitor:
         self._fold()
         if self._num_samples == 0:
             raise ValueError("no training batch was recorded since the last end_epoch")
-        check_prototypes(W, embedding_size=self.embedding_size)
+        # Shape here; class_margin below refuses NaN/Inf (one scan of W, not two).
+        check_prototypes(W, embedding_size=self.embedding_size, finite=False)
         if W.shape[1] != self.num_classes:
             raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
         margin = class_margin(W)
@@ -384,8 +372,8 @@ class MarginMonitor:
     def _reset(self) -> None:
         self._margin_sum, self._margin_min, self._num_samples = 0.0, math.inf, 0
         self._batches = 0
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._pending_margins: list[torch.Tensor] = []
+        # (target cosines, labels, sample margins) of each batch since the last fold.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._angle_sums = torch.zeros(self.num_classes, dtype=torch.float64)
         self._angle_counts = torch.zeros(self.num_classes, dtype=torch.int64)
         self._angle_maxima = torch.full((self.num_classes,), -math.inf, dtype=torch.float64)

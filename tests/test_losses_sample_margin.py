@@ -301,6 +301,9 @@ def test_stats_only_margins_equal_those_of_the_regularizer_path(name, memory):
     for stat in ("mean_sample_margin", "min_sample_margin"):
         assert getattr(stats_only, stat) == getattr(regularized, stat)
     assert torch.equal(stats_only.target_cosines, regularized.target_cosines)
+    assert torch.equal(stats_only.batch_sample_margins, regularized.batch_sample_margins)
+    assert not stats_only.batch_sample_margins.requires_grad
+    torch.testing.assert_close(stats_only.batch_sample_margins, definition, rtol=0, atol=1e-12)
     assert torch.equal(stats_only.target_labels, labels)
     assert not stats_only.target_cosines.requires_grad
     assert stats_only.mean_sample_margin == pytest.approx(float(definition.mean()), abs=1e-12)

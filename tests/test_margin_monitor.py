@@ -336,3 +336,30 @@ def test_nan_in_a_measured_batch_is_an_error_at_the_fold(where, monkeypatch):
     monitor.update(loss, bad, bad_labels)
     with pytest.raises(ValueError, match="NaN or Inf"):
         monitor.end_epoch(loss.W)
+
+
+def test_record_target_cosines_alone_feeds_the_monitor_without_pml_stats():
+    # The monitor needs the loss's tensors only; PML's float stats (two host copies per batch)
+    # stay off.
+    recording, with_stats = _loss(collect_stats=False), _loss()
+    with torch.no_grad():
+        with_stats.W.copy_(recording.W)
+    monitors = [MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE) for _ in range(2)]
+    for embeddings, labels in _batches(12):
+        for loss, monitor in zip((recording, with_stats), monitors, strict=True):
+            loss(embeddings, labels)
+            monitor.update(loss)
+    assert not hasattr(recording, "mean_sample_margin")
+    assert isinstance(with_stats.mean_sample_margin, float)
+    records = [m.end_epoch(recording.W) for m in monitors]
+    assert records[0].as_dict() == records[1].as_dict()
+
+
+def test_end_epoch_refuses_a_nan_w():
+    loss, monitor = _loss(), MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    loss(*_batches(13)[0])
+    monitor.update(loss)
+    W = loss.W.detach().clone()
+    W[1, 2] = math.nan
+    with pytest.raises(ValueError, match="W contains NaN or Inf"):
+        monitor.end_epoch(W)

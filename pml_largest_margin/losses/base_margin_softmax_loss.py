@@ -64,12 +64,14 @@ class BaseMarginSoftmaxLoss(
             (stream when the buffer would exceed
             :data:`~pml_largest_margin.losses.fused.BUFFER_LIMIT_BYTES`); the same values and
             gradients either way (docs/losses.md, "Memory").
-        record_target_cosines: with ``collect_stats``, also keep the batch's target cosines
-            ``cos θ_{i,y_i}`` (N,) as ``target_cosines`` and its labels as ``target_labels``
-            (detached tensors, not PML stats), for
-            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`: the fused kernel's own
-            ``t`` (:meth:`fused_statistics`), or for a loss that does not run it, gathered from
-            the N target columns of ``W``, O(N·d); no further matrix product either way.
+        record_target_cosines: keep the batch's target cosines ``cos θ_{i,y_i}`` as
+            ``target_cosines``, its labels as ``target_labels`` and its sample margins as
+            ``batch_sample_margins``, detached (N,) tensors left on the device (not PML stats, and
+            independent of ``collect_stats``), for
+            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`. The target cosines are
+            the fused kernel's own ``t`` (:meth:`fused_statistics`), or for a loss that does
+            not run it, gathered from the N target columns of ``W``, O(N·d); the margins come
+            detached from the forward pass: no further matrix product and no host copy.
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class BaseMarginSoftmaxLoss(
         self.validate_inputs = validate_inputs
         self.record_class_margin = record_class_margin
         self.record_target_cosines = bool(record_target_cosines)
-        self.target_cosines = self.target_labels = None
+        self.target_cosines = self.target_labels = self.batch_sample_margins = None
         self.W = torch.nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
         self.weight_init_func(self.W)
         self.add_to_recordable_attributes(
@@ -142,8 +144,8 @@ class BaseMarginSoftmaxLoss(
 
         ``γ`` (only with ``with_margins``) is differentiable when :attr:`margins_need_gradient`;
         otherwise it is the same values taken from the forward pass without a gradient (no
-        nearest-class bookkeeping, nothing added to backward). With ``collect_stats`` and
-        ``record_target_cosines`` the batch's target cosines are recorded from ``t``.
+        nearest-class bookkeeping, nothing added to backward). With ``record_target_cosines``
+        the batch's target cosines are recorded from ``t``.
         """
         differentiable = with_margins and self.margins_need_gradient
         nontarget_lse, target, margins = fused_nontarget_logsumexp(
@@ -155,7 +157,7 @@ class BaseMarginSoftmaxLoss(
             detached_margins=with_margins and not differentiable,
             memory=self.memory,
         )
-        if self.collect_stats and self.record_target_cosines:
+        if self.record_target_cosines:
             self.target_cosines, self.target_labels = target.detach(), labels.detach()
         return nontarget_lse, target, margins
 
@@ -199,7 +201,9 @@ class BaseMarginSoftmaxLoss(
             if self.sample_margin_regularizer is not None:
                 loss_dict["sample_margin_loss"] = dict(loss)
         else:
-            with_margins = self.collect_stats or self.margins_need_gradient
+            with_margins = (
+                self.collect_stats or self.record_target_cosines or self.margins_need_gradient
+            )
             if self.record_target_cosines:
                 # Recorded by fused_statistics when the loss runs the fused kernel.
                 self.target_cosines = self.target_labels = None
@@ -209,7 +213,9 @@ class BaseMarginSoftmaxLoss(
                 )
             if self.collect_stats:
                 self.record_sample_margins(margins.detach())
-                if self.record_target_cosines and self.target_cosines is None:
+            if self.record_target_cosines:
+                self.batch_sample_margins = margins.detach()
+                if self.target_cosines is None:
                     self._record_target_cosines(embeddings, weights, labels)
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
             loss = {

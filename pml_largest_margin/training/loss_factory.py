@@ -91,9 +91,9 @@ def build_loss(
     ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form; ``"sum"``:
     ``λ · ‖Σ_j ŵ_j‖²``, the authors') as PML's ``weight_reg_loss``. ``record_margins`` makes
     this package's losses (LM-Softmax and the margin heads) record what a
-    :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads (``collect_stats``,
-    ``record_target_cosines``; not their per-batch class margin); PML's losses and the plain
-    softmax record nothing and are monitored from their inputs. ``class_counts`` (the training
+    :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads (``record_target_cosines``:
+    detached tensors per batch, no PML stats); PML's losses and the plain softmax record
+    nothing and are monitored from their inputs. ``class_counts`` (the training
     set's count of each class) is needed by ``dynamic-margin`` and ignored by the other losses.
     """
     spec = loss_spec(name)
@@ -115,7 +115,7 @@ def build_loss(
             raise ValueError("loss 'dynamic-margin' needs the training set's class_counts")
         options["class_counts"] = class_counts
     if record_margins and issubclass(loss_class, BaseMarginSoftmaxLoss):
-        options.update(collect_stats=True, record_target_cosines=True, record_class_margin=False)
+        options.update(record_target_cosines=True)
     if zero_centroid_weight > 0:
         options.update(
             weight_regularizer=ZeroCentroidRegularizer(
