@@ -242,6 +242,8 @@ def test_files_are_written_and_parse(tmp_path):
     data = json.loads(json_path.read_text())
     assert len(data["epochs"]) == 2 and data["num_classes"] == NUM_CLASSES
     assert data["epochs"][0]["class_mean_angle_degrees"][-1] is None  # unseen class
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_path.stat().st_size > 10_000  # four panels drawn, not an empty canvas
     assert len(data["histogram"]["edges"]) == len(data["epochs"][0]["cosine_histogram"]) + 1
     png = png_path.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
