@@ -229,7 +229,11 @@ def main() -> None:
         pair_overheads = [
             100 * (on[1] / off[1] - 1) for off, on in zip(runs["off"], runs["on"], strict=True)
         ]
-        reads = "the loss's recorded tensors" if loss == "lm-softmax" else "the batch (one extra N×C product)"
+        reads = (
+            "the loss's recorded tensors"
+            if loss == "lm-softmax"
+            else "the batch (one extra N×C product)"
+        )
         print(
             f"| {loss} | {reads} | {wall['off']:.2f} | {wall['on']:.2f} | "
             f"{100 * (wall['on'] / wall['off'] - 1):+.1f} | {cpu['off']:.2f} | {cpu['on']:.2f} | "
