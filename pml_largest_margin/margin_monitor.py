@@ -307,23 +307,24 @@ class MarginMonitor:
         self._pending.clear()
         if not labels.numel():
             return
-        margins = margins.double()
-        total, low = torch.stack((margins.sum(), margins.min())).tolist()  # one host copy
+        # One host copy for both (the sum in float64, as the epoch's mean is).
+        total, low = torch.stack((margins.sum(dtype=torch.float64), margins.min())).tolist()
         if not (math.isfinite(total) and math.isfinite(low)):
             raise ValueError(
                 "a batch has NaN or Inf sample margins: its embeddings or W contain NaN or Inf"
             )
-        angles = targets.double().clamp_(-1.0, 1.0).acos_().cpu()
         labels = labels.long().cpu()
-        if int(labels.max()) >= self.num_classes:
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        if counts.shape[0] > self.num_classes:  # bincount is as long as the largest label + 1
             raise ValueError(
-                f"labels reach {int(labels.max())} but the monitor has {self.num_classes} classes"
+                f"labels reach {counts.shape[0] - 1} but the monitor has {self.num_classes} classes"
             )
+        angles = targets.double().clamp_(-1.0, 1.0).acos_().cpu()
         self._margin_sum += total
         self._margin_min = min(self._margin_min, low)
-        self._num_samples += margins.numel()
+        self._num_samples += labels.numel()
         self._angle_sums.index_add_(0, labels, angles)
-        self._angle_counts += torch.bincount(labels, minlength=self.num_classes)
+        self._angle_counts += counts
         self._angle_maxima.scatter_reduce_(0, labels, angles, reduce="amax")
 
     # --- per epoch -------------------------------------------------------------------------
