@@ -191,8 +191,7 @@ class MarginMonitor:
     Our losses record what the monitor needs with ``record_target_cosines=True`` (PML's
     ``collect_stats`` is not needed; with it, ``record_class_margin=False`` avoids their own
     O(C²d) class margin at every batch: the monitor takes it once per epoch). ``on_epoch`` is
-    called with each
-    new :class:`EpochMargins` (e.g. ``lambda r: print(format_epoch_line(r))``).
+    called with each new :class:`EpochMargins` (e.g. ``lambda r: print(format_epoch_line(r))``).
     ``iterations_per_epoch`` makes the iteration hook close an epoch every that many batches,
     for trainers that fold several passes over the data into one trainer epoch.
     """
