@@ -248,8 +248,8 @@ class MarginMonitor:
         recorded them (and marks them read, so a second call without a new batch is an error);
         otherwise measures ``embeddings`` and ``labels`` against ``loss_fn.W`` (one (N, C)
         product). Either way the batch's tensors are kept as they are, on their device, and
-        reduced at the next fold (every 64 batches and at the epoch's end): a batch costs no
-        copy to the host.
+        reduced at the next fold (every 64 batches and at the epoch's end): a recorded batch
+        costs no copy to the host (a measured one, its label-range check).
 
         Raises:
             ValueError: the loss recorded nothing new and no embeddings and labels were given,
@@ -279,7 +279,8 @@ class MarginMonitor:
         self, loss_fn: torch.nn.Module, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's target cosines and sample margins (N,), against ``loss_fn.W``."""
-        # Shapes here; NaN/Inf are caught at the fold, from the margins, without a sync per batch.
+        # Shapes and the label range here (the gather needs it); NaN/Inf at the fold, from the
+        # margins, without another copy to the host per batch.
         check_embeddings(embeddings, finite=False)
         check_labels(labels, self.num_classes, embeddings.shape[0])
         W = getattr(loss_fn, "W", None)
