@@ -19,9 +19,8 @@ import torch.distributed as dist
 from ..losses.fused import (
     NORM_EPS,
     column_dots,
-    cosine_gradients,
     stream_block_columns,
-    stream_products,
+    stream_gradients,
     stream_statistics,
     uses_stream,
 )
@@ -172,13 +171,10 @@ def _stream_backward(ctx, grad_logsumexp, grad_target, grad_max):
     else:
         nearest = None
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        unit_part, weight_part = stream_products(
-            embeddings, row_factor, prototypes, inverse_norms, local_targets, ctx.scale,
-            non_target_max, ctx.block_columns, need_embeddings, need_weights,
-        )  # fmt: skip
-        grad_embeddings, grad_weights = cosine_gradients(
-            embeddings, prototypes, inverse_norms, clamped, local_targets, row_factor,
-            grad_target, nearest, unit_part, weight_part,
+        grad_embeddings, grad_weights = stream_gradients(
+            embeddings, prototypes, inverse_norms, clamped, local_targets, ctx.scale,
+            non_target_max, row_factor, grad_target, nearest, ctx.block_columns,
+            need_embeddings, need_weights,
         )  # fmt: skip
     if need_embeddings:
         dist.all_reduce(grad_embeddings, op=dist.ReduceOp.SUM, group=ctx.group)
