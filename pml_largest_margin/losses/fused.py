@@ -126,11 +126,16 @@ def _tie_shares(rows: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.
 
 
 def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(0)`` for (d, C) matrices without a (d, C) temporary."""
+    """``(a * b).sum(0)`` for (d, C) matrices without a (d, C) temporary: in blocks of columns
+    through one reused (d, block) product, which stays in cache (on CPU about twice as fast as
+    a reduction over the strided first dimension of the whole matrix)."""
     out = torch.empty(a.shape[1], dtype=a.dtype, device=a.device)
+    scratch = a.new_empty(a.shape[0] * min(_COLUMN_BLOCK, a.shape[1]))
     for start in range(0, a.shape[1], _COLUMN_BLOCK):
-        stop = start + _COLUMN_BLOCK
-        torch.sum(a[:, start:stop] * b[:, start:stop], dim=0, out=out[start:stop])
+        stop = min(start + _COLUMN_BLOCK, a.shape[1])
+        products = _block_views(scratch, a.shape[0], stop - start)
+        torch.mul(a[:, start:stop], b[:, start:stop], out=products)
+        torch.sum(products, dim=0, out=out[start:stop])
     return out
 
 
@@ -250,7 +255,7 @@ def stream_gradients(
         grad_weights = torch.empty_like(weights)
         radial = inverse_weight_norms.square().masked_fill_(weight_clamped, 0.0)
         scaled_unit_t = (unit * row_factor[:, None]).t()
-        products_storage, dots_storage = unit.new_empty(2, dim * width).unbind()
+        dots_storage = unit.new_empty(dim * width)
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
         block = weights[:, start:stop]
         exponentials = _block_views(exponentials_storage, num_rows, stop - start)
@@ -265,14 +270,15 @@ def stream_gradients(
         if need_unit:
             grad_unit.addmm_(exponentials, block.t())
         if need_weights:
-            block_grad = _block_views(products_storage, dim, stop - start)
+            # Written in place: a column block of a row-major matrix is a valid BLAS output.
+            block_grad = grad_weights[:, start:stop]
             torch.mm(scaled_unit_t, exponentials, out=block_grad)
             _project_columns(
                 block_grad,
                 block,
                 radial[start:stop],
                 _block_views(dots_storage, dim, stop - start),
-                grad_weights[:, start:stop],
+                block_grad,
             )
     if need_unit:
         grad_unit.mul_(row_factor[:, None])
@@ -376,7 +382,7 @@ def clamped_normalisation(
     norms of ``weights`` with their clamp mask; norms below ``NORM_EPS`` are clamped to it."""
     embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
     inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
-    weight_norms = torch.linalg.vector_norm(weights, dim=0)
+    weight_norms = column_dots(weights, weights).sqrt_()
     return (
         embeddings * inverse_embedding_norms[:, None],
         inverse_embedding_norms,
