@@ -44,7 +44,9 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
         ctx.input_dtypes = (unit_embeddings.dtype, weights.dtype)
         ctx.block_columns = None
         if uses_stream(memory, unit_embeddings.shape[0], weights.shape[1], compute_dtype):
-            ctx.block_columns = stream_block_columns(unit_embeddings.shape[0], weights.device)
+            ctx.block_columns = stream_block_columns(
+                unit_embeddings.shape[0], weights.device, compute_dtype
+            )
             return _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype)
         with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
             embeddings = unit_embeddings.to(compute_dtype)
