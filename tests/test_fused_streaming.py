@@ -144,8 +144,8 @@ def test_stream_keeps_its_graph_for_a_second_backward():
     assert_all_close(second, first, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("memory", ["buffer", "stream"])
-def test_zero_and_tiny_norms_are_clamped_like_normalize(memory):
+@pytest.mark.parametrize(("memory", "block_columns"), PATHS)
+def test_zero_and_tiny_norms_are_clamped_like_normalize(memory, block_columns):
     # Row 0 is zero, row 1 has norm 1e-13 < NORM_EPS (clamped: plain scaling, no projection);
     # likewise columns 0 and 1 of W.
     embeddings, W, labels, upstream = problem(num_rows=6, num_classes=7)
@@ -158,7 +158,7 @@ def test_zero_and_tiny_norms_are_clamped_like_normalize(memory):
         lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
     )
     got = values_and_gradients(
-        lambda z, w: fused_outputs(z, w, labels, memory, 3), embeddings, W, upstream
+        lambda z, w: fused_outputs(z, w, labels, memory, block_columns), embeddings, W, upstream
     )
     for actual, expected in zip(got, want, strict=True):
         assert torch.isfinite(actual).all()
