@@ -281,12 +281,8 @@ def stream_gradients(
             # Written in place: a column block of a row-major matrix is a valid BLAS output.
             block_grad = grad_weights[:, start:stop]
             torch.mm(scaled_unit_t, exponentials, out=block_grad)
-            _project_columns(
-                block_grad,
-                block,
-                radial[start:stop],
-                _block_views(dots_storage, dim, stop - start),
-                block_grad,
+            _project_columns_(
+                block_grad, block, radial[start:stop], _block_views(dots_storage, dim, stop - start)
             )
     if need_unit:
         grad_unit.mul_(row_factor[:, None])
@@ -321,12 +317,11 @@ def buffer_gradients(
         for start in range(0, weights.shape[1], _COLUMN_BLOCK):
             columns = slice(start, start + _COLUMN_BLOCK)
             block_grad = grad_weights[:, columns]
-            _project_columns(
+            _project_columns_(
                 block_grad,
                 weights[:, columns],
                 radial[columns],
                 _block_views(scratch, *block_grad.shape),
-                block_grad,
             )
     return _add_sparse_gradients(
         unit, weights, inverse_weight_norms, radial, targets, grad_target, nearest, grad_unit,
@@ -334,19 +329,16 @@ def buffer_gradients(
     )  # fmt: skip
 
 
-def _project_columns(
-    grad: torch.Tensor,
-    weights: torch.Tensor,
-    radial_scale: torch.Tensor,
-    scratch: torch.Tensor,
-    out: torch.Tensor,
+def _project_columns_(
+    grad: torch.Tensor, weights: torch.Tensor, radial_scale: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor:
-    """``out = grad − w_j·(w_j·grad_j)·radial_scale_j`` per column: the gradient through
-    ``w/‖w‖`` when ``grad_j`` holds ``∂L/∂ŵ_j / ‖w_j‖`` and ``radial_scale_j = 1/‖w_j‖²`` (0 where
-    the norm is clamped, where the normalisation is a plain scaling). ``scratch`` is (d, K)."""
+    """``grad_j ← grad_j − w_j·(w_j·grad_j)·radial_scale_j`` per column, in place: the gradient
+    through ``w/‖w‖`` when ``grad_j`` holds ``∂L/∂ŵ_j / ‖w_j‖`` and ``radial_scale_j = 1/‖w_j‖²``
+    (0 where the norm is clamped, where the normalisation is a plain scaling). ``scratch`` is a
+    (d, K) block of the same shape, overwritten."""
     torch.mul(weights, grad, out=scratch)
     dots = scratch.sum(dim=0).mul_(radial_scale)
-    return torch.addcmul(grad, weights, dots, value=-1.0, out=out)
+    return grad.addcmul_(weights, dots, value=-1.0)
 
 
 def _add_sparse_gradients(
