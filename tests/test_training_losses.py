@@ -118,3 +118,19 @@ def test_scale_options_of_the_registry():
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
         check_loss_options("triplet", None, None)
     check_loss_options("sphereface", 2.0, 4)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "name"),
+    [
+        ((True, 4), TypeError, "num_classes"),
+        ((1, 4), ValueError, "num_classes"),
+        ((5, 4.0), TypeError, "embedding_size"),
+        ((5, 0), ValueError, "embedding_size"),
+    ],
+)
+def test_softmax_cross_entropy_sizes_are_checked_like_the_library_losses(arguments, error, name):
+    with pytest.raises(error, match=name):
+        SoftmaxCrossEntropyLoss(*arguments)
+    loss_func = SoftmaxCrossEntropyLoss(torch.tensor(5), 4)
+    assert type(loss_func.num_classes) is int and loss_func.W.shape == (4, 5)

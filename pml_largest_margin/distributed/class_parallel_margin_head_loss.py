@@ -31,7 +31,9 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
     are this loss's (pass them here, not to the head).
     """
 
-    def __init__(self, head: BaseMarginHeadLoss, process_group=None, **kwargs):
+    def __init__(
+        self, head: BaseMarginHeadLoss, process_group: dist.ProcessGroup | None = None, **kwargs
+    ) -> None:
         if not isinstance(head, BaseMarginHeadLoss):
             raise TypeError(f"head must be a BaseMarginHeadLoss, got {type(head).__name__}")
         if not head.supports_class_parallel:
@@ -52,7 +54,9 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
         head.replica_group = dist.group.WORLD if process_group is None else process_group
         self.head = head
 
-    def per_sample_losses_and_margins(self, embeddings, labels):
+    def per_sample_losses_and_margins(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         weights, local_targets = self._scored_columns(labels)
         unit_embeddings = torch.nn.functional.normalize(embeddings, dim=1)
         track_max = self.sample_margin_regularizer is not None

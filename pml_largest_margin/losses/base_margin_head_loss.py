@@ -46,7 +46,12 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
     supports_class_parallel = True
 
     def __init__(
-        self, num_classes: int, embedding_size: int, scale: float, process_group=None, **kwargs
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float,
+        process_group: dist.ProcessGroup | None = None,
+        **kwargs,
     ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
         if process_group is not None and not dist.is_initialized():
@@ -102,7 +107,9 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         return self.head_losses(cosine_statistics, norms, labels, with_margins)
 
     @torch.no_grad()
-    def reduce_over_ranks(self, values: torch.Tensor, op=None) -> torch.Tensor:
+    def reduce_over_ranks(
+        self, values: torch.Tensor, op: dist.ReduceOp | None = None
+    ) -> torch.Tensor:
         """``values`` reduced over ``process_group`` (sum, or ``op``); unchanged without a group."""
         if self.process_group is None:
             return values

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .._pml import BaseMetricLossFunction, CosineSimilarity, WeightRegularizerMixin, c_f, lmu
 from ..margins import class_margin, cosine_logits
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
-from ..validation import check_embeddings, check_flag, check_labels, check_loss_arguments
-from .fused import check_memory_mode
+from ..validation import (
+    NORM_EPS,
+    check_embeddings,
+    check_flag,
+    check_labels,
+    check_loss_arguments,
+)
+from .fused import DEFAULT_MEMORY, check_memory_mode
+
+#: Default ``scale`` of GM-Softmax and the margin heads (the presets' s = 64, docs/losses.md).
+DEFAULT_SCALE = 64.0
+#: Default ``scale`` of LM-Softmax, whose logits have no margin term.
+DEFAULT_LM_SOFTMAX_SCALE = 32.0
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -72,7 +79,7 @@ class BaseMarginSoftmaxLoss(
         scale: float,
         validate_inputs: bool = True,
         record_class_margin: bool = True,
-        memory: str = "auto",
+        memory: str = DEFAULT_MEMORY,
         record_target_cosines: bool = False,
         **kwargs,
     ):
@@ -202,7 +209,7 @@ class BaseMarginSoftmaxLoss(
         # pays at every batch. The embedding norm is clamped as torch.nn.functional.normalize does.
         targets = weights.detach().t()[labels.long()]
         embeddings = embeddings.detach().to(targets.dtype)
-        norms = torch.linalg.vector_norm(embeddings, dim=1).clamp_min_(1e-12)
+        norms = torch.linalg.vector_norm(embeddings, dim=1).clamp_min_(NORM_EPS)
         norms.mul_(torch.linalg.vector_norm(targets, dim=1))
         self.target_cosines = (embeddings * targets).sum(dim=1).div_(norms)
         self.target_labels = labels.detach()

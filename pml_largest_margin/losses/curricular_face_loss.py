@@ -7,7 +7,8 @@ import math
 import torch
 
 from ._angles import additive_angular_margin, arccos
-from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_head_loss import BaseMarginHeadLoss, CosineStatistics
+from .base_margin_softmax_loss import DEFAULT_SCALE
 from .functional import generalized_margin_softmax_head
 from .fused import NORM_EPS, clamped_normalisation, column_dots
 
@@ -138,7 +139,7 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         num_classes: int,
         embedding_size: int,
         margin: float = 0.5,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         **kwargs,
     ):
         if kwargs.get("sample_margin_regularizer") is not None:
@@ -159,7 +160,13 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         )
         self.running_hardness.mul_(0.99).add_(0.01 * sum_and_count[0] / sum_and_count[1])
 
-    def per_sample_losses(self, embeddings, weights, labels, with_margins=False):
+    def per_sample_losses(
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             unit = torch.nn.functional.normalize(embeddings, dim=1)
             prototypes = weights[:, labels.long()]
@@ -176,7 +183,13 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         losses = generalized_margin_softmax_head(nontarget_lse, target_logits, self.scale)
         return losses, (target.detach() - nontarget_max) if with_margins else None
 
-    def head_losses(self, cosine_statistics, norms, labels, with_margins=False):
+    def head_losses(
+        self,
+        cosine_statistics: CosineStatistics,
+        norms: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError(
             "CurricularFace modulates non-target logits; it has its own kernel"
         )
