@@ -49,20 +49,23 @@ def _block_cosines(unit, weights, inverse_weight_norms, targets, start, stop):
     return cosines, target
 
 
-def _modulate(cosines, thresholds, hardness):
-    """``φ = cos·(T + cos)`` on the hard negatives (``cos > c_i``), ``cos`` elsewhere, and the
-    slopes ``φ' = T + 2·cos`` there, 1 elsewhere (the target's −inf is never hard)."""
-    hard = cosines > thresholds[:, None]
-    logits = torch.where(hard, cosines * (hardness + cosines), cosines)
-    return logits, torch.where(hard, hardness + 2 * cosines, 1.0)
+def _modulated_logits(cosines, thresholds, hardness):
+    """``φ = cos·(T + cos)`` on the hard negatives (``cos > c_i``), ``cos`` elsewhere (a new
+    tensor), and the mask of the others (the target's −inf among them)."""
+    soft = cosines <= thresholds[:, None]
+    logits = torch.add(cosines, hardness).mul_(cosines)
+    return torch.where(soft, cosines, logits, out=logits), soft
 
 
-def _shifted_exponentials(logits, slopes, shift, scale, inverse_weight_norms):
-    """``exp(s·(φ − shift))·φ'/‖w_j‖`` in place of ``logits``, and the row sums of the
-    exponentials before the slopes."""
+def _exponentials_times_slopes(cosines, logits, soft, hardness, shift, scale, inverse_norms):
+    """``exp(s·(φ − shift))·φ'/‖w_j‖`` written over ``cosines`` (``logits`` is consumed), with
+    the slopes ``φ' = T + 2·cos`` on the hard negatives and 1 elsewhere; returns the row sums of
+    the exponentials. In place throughout: no block-sized temporary beyond ``logits``."""
     exponentials = logits.sub_(shift[:, None]).mul_(scale).exp_()
     sums = exponentials.sum(dim=1)
-    return exponentials.mul_(slopes).mul_(inverse_weight_norms), sums
+    cosines.mul_(2).add_(hardness).masked_fill_(soft, 1.0)
+    cosines.mul_(exponentials).mul_(inverse_norms)
+    return sums
 
 
 class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
@@ -109,14 +112,13 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
                     rows = slice(start, start + rows_per_block)
                     cosines = buffer[rows]
                     nontarget_max[rows] = cosines.amax(dim=1)
-                    logits, slopes = _modulate(cosines, thresholds[rows], hardness)
+                    logits, soft = _modulated_logits(cosines, thresholds[rows], hardness)
                     logit_max[rows] = logits.amax(dim=1)
                     # A row with only its target here has maximum −inf: shift by 0 instead.
                     shift = logit_max[rows].nan_to_num(neginf=0.0)
-                    exponentials, row_sums[rows] = _shifted_exponentials(
-                        logits, slopes, shift, scale, inverse_weight_norms
+                    row_sums[rows] = _exponentials_times_slopes(
+                        cosines, logits, soft, hardness, shift, scale, inverse_weight_norms
                     )
-                    cosines.copy_(exponentials)
             else:
                 target = unit.new_zeros(num_rows)
                 for start in range(0, num_columns, columns):
@@ -126,7 +128,7 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
                     )
                     target += block_target
                     torch.maximum(nontarget_max, cosines.amax(dim=1), out=nontarget_max)
-                    logits, _ = _modulate(cosines, thresholds, hardness)
+                    logits, _ = _modulated_logits(cosines, thresholds, hardness)
                     new_max = torch.maximum(logit_max, logits.amax(dim=1))
                     shift = new_max.nan_to_num(neginf=0.0)
                     row_sums.mul_(logit_max.sub(shift).mul_(scale).exp_())
@@ -198,10 +200,11 @@ def _stream_products(ctx, unit, weights, inverse_weight_norms, targets, threshol
     for start in range(0, weights.shape[1], ctx.columns):
         stop = min(start + ctx.columns, weights.shape[1])
         cosines, _ = _block_cosines(unit, weights, inverse_weight_norms, targets, start, stop)
-        logits, slopes = _modulate(cosines, thresholds, ctx.hardness)
-        exponentials, _ = _shifted_exponentials(
-            logits, slopes, shift, ctx.scale, inverse_weight_norms[start:stop]
+        logits, soft = _modulated_logits(cosines, thresholds, ctx.hardness)
+        _exponentials_times_slopes(
+            cosines, logits, soft, ctx.hardness, shift, ctx.scale, inverse_weight_norms[start:stop]
         )
+        exponentials = cosines
         if need_unit:
             unit_part.addmm_(exponentials, weights[:, start:stop].t())
         if need_weights:
