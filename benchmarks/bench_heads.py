@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         "interleaved rounds\n"
     )
     best: dict[str, dict] = {}
-    for _ in range(args.rounds):
+    for round_index in range(args.rounds):
         for case in cases:
             result = measure_in_fresh_process(
                 __file__,
@@ -147,11 +147,16 @@ def main(argv: list[str] | None = None) -> None:
                 device=args.device,
                 threads=args.threads,
             )
+            print(
+                f"round {round_index + 1}: {case} {1000 * result['seconds']:.0f} ms, "
+                f"{result['peak_bytes'] / 2**20:.0f} MB",
+                flush=True,
+            )
             # The fastest step (other processes' load only slows a step down) and the smallest
             # peak (the same from round to round, up to the allocator).
             previous = best.setdefault(case, result)
             best[case] = {key: min(previous[key], result[key]) for key in result}
-    print("| case | time (ms) | × PML ArcFace | peak mem (MB) | mem × PML ArcFace |")
+    print("\n| case | time (ms) | × PML ArcFace | peak mem (MB) | mem × PML ArcFace |")
     print("|---|---|---|---|---|")
     reference = best[REFERENCE]
     for case in cases:
