@@ -26,23 +26,23 @@ IJBC_PAIRS, IJBC_GENUINE = 15_658_489, 19_557
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def synthetic_scores(n_pairs: int, seed: int = 0):
+def synthetic_scores(num_pairs: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    n_genuine = max(2, round(n_pairs * IJBC_GENUINE / IJBC_PAIRS))
-    labels = np.zeros(n_pairs, dtype=bool)
-    labels[rng.choice(n_pairs, n_genuine, replace=False)] = True
-    scores = rng.normal(0.0, 0.1, n_pairs).astype(np.float32)
-    scores[labels] = rng.normal(0.55, 0.12, n_genuine).astype(np.float32)
+    num_genuine = max(2, round(num_pairs * IJBC_GENUINE / IJBC_PAIRS))
+    labels = np.zeros(num_pairs, dtype=bool)
+    labels[rng.choice(num_pairs, num_genuine, replace=False)] = True
+    scores = rng.normal(0.0, 0.1, num_pairs).astype(np.float32)
+    scores[labels] = rng.normal(0.55, 0.12, num_genuine).astype(np.float32)
     return scores, labels
 
 
-def synthetic_embeddings(n_pairs: int, dim: int = 512, seed: int = 0):
+def synthetic_embeddings(num_pairs: int, dim: int = 512, seed: int = 0):
     rng = np.random.default_rng(seed)
-    issame = rng.integers(0, 2, n_pairs).astype(bool)
-    first = rng.normal(size=(n_pairs, dim)).astype(np.float32)
-    noise = rng.normal(size=(n_pairs, dim)).astype(np.float32)
+    issame = rng.integers(0, 2, num_pairs).astype(bool)
+    first = rng.normal(size=(num_pairs, dim)).astype(np.float32)
+    noise = rng.normal(size=(num_pairs, dim)).astype(np.float32)
     second = np.where(issame[:, None], first + 1.3 * noise, noise)
-    embeddings = np.empty((2 * n_pairs, dim), dtype=np.float32)
+    embeddings = np.empty((2 * num_pairs, dim), dtype=np.float32)
     embeddings[0::2], embeddings[1::2] = first, second
     return embeddings, issame
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from numba import njit, prange
 from numpy.typing import ArrayLike
 
+from .defaults import DEFAULT_MAX_RANK
 from .knn import METRICS, top_k
 from .reid._ranking_kernel import positives_before
 from .reid.protocol import ReIDResult, result_from_positive_ranks
@@ -84,7 +85,7 @@ def _digest(array: np.ndarray) -> int:
 
 
 def _check_local_distances(local_distances) -> np.ndarray:
-    """A finite (num_query, n_local) floating-point matrix; n_local = 0 is an empty shard."""
+    """A finite (num_query, num_local) floating-point matrix; num_local = 0 is an empty shard."""
     array = to_numpy(local_distances, "local_distances")
     if array.ndim == 2 and array.shape[1] == 0:
         # check_features refuses zero columns (no feature dimensions); here they are a shard
@@ -175,12 +176,12 @@ def sharded_reid_from_distances(
     local_g_pids: ArrayLike,
     q_camids: ArrayLike,
     local_g_camids: ArrayLike,
-    max_rank: int = 50,
+    max_rank: int = DEFAULT_MAX_RANK,
     group: dist.ProcessGroup | None = None,
 ) -> ReIDResult:
     """Exact CMC, mAP and mINP (market1501 protocol, docs/theory.md §5) with the gallery sharded.
 
-    ``local_distances`` (num_query, n_local): this rank's columns of the distance matrix, smaller
+    ``local_distances`` (num_query, num_local): this rank's columns of the distance matrix, smaller
     is closer; ``local_g_pids`` / ``local_g_camids`` its gallery ids. Returns, on every rank, the
     :class:`evaluation.reid.ReIDResult` that :func:`evaluation.reid.evaluate_reid_from_distances`
     gives for the whole matrix (the same ranks go through the same final step).

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 #: What the evaluation functions accept as an array: numpy arrays, (CPU or GPU) torch tensors
 #: and nested sequences of numbers.
 ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence]
+#: Where torch computes distances: a device, its name ("cuda:0") or None (a GPU when one is there).
+DeviceLike = Union[str, "torch.device", None]
 
 
 def to_numpy(array: ArrayLike, name: str) -> np.ndarray:
@@ -78,7 +80,7 @@ def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
     return array
 
 
-def check_ids(ids, name: str, length: int | None = None) -> np.ndarray:
+def check_ids(ids: ArrayLike, name: str, length: int | None = None) -> np.ndarray:
     """A 1-D integer vector (person ids, camera ids, class labels), optionally of a given length."""
     array = to_numpy(ids, name)
     if array.ndim != 1:
@@ -90,14 +92,16 @@ def check_ids(ids, name: str, length: int | None = None) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def check_positive_integer(value, name: str) -> int:
+def check_positive_integer(value: object, name: str) -> int:
     """A Python or numpy integer >= 1 (bools refused), as an int."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def check_binary_labels(labels, name: str = "labels", length: int | None = None) -> np.ndarray:
+def check_binary_labels(
+    labels: ArrayLike, name: str = "labels", length: int | None = None
+) -> np.ndarray:
     """A 1-D vector of 0/1 (or bool) pair labels, 1 meaning genuine (same identity)."""
     array = to_numpy(labels, name)
     if array.ndim != 1:
@@ -110,7 +114,9 @@ def check_binary_labels(labels, name: str = "labels", length: int | None = None)
     return array.astype(bool)
 
 
-def check_same_dimension(first: np.ndarray, second: np.ndarray, first_name: str, second_name: str):
+def check_same_dimension(
+    first: np.ndarray, second: np.ndarray, first_name: str, second_name: str
+) -> None:
     """Two feature matrices (n, d) that are compared with each other must share d."""
     if first.shape[1] != second.shape[1]:
         raise ValueError(
@@ -132,7 +138,7 @@ def _largest_magnitude(arrays: Sequence[np.ndarray]) -> float:
     return max((max(float(a.max()), -float(a.min())) for a in arrays if a.size), default=0.0)
 
 
-def distance_rescaling_exponent(arrays: Sequence[np.ndarray], dtype=None) -> int:
+def distance_rescaling_exponent(arrays: Sequence[np.ndarray], dtype: np.dtype | None = None) -> int:
     """The power of two to divide feature matrices by so that their inner products and squared
     euclidean distances neither overflow nor lose their precision to underflow in ``dtype``
     (default: the first array's); 0 when they need no rescaling.
@@ -153,7 +159,12 @@ def distance_rescaling_exponent(arrays: Sequence[np.ndarray], dtype=None) -> int
 
 
 def check_protocol_ids(
-    q_pids, g_pids, q_camids, g_camids, num_query: int, num_gallery: int
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    num_query: int,
+    num_gallery: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The four id vectors of a re-ID evaluation as int64, each of its set's length; sets non-empty."""
     if num_query == 0:

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,6 +33,9 @@ from .margins import (
     sample_margins_from_cosines,
 )
 from .validation import check_embeddings, check_labels, check_prototypes
+
+if TYPE_CHECKING:
+    from ._pml import BaseTrainer
 
 __all__ = ["EpochMargins", "MarginMonitor", "format_epoch_line", "prototype_cosine_histogram"]
 
@@ -404,7 +408,7 @@ class MarginMonitor:
 
         return loss_fn.register_forward_pre_hook(keep_inputs)
 
-    def end_of_iteration_hook(self, trainer) -> None:
+    def end_of_iteration_hook(self, trainer: BaseTrainer) -> None:
         """PML's ``end_of_iteration_hook``: add the batch; close an epoch every
         ``iterations_per_epoch`` batches if that was set."""
         loss_fn = trainer.loss_funcs[self.loss_name]
@@ -412,7 +416,7 @@ class MarginMonitor:
         if self.iterations_per_epoch is not None and self._batches == self.iterations_per_epoch:
             self.end_epoch(loss_fn.W)
 
-    def end_of_epoch_hook(self, trainer) -> bool:
+    def end_of_epoch_hook(self, trainer: BaseTrainer) -> bool:
         """PML's ``end_of_epoch_hook``: close the trainer's epoch (if batches are pending).
         Returns True, so training goes on."""
         if self._num_samples:

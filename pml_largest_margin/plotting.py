@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 
-def pyplot():
+
+def pyplot() -> ModuleType:
     """``matplotlib.pyplot``, or a ``ValueError`` (one line for the CLI) naming the extra."""
     try:
         import matplotlib

@@ -230,3 +230,16 @@ def test_a_shadowing_evaluation_folder_is_named_in_one_line(tmp_path):
         assert "run from another directory" in lines[0]
     clean = _run_python(["-m", "pml_largest_margin.cli", "prototypes", "--help"], ROOT)
     assert clean.returncode == 0 and clean.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(1e-6, "1e-6"), (1e-1, "1e-1"), (2.5e-3, "2.5e-3"), (1.0, "1"), (50.0, "50"), (0.0, "0")],
+)
+def test_short_number_reads_back_exactly(value, text):
+    from pml_largest_margin.cli.tables import short_number
+
+    assert short_number(value) == text
+    assert float(short_number(value)) == value
+    third = short_number(1 / 3)
+    assert float(third) == 1 / 3 and third.endswith("e-1")

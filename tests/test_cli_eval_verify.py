@@ -59,6 +59,12 @@ def test_scores_input_json_to_stdout(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     report = verification_report(scores, labels)
     assert summary["auc"] == report.auc and summary["eer"] == report.eer
+    # The JSON names its counts num_* (the n_* keys of earlier releases are gone from files).
+    assert (summary["num_genuine"], summary["num_impostor"]) == (
+        int(labels.sum()),
+        int((labels == 0).sum()),
+    )
+    assert not {"n_genuine", "n_impostor"} & set(summary)
 
 
 def test_embeddings_with_pair_file(tmp_path, capsys):

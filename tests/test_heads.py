@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_utils import reference_cosines
 
 from pml_largest_margin.losses import (
     AdaCosLoss,
@@ -35,10 +36,6 @@ def problem(dtype=torch.float64):
     directions = directions / directions.norm(dim=1, keepdim=True)
     norms = torch.logspace(0, math.log10(150), BATCH, dtype=dtype)
     return directions * norms[:, None], labels, W
-
-
-def reference_cosines(embeddings, W):
-    return (embeddings / embeddings.norm(dim=1, keepdim=True)) @ (W / W.norm(dim=0))
 
 
 def softmax_cross_entropy(cosines, labels, target_logits, scale):

@@ -3,7 +3,11 @@
 - ``evaluation`` (the metrics library) never imports ``pml_largest_margin``.
 - Inside ``pml_largest_margin`` only the application layer (``cli``, ``demo``, ``training``) imports
   ``evaluation``; the library (losses, regularizers, margins, prototypes, distributed) does not.
-- The library never imports the application layer, and no two modules import each other in a cycle.
+- The library never imports the application layer, and no two modules import each other in a cycle
+  (imports under ``if TYPE_CHECKING:``, for type hints only, count for the layers but not as cycles:
+  they never run).
+- Each package imports pytorch-metric-learning in one module (``_pml.py``), so that a port to
+  another major version of it starts there.
 - No file of the project refers to documents outside the repository.
 """
 
@@ -26,12 +30,29 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Absolute names of the project modules that ``path`` imports (relative imports resolved)."""
+def typing_only_nodes(tree: ast.AST) -> set[int]:
+    """``id`` of every node inside an ``if TYPE_CHECKING:`` block."""
+    nodes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in (
+            "TYPE_CHECKING",
+            "typing.TYPE_CHECKING",
+        ):
+            nodes.update(id(inner) for statement in node.body for inner in ast.walk(statement))
+    return nodes
+
+
+def imported_modules(path: Path, *, typing_only: bool = True) -> set[str]:
+    """Absolute names of the project modules that ``path`` imports (relative imports resolved);
+    without ``typing_only``, those imported under ``if TYPE_CHECKING:`` are left out."""
     name = module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skipped = set() if typing_only else typing_only_nodes(tree)
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -62,11 +83,12 @@ def resolve(name: str, modules: dict[str, Path]) -> str | None:
     return name or None
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(*, typing_only: bool = True) -> dict[str, set[str]]:
     modules = project_modules()
     graph = {}
     for name, path in modules.items():
-        targets = {resolve(target, modules) for target in imported_modules(path)}
+        imported = imported_modules(path, typing_only=typing_only)
+        targets = {resolve(target, modules) for target in imported}
         graph[name] = {target for target in targets if target and target != name}
     return graph
 
@@ -116,8 +138,17 @@ def test_the_library_never_imports_the_application_layer():
     assert not offenders
 
 
+def test_type_checking_imports_are_recognised():
+    # evaluation.reid.bootstrap names ReIDResult in its hints only: protocol imports bootstrap.
+    assert "evaluation.reid.protocol" in import_graph()["evaluation.reid.bootstrap"]
+    assert (
+        "evaluation.reid.protocol"
+        not in import_graph(typing_only=False)["evaluation.reid.bootstrap"]
+    )
+
+
 def test_no_import_cycles():
-    graph = import_graph()
+    graph = import_graph(typing_only=False)
     # A package's __init__ re-exports its own submodules: those edges are not cycles of design.
     edges = {
         module: {target for target in targets if not target.startswith(module + ".")}
@@ -153,3 +184,35 @@ def test_no_reference_outside_the_repository(needle):
     ]
     offenders = [str(path.relative_to(ROOT)) for path in tracked if needle in path.read_text()]
     assert not offenders
+
+
+PML_GATEWAYS = {"pml_largest_margin/_pml.py", "evaluation/pml/_pml.py"}
+
+
+def third_party_imports(path: Path, package: str) -> set[str]:
+    """Names of the modules of ``package`` that ``path`` imports, wherever the import statement
+    sits (module level, inside a function, under ``if TYPE_CHECKING:``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] == package}
+
+
+def test_pytorch_metric_learning_is_imported_by_one_module_per_package():
+    importers = {
+        str(path.relative_to(ROOT))
+        for path in source_files()
+        if third_party_imports(path, "pytorch_metric_learning")
+    }
+    assert importers == PML_GATEWAYS
+
+
+def test_the_pml_import_check_reads_lazy_imports(tmp_path):
+    source = tmp_path / "lazy.py"
+    source.write_text("def f():\n    from pytorch_metric_learning.losses import ArcFaceLoss\n")
+    assert third_party_imports(source, "pytorch_metric_learning") == {
+        "pytorch_metric_learning.losses"
+    }

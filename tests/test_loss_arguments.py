@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+from pml_largest_margin.losses import (
+    AdaFaceLoss,
+    CurricularFaceLoss,
+    DynamicMarginLoss,
+    ElasticFaceLoss,
+    GeneralizedMarginSoftmaxLoss,
+    LargestMarginSoftmaxLoss,
+    MagFaceLoss,
+)
 from pml_largest_margin.losses.margin_functions import combined_margin_function
 from pml_largest_margin.regularizers import SampleMarginRegularizer, ZeroCentroidRegularizer
 from pml_largest_margin.validation import check_integer, check_real
@@ -22,6 +30,14 @@ LOSSES = {
         )
         for name in GeneralizedMarginSoftmaxLoss.preset_names()
     },
+    # The margin heads share the same constructor checks (AdaCos sets its own scale).
+    "adaface": AdaFaceLoss,
+    "magface": MagFaceLoss,
+    "curricularface": CurricularFaceLoss,
+    "elasticface": ElasticFaceLoss,
+    "dynamic-margin": lambda *args, **kwargs: DynamicMarginLoss(
+        *args, class_counts=[5, 4, 3, 2, 1], **kwargs
+    ),
 }
 SCALARS_OF_16 = [16, 16.0, np.float32(16), np.float64(16), np.int64(16), torch.tensor(16.0)]
 

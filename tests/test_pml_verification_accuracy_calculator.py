@@ -9,16 +9,16 @@ from evaluation.pml.verification_accuracy_calculator import (
 from evaluation.verification import verification_accuracy_10fold, verification_report
 
 
-def _interleaved(rng, n_pairs=300, dim=16):
-    labels = np.empty(2 * n_pairs, dtype=np.int64)
-    labels[0::2] = np.arange(n_pairs)
-    same = rng.integers(0, 2, n_pairs).astype(bool)
-    labels[1::2] = np.where(same, labels[0::2], labels[0::2] + n_pairs)
-    first = rng.normal(size=(n_pairs, dim))
+def _interleaved(rng, num_pairs=300, dim=16):
+    labels = np.empty(2 * num_pairs, dtype=np.int64)
+    labels[0::2] = np.arange(num_pairs)
+    same = rng.integers(0, 2, num_pairs).astype(bool)
+    labels[1::2] = np.where(same, labels[0::2], labels[0::2] + num_pairs)
+    first = rng.normal(size=(num_pairs, dim))
     second = np.where(
         same[:, None], first + rng.normal(size=first.shape), rng.normal(size=first.shape)
     )
-    embeddings = np.empty((2 * n_pairs, dim), dtype=np.float32)
+    embeddings = np.empty((2 * num_pairs, dim), dtype=np.float32)
     embeddings[0::2], embeddings[1::2] = first, second
     return embeddings, labels, same
 

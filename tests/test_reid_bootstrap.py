@@ -55,7 +55,7 @@ def test_per_camera_and_per_identity_equal_subset_evaluations():
             assert row["mAP"] == pytest.approx(subset.mAP, rel=1e-12)
             assert row["mINP"] == pytest.approx(subset.mINP, rel=1e-12)
             assert row["rank1"] == pytest.approx(subset.rank(1), rel=1e-12)
-    summary = json.loads(json.dumps(result.to_dict()))
+    summary = json.loads(json.dumps(result.as_dict()))
     assert set(summary["per_camera"]) == {str(c) for c in set(q_camids.tolist())}
     assert "intervals" not in summary
 
@@ -102,7 +102,7 @@ def test_bootstrap_option_is_seeded_and_exported():
     other = evaluate_reid(query, gallery, *ids, bootstrap=100, seed=2, device="cpu")
     assert first.intervals.as_dict() == again.intervals.as_dict()
     assert other.intervals.as_dict() != first.intervals.as_dict()
-    summary = json.loads(json.dumps(first.to_dict()))
+    summary = json.loads(json.dumps(first.as_dict()))
     assert summary["intervals"]["num_resamples"] == 100
     assert summary["intervals"]["mAP"][0] <= first.mAP <= summary["intervals"]["mAP"][1]
 

@@ -183,7 +183,33 @@ def test_torchvision_backbone_without_torchvision(image_folder, tmp_path, capsys
         "--backbone",
         "resnet18",
     ]
-    assert ".[train]" in _error(arguments, capsys)
+    assert ".[torchvision]" in _error(arguments, capsys)
+
+
+class _BrokenTorchvisionFinder:
+    """Imports ``torchvision`` the way a wheel built for another torch does: it raises."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+def test_torchvision_that_does_not_load_is_one_line(image_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTorchvisionFinder(), *sys.meta_path])
+    arguments = [
+        "train",
+        str(image_folder),
+        "--output-dir",
+        str(tmp_path),
+        "--backbone",
+        "resnet18",
+    ]
+    message = _error(arguments, capsys)
+    assert "does not load beside torch" in message
+    assert "operator torchvision::nms does not exist" in message
+    assert not (tmp_path / "last.pt").exists()
 
 
 def test_resume_needs_a_matching_checkpoint(image_folder, tmp_path, capsys):

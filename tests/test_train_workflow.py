@@ -413,7 +413,7 @@ def test_progress_bar_is_labelled_with_the_epoch(monkeypatch):
     assert labels == ["epoch 2/3", "epoch 3/3"]
 
 
-def test_train_extra_keeps_the_readme_torch():
+def test_torchvision_extra_keeps_the_readme_torch():
     import re
     from pathlib import Path
 
@@ -423,7 +423,8 @@ def test_train_extra_keeps_the_readme_torch():
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
         "optional-dependencies"
     ]
-    (torchvision,) = [pin for pin in extras["train"] if pin.startswith("torchvision")]
+    assert not [pin for pin in extras["train"] if pin.startswith("torch")]
+    (torchvision,) = extras["torchvision"]
     torch_pin = re.search(r"torch==(\d+)\.(\d+)\.\d+", (root / "README.md").read_text())
     # torchvision 0.N is built against torch 2.(N − 15) and requires exactly that torch.
     assert torchvision == f"torchvision==0.{int(torch_pin.group(2)) + 15}.*"

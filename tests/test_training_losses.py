@@ -136,3 +136,19 @@ def test_sub_centers_are_refused_elsewhere_and_below_one():
     with pytest.raises(ValueError, match="sub-centers must be an integer >= 1"):
         build_loss("arcface", 4, 3, sub_centers=0)
     assert build_loss("cosface", 4, 3, sub_centers=1).W.shape == (3, 4)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "name"),
+    [
+        ((True, 4), TypeError, "num_classes"),
+        ((1, 4), ValueError, "num_classes"),
+        ((5, 4.0), TypeError, "embedding_size"),
+        ((5, 0), ValueError, "embedding_size"),
+    ],
+)
+def test_softmax_cross_entropy_sizes_are_checked_like_the_library_losses(arguments, error, name):
+    with pytest.raises(error, match=name):
+        SoftmaxCrossEntropyLoss(*arguments)
+    loss_func = SoftmaxCrossEntropyLoss(torch.tensor(5), 4)
+    assert type(loss_func.num_classes) is int and loss_func.W.shape == (4, 5)

@@ -8,14 +8,14 @@ from evaluation.verification import fuse_flip, pair_distances, verification_accu
 from evaluation.verification.ten_fold import fold_bounds
 
 
-def _loop_protocol(unit, issame, n_folds=10, far_target=1e-3, fold_details=False):
+def _loop_protocol(unit, issame, num_folds=10, far_target=1e-3, fold_details=False):
     """The shared reference (tests/references.py) on L2-normalised embeddings, as a tuple."""
-    return _summary(reference_ten_fold(unit, issame, n_folds, far_target), fold_details)
+    return _summary(reference_ten_fold(unit, issame, num_folds, far_target), fold_details)
 
 
-def _loop_protocol_on_distances(dist, issame, n_folds=10, far_target=1e-3, fold_details=False):
+def _loop_protocol_on_distances(dist, issame, num_folds=10, far_target=1e-3, fold_details=False):
     return _summary(
-        reference_ten_fold_on_distances(dist, issame, n_folds, far_target), fold_details
+        reference_ten_fold_on_distances(dist, issame, num_folds, far_target), fold_details
     )
 
 
@@ -33,24 +33,24 @@ def _summary(reference, fold_details):
     return summary
 
 
-def _interleaved_pairs(rng, n_pairs, dim=32, noise=1.0, dtype=np.float32):
-    issame = rng.integers(0, 2, n_pairs).astype(bool)
-    first = rng.normal(size=(n_pairs, dim))
+def _interleaved_pairs(rng, num_pairs, dim=32, noise=1.0, dtype=np.float32):
+    issame = rng.integers(0, 2, num_pairs).astype(bool)
+    first = rng.normal(size=(num_pairs, dim))
     second = np.where(
         issame[:, None], first + noise * rng.normal(size=first.shape), rng.normal(size=first.shape)
     )
-    embeddings = np.empty((2 * n_pairs, dim))
+    embeddings = np.empty((2 * num_pairs, dim))
     embeddings[0::2], embeddings[1::2] = first, second
     return embeddings.astype(dtype), issame
 
 
 @pytest.mark.parametrize(
-    ("n_pairs", "noise", "dtype"),
+    ("num_pairs", "noise", "dtype"),
     [(600, 1.0, np.float32), (457, 0.6, np.float64), (1203, 1.5, np.float32)],
 )
-def test_10fold_equals_loop_implementation(n_pairs, noise, dtype):
+def test_10fold_equals_loop_implementation(num_pairs, noise, dtype):
     embeddings, issame = _interleaved_pairs(
-        np.random.default_rng(n_pairs), n_pairs, noise=noise, dtype=dtype
+        np.random.default_rng(num_pairs), num_pairs, noise=noise, dtype=dtype
     )
     result = verification_accuracy_10fold(embeddings, issame)
     accuracy, std, bests, val, val_std = _loop_protocol(
@@ -89,10 +89,10 @@ def test_scores_and_distances_inputs_agree_with_embeddings():
     np.testing.assert_allclose(distances, 2 - 2 * cosines, atol=1e-12)
 
 
-@pytest.mark.parametrize("n_items", [10, 23, 6000, 6007])
-def test_folds_cut_like_sklearn_kfold(n_items):
-    bounds = fold_bounds(n_items, 10)
-    for fold, (_, test) in enumerate(KFold(10, shuffle=False).split(np.arange(n_items))):
+@pytest.mark.parametrize("num_items", [10, 23, 6000, 6007])
+def test_folds_cut_like_sklearn_kfold(num_items):
+    bounds = fold_bounds(num_items, 10)
+    for fold, (_, test) in enumerate(KFold(10, shuffle=False).split(np.arange(num_items))):
         assert np.array_equal(np.arange(bounds[fold], bounds[fold + 1]), test)
 
 
@@ -124,7 +124,7 @@ def test_single_class_folds_give_nan_val_not_a_number_made_up():
         ({"distances": np.ones(20), "issame": np.ones(19)}, "entries"),
         ({"distances": np.ones(20), "issame": np.full(20, 2)}, "binary"),
         ({"distances": np.ones(5), "issame": np.ones(5)}, "folds"),
-        ({"distances": np.ones(20), "issame": np.ones(20), "n_folds": 1}, "n_folds"),
+        ({"distances": np.ones(20), "issame": np.ones(20), "num_folds": 1}, "num_folds"),
         ({"issame": np.ones(20)}, "exactly one"),
         ({"distances": np.ones(20), "scores": np.ones(20), "issame": np.ones(20)}, "exactly one"),
         ({"distances": np.ones(20)}, "issame"),
@@ -152,19 +152,19 @@ def test_bad_input(kwargs, message):
         verification_accuracy_10fold(**kwargs)
 
 
-def _near_grid_pairs(rng, n_pairs, dim=16):
+def _near_grid_pairs(rng, num_pairs, dim=16):
     """Pairs whose exact distances sit on the 0.01 grid around 1.0, stored as float32 rows of
     random lengths: float32 and float64 arithmetic put them on either side of the grid point."""
-    grid = rng.integers(95, 106, n_pairs) / 100
-    first = normalize(rng.normal(size=(n_pairs, dim)))
-    other = rng.normal(size=(n_pairs, dim))
+    grid = rng.integers(95, 106, num_pairs) / 100
+    first = normalize(rng.normal(size=(num_pairs, dim)))
+    other = rng.normal(size=(num_pairs, dim))
     other = normalize(other - (other * first).sum(1)[:, None] * first)
     cos = 1 - grid / 2
     second = cos[:, None] * first + np.sqrt(1 - cos**2)[:, None] * other
-    embeddings = np.empty((2 * n_pairs, dim))
+    embeddings = np.empty((2 * num_pairs, dim))
     embeddings[0::2], embeddings[1::2] = first, second
-    embeddings *= rng.uniform(0.5, 2, (2 * n_pairs, 1))
-    issame = (grid < 1.0) ^ (rng.random(n_pairs) < 0.1)
+    embeddings *= rng.uniform(0.5, 2, (2 * num_pairs, 1))
+    issame = (grid < 1.0) ^ (rng.random(num_pairs) < 0.1)
     return embeddings.astype(np.float32), issame
 
 
@@ -221,7 +221,7 @@ def test_val_threshold_interpolates_from_a_non_zero_training_far():
     distances, issame = _two_folds(*folds)
     distances, issame = distances.astype(float), issame.astype(bool)
     result = verification_accuracy_10fold(
-        distances=distances, issame=issame, n_folds=2, far_target=0.05
+        distances=distances, issame=issame, num_folds=2, far_target=0.05
     )
     reference = _loop_protocol_on_distances(distances, issame, 2, 0.05, fold_details=True)
     _assert_equals_loop(result, reference)
@@ -236,7 +236,7 @@ def test_val_threshold_at_a_far_plateau_exactly_on_the_target():
     genuine = [(0.2 + 0.035 * i, True) for i in range(50)]  # some between 1.1 and 2.0
     distances, issame = _two_folds(impostors + genuine, genuine[::-1] + impostors[::-1])
     result = verification_accuracy_10fold(
-        distances=distances, issame=issame.astype(bool), n_folds=2, far_target=0.04
+        distances=distances, issame=issame.astype(bool), num_folds=2, far_target=0.04
     )
     reference = _loop_protocol_on_distances(distances, issame, 2, 0.04, fold_details=True)
     _assert_equals_loop(result, reference)
@@ -250,7 +250,7 @@ def test_val_threshold_when_the_training_far_reaches_the_target_only_at_the_last
     genuine = [(0.1 + 0.05 * i, True) for i in range(50)]
     distances, issame = _two_folds(impostors + genuine, genuine + impostors)
     result = verification_accuracy_10fold(
-        distances=distances, issame=issame.astype(bool), n_folds=2, far_target=0.04
+        distances=distances, issame=issame.astype(bool), num_folds=2, far_target=0.04
     )
     reference = _loop_protocol_on_distances(distances, issame, 2, 0.04, fold_details=True)
     _assert_equals_loop(result, reference)

@@ -149,7 +149,7 @@ def test_report_shares_one_sort_and_agrees_with_each_function():
         report.tar_at_far_threshold, tar_at_far(scores, labels, targets, rule="threshold")
     )
     summary = report.as_dict()
-    assert summary["n_genuine"] + summary["n_impostor"] == 3_000
+    assert summary["num_genuine"] + summary["num_impostor"] == 3_000
 
 
 def test_accepts_torch_tensors_and_bool_labels():

@@ -25,10 +25,10 @@ def _loop_templates(features, templates, medias):
     return result
 
 
-def _ijb_like(rng, n_images=300, dim=16):
-    features = rng.normal(size=(n_images, dim))
-    templates = rng.integers(100, 140, n_images)
-    medias = rng.integers(0, 12, n_images)
+def _ijb_like(rng, num_images=300, dim=16):
+    features = rng.normal(size=(num_images, dim))
+    templates = rng.integers(100, 140, num_images)
+    medias = rng.integers(0, 12, num_images)
     return features, templates, medias
 
 
@@ -124,7 +124,7 @@ def test_open_set_identification_equals_brute_force():
     )
     np.testing.assert_allclose(result.rank_rates, rank_rates)
     np.testing.assert_allclose(result.tpir, tpirs)
-    assert (result.n_mated, result.n_non_mated) == (150, 80)
+    assert (result.num_mated, result.num_non_mated) == (150, 80)
     assert result.as_dict()["rank"]["1"] == result.rank_rates[0]
 
 
@@ -133,7 +133,7 @@ def test_identification_bad_input():
     subjects = np.array([[1, 2], [2, 1]])
     with pytest.raises(ValueError, match="ranks"):
         identification_from_top_k(scores, subjects, [1, 3], [1, 2], ranks=(3,))
-    with pytest.raises(ValueError, match="n_probes"):
+    with pytest.raises(ValueError, match="num_probes"):
         identification_from_top_k(scores, subjects[:1], [1, 3], [1, 2])
     with pytest.raises(ValueError, match="NaN"):
         identification_from_top_k(np.full((2, 2), np.nan), subjects, [1, 3], [1, 2])
@@ -153,4 +153,4 @@ def test_closed_set_identification_has_rank_rates_and_no_tpir():
         scores, np.array([[1, 2], [1, 2]]), [1, 2], [1, 2], ranks=(1, 2)
     )
     np.testing.assert_array_equal(result.rank_rates, [0.5, 1.0])
-    assert np.isnan(result.tpir).all() and result.n_non_mated == 0
+    assert np.isnan(result.tpir).all() and result.num_non_mated == 0

@@ -28,6 +28,7 @@ import pickle
 import pickletools
 import struct
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -259,7 +260,7 @@ def read_bin_pairs(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
 
 
 def decode_images(
-    encoded,
+    encoded: Sequence[bytes],
     image_size: tuple[int, int] | None = None,
     normalize: bool = True,
     max_image_pixels: int = MAX_IMAGE_PIXELS,

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import numpy as np
 import torch
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from ..defaults import DEFAULT_RANKS, DEFAULT_REID_METRIC
 from ..reid import ReIDResult, evaluate_reid
-from ..validation import ArrayLike, to_numpy
+from ..reid.query_expansion import QueryExpansionArgument
+from ..reid.rerank import RerankArgument
+from ..validation import ArrayLike, DeviceLike, to_numpy
+from ._pml import AccuracyCalculator
 
 
 def exact_id_rows(labels: ArrayLike, name: str) -> np.ndarray:
@@ -60,15 +64,15 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
 
     def __init__(
         self,
-        ranks: tuple[int, ...] = (1, 5, 10),
-        metric: str = "euclidean",
-        include=(),
-        exclude=(),
-        device=None,
-        rerank=None,
-        query_expansion=None,
+        ranks: tuple[int, ...] = DEFAULT_RANKS,
+        metric: str = DEFAULT_REID_METRIC,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        device: DeviceLike = None,
+        rerank: RerankArgument = None,
+        query_expansion: QueryExpansionArgument = None,
         **kwargs,
-    ):
+    ) -> None:
         from ..reid.query_expansion import as_query_expansion_options
         from ..reid.rerank import as_rerank_options
 
@@ -96,13 +100,13 @@ class ReIDAccuracyCalculator(AccuracyCalculator):
 
     def get_accuracy(
         self,
-        query,
-        query_labels,
-        reference=None,
-        reference_labels=None,
-        ref_includes_query=False,
-        include=(),
-        exclude=(),
+        query: ArrayLike,
+        query_labels: ArrayLike,
+        reference: ArrayLike | None = None,
+        reference_labels: ArrayLike | None = None,
+        ref_includes_query: bool = False,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ) -> dict:
         """PML's ``get_accuracy``, evaluated on the exact ``(pid, camid)`` labels.
 

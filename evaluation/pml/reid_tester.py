@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pytorch_metric_learning.testers import GlobalEmbeddingSpaceTester
-
+from ..reid.query_expansion import QueryExpansionArgument
+from ..reid.rerank import RerankArgument
+from ._pml import AccuracyCalculator, GlobalEmbeddingSpaceTester
 from .reid_accuracy_calculator import ReIDAccuracyCalculator
 
 
@@ -21,12 +22,12 @@ class ReIDTester(GlobalEmbeddingSpaceTester):
     def __init__(
         self,
         *args,
-        normalize_embeddings=False,
-        accuracy_calculator=None,
-        rerank=None,
-        query_expansion=None,
+        normalize_embeddings: bool = False,
+        accuracy_calculator: AccuracyCalculator | None = None,
+        rerank: RerankArgument = None,
+        query_expansion: QueryExpansionArgument = None,
         **kwargs,
-    ):
+    ) -> None:
         if accuracy_calculator is not None and (rerank or query_expansion is not None):
             raise ValueError(
                 "pass rerank / query_expansion to the ReIDAccuracyCalculator you give, not the tester"
@@ -43,8 +44,12 @@ class ReIDTester(GlobalEmbeddingSpaceTester):
         )
 
     def do_knn_and_accuracies(
-        self, accuracies, embeddings_and_labels, query_split_name, reference_split_names
-    ):
+        self,
+        accuracies: dict[str, float],
+        embeddings_and_labels: dict,
+        query_split_name: str,
+        reference_split_names: list[str],
+    ) -> None:
         query, query_labels, reference, reference_labels = self.set_reference_and_query(
             embeddings_and_labels, query_split_name, reference_split_names
         )

@@ -13,11 +13,14 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
+from .._deprecation import DeprecatedAlias, renamed_keywords
+from ..defaults import DEFAULT_NUM_FOLDS
 from ..knn import l2_normalize
+from ..validation import ArrayLike
 from ..verification import verification_accuracy_10fold, verification_report
 from ..verification.pair_metrics import TAR_AT_FAR_RULES, check_far_targets
+from ._pml import AccuracyCalculator
 
 PAIR_MODES = ("interleaved", "all")
 _REPORT_KEY = "verification_report"
@@ -35,7 +38,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
     Pairs (``pairs=``):
     - ``"interleaved"``: query rows 0::2 against rows 1::2, genuine when their labels are equal
       (the layout of ``.bin`` pair sets and :func:`evaluation.verification.load_bin`); adds
-      ``verification_accuracy`` (mean of the ``n_folds``-fold protocol, docs/theory.md §6).
+      ``verification_accuracy`` (mean of the ``num_folds``-fold protocol, docs/theory.md §6).
     - ``"all"``: every unordered pair of distinct query rows, n (n − 1) / 2 of them, so meant
       for validation sets of up to a few thousand embeddings.
 
@@ -44,15 +47,18 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
     metrics unless ``include``/``exclude`` select otherwise.
     """
 
+    n_folds = DeprecatedAlias("num_folds")
+
+    @renamed_keywords(n_folds="num_folds")
     def __init__(
         self,
         *args,
         pairs: str = "interleaved",
-        far_targets=(1e-4, 1e-3, 1e-2),
+        far_targets: ArrayLike | float = (1e-4, 1e-3, 1e-2),
         tar_rule: str = "nearest",
-        n_folds: int = 10,
+        num_folds: int = DEFAULT_NUM_FOLDS,
         **kwargs,
-    ):
+    ) -> None:
         if pairs not in PAIR_MODES:
             raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
         if tar_rule not in TAR_AT_FAR_RULES:
@@ -60,7 +66,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
         self.pairs = pairs
         self.far_targets = check_far_targets(far_targets)
         self.tar_rule = tar_rule
-        self.n_folds = n_folds
+        self.num_folds = num_folds
         # PML discovers metrics from the calculate_* attributes when it is initialised.
         self.pair_metric_names = ["verification_auc", "verification_eer"]
         for position, target in enumerate(self.far_targets):
@@ -100,7 +106,7 @@ class VerificationAccuracyCalculator(AccuracyCalculator):
                 kwargs[_REPORT_KEY] = verification_report(scores, issame, self.far_targets)
             if "verification_accuracy" in requested:
                 kwargs[_TEN_FOLD_KEY] = verification_accuracy_10fold(
-                    embeddings, issame, n_folds=self.n_folds
+                    embeddings, issame, num_folds=self.num_folds
                 )
         return super()._get_accuracy(function_dict, **kwargs)
 

@@ -15,13 +15,18 @@ percentile interval (``numpy.percentile``, linear interpolation) of the resample
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..validation import check_positive_integer
+from ..defaults import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, DEFAULT_SEED
+from ..validation import ArrayLike, check_positive_integer
+
+if TYPE_CHECKING:
+    from .protocol import ReIDResult
 
 
-def check_resampling(num_resamples, confidence) -> tuple[int, float]:
+def check_resampling(num_resamples: int, confidence: float) -> tuple[int, float]:
     """A positive number of resamples and a confidence level strictly between 0 and 1.
 
     Raises:
@@ -97,7 +102,7 @@ def _check_per_query(result):
         raise ValueError("this result carries no per-query ranks: build it with evaluate_reid")
 
 
-def group_breakdown(result, groups) -> dict[int, dict]:
+def group_breakdown(result: ReIDResult, groups: ArrayLike) -> dict[int, dict]:
     """Rank-1, mAP and mINP over the valid queries of each group (e.g. query camera), with the
     group's valid and skipped query counts; metrics are None for a group without valid queries."""
     _check_per_query(result)
@@ -126,7 +131,10 @@ def group_breakdown(result, groups) -> dict[int, dict]:
 
 
 def bootstrap_reid(
-    result, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+    result: ReIDResult,
+    num_resamples: int = DEFAULT_NUM_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> ReIDIntervals:
     """Percentile intervals of every CMC rank, mAP and mINP of ``result`` (module docstring).
 

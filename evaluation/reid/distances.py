@@ -11,16 +11,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_REID_METRIC, METRICS
 from ..knn import l2_normalize
-from ..validation import check_feature_pair, check_features, distance_rescaling_exponent
+from ..validation import (
+    ArrayLike,
+    DeviceLike,
+    check_feature_pair,
+    check_features,
+    distance_rescaling_exponent,
+)
 
-METRICS = ("euclidean", "cosine")
 # Size of one block of the query x gallery distance matrix when evaluating from features.
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 
 
 def pairwise_distances(
-    query_features, gallery_features, metric: str = "euclidean", device=None
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    metric: str = DEFAULT_REID_METRIC,
+    device: DeviceLike = None,
 ) -> np.ndarray:
     """The full (num_query, num_gallery) distance matrix of :func:`evaluate_reid`, as numpy.
 
@@ -70,7 +79,12 @@ class DistanceBlocks:
 
     @classmethod
     def from_features(
-        cls, query, gallery, metric: str, device=None, block_rows: int | None = None
+        cls,
+        query: np.ndarray,
+        gallery: np.ndarray,
+        metric: str,
+        device: DeviceLike = None,
+        block_rows: int | None = None,
     ) -> DistanceBlocks:
         """ "euclidean": squared norms and ``-2`` times the inner product (torchreid's formula);
         "cosine": ``1 -`` the inner product of L2-normalised features. Products by torch on
@@ -108,7 +122,7 @@ class DistanceBlocks:
 
         return cls(gallery_offsets, dtype(-2 if metric == "euclidean" else -1), blocks())
 
-    def row(self, products_row: np.ndarray, query_offset) -> np.ndarray:
+    def row(self, products_row: np.ndarray, query_offset: int) -> np.ndarray:
         """One query's distances, by the formula the counting pass uses."""
         return (query_offset + self.gallery_offsets) + self.scale * products_row
 

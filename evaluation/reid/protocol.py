@@ -27,7 +27,20 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .._deprecation import DeprecatedAlias
+from ..defaults import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_MAX_RANK,
+    DEFAULT_NUM_REPEATS,
+    DEFAULT_NUM_RESAMPLES,
+    DEFAULT_PROTOCOL,
+    DEFAULT_REID_METRIC,
+    DEFAULT_SEED,
+    PROTOCOLS,
+)
 from ..validation import (
+    ArrayLike,
+    DeviceLike,
     check_feature_pair,
     check_features,
     check_positive_integer,
@@ -36,9 +49,10 @@ from ..validation import (
     to_numpy,
 )
 from ._ranking_kernel import count_positives, positive_ranks_block
+from .bootstrap import ReIDIntervals
 from .distances import DEFAULT_BLOCK_BYTES, DistanceBlocks
-
-PROTOCOLS = ("market1501", "cuhk03")
+from .query_expansion import QueryExpansionArgument
+from .rerank import RerankArgument
 
 
 @dataclass(frozen=True)
@@ -88,21 +102,26 @@ class ReIDResult:
         """Rank-1, mAP, mINP and the number of valid queries, per query identity."""
         return self._breakdown(self.query_pids, "query_pids")
 
-    def _breakdown(self, groups, name: str) -> dict[int, dict]:
+    def _breakdown(self, groups: np.ndarray | None, name: str) -> dict[int, dict]:
         from .bootstrap import group_breakdown
 
         if groups is None:
             raise ValueError(f"this result carries no {name}: build it with evaluate_reid")
         return group_breakdown(self, groups)
 
-    def bootstrap(self, num_resamples: int = 1000, seed: int = 0, confidence: float = 0.95):
+    def bootstrap(
+        self,
+        num_resamples: int = DEFAULT_NUM_RESAMPLES,
+        seed: int = DEFAULT_SEED,
+        confidence: float = DEFAULT_CONFIDENCE,
+    ) -> ReIDIntervals:
         """Percentile intervals of rank-k, mAP and mINP over query identities resampled with
         replacement (docs/theory.md §10); see :func:`evaluation.reid.bootstrap.bootstrap_reid`."""
         from .bootstrap import bootstrap_reid
 
         return bootstrap_reid(self, num_resamples, seed, confidence)
 
-    def to_dict(self) -> dict:
+    def as_dict(self) -> dict:
         summary = {
             "mAP": self.mAP,
             "mINP": self.mINP,
@@ -118,24 +137,26 @@ class ReIDResult:
             summary["intervals"] = self.intervals.as_dict()
         return summary
 
+    to_dict = DeprecatedAlias("as_dict")
+
 
 def evaluate_reid(
-    query_features,
-    gallery_features,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
-    metric: str = "euclidean",
-    max_rank: int = 50,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    metric: str = DEFAULT_REID_METRIC,
+    max_rank: int = DEFAULT_MAX_RANK,
     *,
-    protocol: str = "market1501",
-    num_repeats: int = 10,
-    seed: int = 0,
-    device=None,
+    protocol: str = DEFAULT_PROTOCOL,
+    num_repeats: int = DEFAULT_NUM_REPEATS,
+    seed: int = DEFAULT_SEED,
+    device: DeviceLike = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    rerank=None,
-    query_expansion=None,
+    rerank: RerankArgument = None,
+    query_expansion: QueryExpansionArgument = None,
     bootstrap: int | None = None,
 ) -> ReIDResult:
     """CMC, mAP and mINP of query features against gallery features (see the module docstring).
@@ -196,16 +217,16 @@ def _feature_blocks(
 
 
 def evaluate_reid_from_distances(
-    distmat,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
-    max_rank: int = 50,
+    distmat: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    max_rank: int = DEFAULT_MAX_RANK,
     *,
-    protocol: str = "market1501",
-    num_repeats: int = 10,
-    seed: int = 0,
+    protocol: str = DEFAULT_PROTOCOL,
+    num_repeats: int = DEFAULT_NUM_REPEATS,
+    seed: int = DEFAULT_SEED,
     bootstrap: int | None = None,
 ) -> ReIDResult:
     """CMC, mAP and mINP from a (num_query, num_gallery) distance matrix, smaller is closer

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..validation import check_features, check_positive_integer, check_same_dimension
+from ..defaults import NAMED_EXPANSIONS
+from ..validation import ArrayLike, check_features, check_positive_integer, check_same_dimension
 from .top_k import joint_nearest_neighbours
-
-NAMED_EXPANSIONS = ("average", "alpha")
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,13 @@ class QueryExpansionOptions:
             raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
 
 
-def as_query_expansion_options(query_expansion) -> QueryExpansionOptions | None:
+#: What ``query_expansion=`` accepts (see :func:`as_query_expansion_options`).
+QueryExpansionArgument = str | QueryExpansionOptions | dict | None
+
+
+def as_query_expansion_options(
+    query_expansion: QueryExpansionArgument,
+) -> QueryExpansionOptions | None:
     """``query_expansion=`` of the evaluators: ``None`` (off), ``"average"`` (``α = 0``),
     ``"alpha"`` (``α = 3``), both with ``k = 5``; a :class:`QueryExpansionOptions`; or a dict
     of its fields."""
@@ -69,8 +74,8 @@ def as_query_expansion_options(query_expansion) -> QueryExpansionOptions | None:
 
 
 def expand_queries(
-    query_features,
-    gallery_features,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
     options: QueryExpansionOptions | None = None,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..validation import check_features, check_positive_integer, check_same_dimension
+from ..defaults import CONVENTIONS, DEFAULT_REID_METRIC
+from ..validation import (
+    ArrayLike,
+    DeviceLike,
+    check_features,
+    check_positive_integer,
+    check_same_dimension,
+)
 from ._rerank_kernel import (
     expanded_sets,
     gaussian_weights,
@@ -48,7 +55,6 @@ from ._rerank_kernel import (
 from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
 from .top_k import joint_nearest_neighbours
 
-CONVENTIONS = ("paper", "torchreid")
 # Farthest candidates per item whose exact distance decides the row maximum (float32 near-ties).
 _FARTHEST_CANDIDATES = 4
 
@@ -84,7 +90,11 @@ class KReciprocalOptions:
         return 2 if self.convention == "torchreid" else 1
 
 
-def as_rerank_options(rerank) -> KReciprocalOptions | None:
+#: What ``rerank=`` accepts (see :func:`as_rerank_options`).
+RerankArgument = bool | KReciprocalOptions | dict | None
+
+
+def as_rerank_options(rerank: RerankArgument) -> KReciprocalOptions | None:
     """``rerank=`` of the evaluators: ``None``/``False`` (off), ``True`` (the paper's
     parameters), a :class:`KReciprocalOptions`, or a dict of its fields."""
     if rerank is None or rerank is False:
@@ -101,12 +111,12 @@ def as_rerank_options(rerank) -> KReciprocalOptions | None:
 
 
 def k_reciprocal_rerank(
-    query_features,
-    gallery_features,
-    metric: str = "euclidean",
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    metric: str = DEFAULT_REID_METRIC,
     options: KReciprocalOptions | None = None,
     *,
-    device=None,
+    device: DeviceLike = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     use_gpu: bool | None = None,
 ) -> DistanceBlocks:

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..defaults import DEFAULT_MAX_RANK, DEFAULT_REID_METRIC
 from ..knn import GPU_MAX_K, gpu_available, top_k
 from ..validation import (
+    ArrayLike,
     check_features,
     check_positive_integer,
     check_protocol_ids,
@@ -32,14 +34,14 @@ _FAISS_METRICS = {"euclidean": "l2", "cosine": "cosine"}
 
 
 def cmc_from_top_k(
-    query_features,
-    gallery_features,
-    q_pids,
-    g_pids,
-    q_camids,
-    g_camids,
-    metric: str = "euclidean",
-    max_rank: int = 50,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
+    q_pids: ArrayLike,
+    g_pids: ArrayLike,
+    q_camids: ArrayLike,
+    g_camids: ArrayLike,
+    metric: str = DEFAULT_REID_METRIC,
+    max_rank: int = DEFAULT_MAX_RANK,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, int]:
     """``(cmc, num_valid_queries)`` of the camera-aware protocol from exact FAISS top-k lists."""
@@ -75,10 +77,10 @@ def cmc_from_top_k(
 
 
 def reranking_candidates(
-    query_features,
-    gallery_features,
+    query_features: ArrayLike,
+    gallery_features: ArrayLike,
     k: int,
-    metric: str = "euclidean",
+    metric: str = DEFAULT_REID_METRIC,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranking candidates: ``(distances, indices)``, each of shape (num_query + num_gallery, k).
@@ -99,7 +101,7 @@ def reranking_candidates(
 
 
 def joint_nearest_neighbours(
-    joint: np.ndarray, k: int, metric: str = "euclidean", use_gpu: bool | None = None
+    joint: np.ndarray, k: int, metric: str = DEFAULT_REID_METRIC, use_gpu: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`reranking_candidates` on the already stacked (queries, then gallery) features."""
     if metric not in _FAISS_METRICS:

@@ -13,9 +13,9 @@ from numba import njit
 
 
 @njit(cache=True, nogil=True)
-def _walk(sorted_scores, genuine_sorted, n_genuine, n_impostor, thresholds, far, tar, corners):
+def _walk(sorted_scores, genuine_sorted, num_genuine, num_impostor, thresholds, far, tar, corners):
     """One pass from the highest score. With ``thresholds`` of size 0 it only counts: returns
-    ``(n_points, n_corners)``. Otherwise it fills point ``p`` (from 0) at index ``p + 1`` of the
+    ``(num_points, num_corners)``. Otherwise it fills point ``p`` (from 0) at index ``p + 1`` of the
     output arrays and the indices of the points ``roc_curve(drop_intermediate=True)`` keeps
     (first, last, and those whose next run differs in genuine or impostor count) into
     ``corners``."""
@@ -25,7 +25,7 @@ def _walk(sorted_scores, genuine_sorted, n_genuine, n_impostor, thresholds, far,
     true_accepts = 0
     false_accepts = 0
     point = 0
-    n_corners = 0
+    num_corners = 0
     previous_genuine = -1
     previous_impostor = -1
     while position >= 0:
@@ -43,28 +43,28 @@ def _walk(sorted_scores, genuine_sorted, n_genuine, n_impostor, thresholds, far,
             point > 1 and (run_genuine != previous_genuine or run_impostor != previous_impostor)
         ):
             if fill:
-                corners[n_corners] = point - 1
-            n_corners += 1
+                corners[num_corners] = point - 1
+            num_corners += 1
         true_accepts += run_genuine
         false_accepts += run_impostor
         if fill:
             thresholds[point + 1] = np.float64(value)
-            far[point + 1] = np.float64(false_accepts) / np.float64(n_impostor)
-            tar[point + 1] = np.float64(true_accepts) / np.float64(n_genuine)
+            far[point + 1] = np.float64(false_accepts) / np.float64(num_impostor)
+            tar[point + 1] = np.float64(true_accepts) / np.float64(num_genuine)
         previous_genuine = run_genuine
         previous_impostor = run_impostor
         point += 1
     if point > 1:
         if fill:
-            corners[n_corners] = point - 1
-        n_corners += 1
+            corners[num_corners] = point - 1
+        num_corners += 1
     elif fill:
         corners[0] = 0
-    return point, max(n_corners, 1)
+    return point, max(num_corners, 1)
 
 
 @njit(cache=True, nogil=True)
-def roc_arrays(sorted_scores, genuine_sorted, n_genuine, n_impostor):
+def roc_arrays(sorted_scores, genuine_sorted, num_genuine, num_impostor):
     """``(thresholds, far, tar, corners)`` with ``[+inf, 0, 0]`` at index 0 of the curve.
 
     The outputs are allocated here, by numba's allocator, rather than by numpy: numpy advises the
@@ -72,22 +72,22 @@ def roc_arrays(sorted_scores, genuine_sorted, n_genuine, n_impostor):
     demand, touching hundreds of MB of them for the first time was measured 2 to 5 times slower.
     """
     no_floats = np.empty(0)
-    n_points, n_corners = _walk(
+    num_points, num_corners = _walk(
         sorted_scores,
         genuine_sorted,
-        n_genuine,
-        n_impostor,
+        num_genuine,
+        num_impostor,
         no_floats,
         no_floats,
         no_floats,
         np.empty(0, dtype=np.int64),
     )
-    thresholds = np.empty(n_points + 1)
-    far = np.empty(n_points + 1)
-    tar = np.empty(n_points + 1)
-    corners = np.empty(n_corners, dtype=np.int64)
+    thresholds = np.empty(num_points + 1)
+    far = np.empty(num_points + 1)
+    tar = np.empty(num_points + 1)
+    corners = np.empty(num_corners, dtype=np.int64)
     thresholds[0], far[0], tar[0] = np.inf, 0.0, 0.0
-    _walk(sorted_scores, genuine_sorted, n_genuine, n_impostor, thresholds, far, tar, corners)
+    _walk(sorted_scores, genuine_sorted, num_genuine, num_impostor, thresholds, far, tar, corners)
     return thresholds, far, tar, corners
 
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_CONFIDENCE, DEFAULT_NUM_RESAMPLES, DEFAULT_SEED
 from ..reid.bootstrap import check_resampling, percentile_interval
-from ..validation import check_ids
+from ..validation import ArrayLike, check_ids
 from ._bootstrap_kernel import count_subject_draws, resample_metrics
 
 # FAR grid of the TAR band drawn on ROC figures.
@@ -88,7 +89,7 @@ class _ScoreBlocks:
     pair in any resample, so they only move the FAR along one horizontal stretch of the ROC,
     which adds nothing to the AUC, holds one TAR for the threshold rule, and
     keeps the EER on the same segment. With few genuine pairs the blocks are few (at most
-    ``2 n_genuine + 1``), which is what makes a resample cheap.
+    ``2 num_genuine + 1``), which is what makes a resample cheap.
     """
 
     genuine_blocks: np.ndarray  # block of each genuine pair
@@ -153,10 +154,10 @@ def bootstrap_verification(
     scores: np.ndarray,
     labels: np.ndarray,
     far_targets: np.ndarray,
-    num_resamples: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    subjects=None,
+    num_resamples: int = DEFAULT_NUM_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+    subjects: ArrayLike | None = None,
 ) -> VerificationIntervals:
     """Intervals of AUC, EER and TAR@FAR (threshold rule) of validated ``(scores, labels)``.
 

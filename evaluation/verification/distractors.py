@@ -17,12 +17,20 @@ every count is read off the same pass. Memory beyond the inputs is one block of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..defaults import DEFAULT_RANKS
 from ..knn import l2_normalize, top_k
-from ..validation import check_features, check_ids, check_positive_integer, to_numpy
+from ..validation import (
+    ArrayLike,
+    check_features,
+    check_ids,
+    check_positive_integer,
+    to_numpy,
+)
 
 DEFAULT_BLOCK_ROWS = 2**15
 
@@ -60,13 +68,13 @@ def default_distractor_counts(num_distractors: int) -> np.ndarray:
 
 
 def identification_with_distractors(
-    probe_features,
-    probe_subjects,
-    gallery_features,
-    gallery_subjects,
-    distractor_features,
-    distractor_counts=None,
-    ranks=(1, 5, 10),
+    probe_features: ArrayLike,
+    probe_subjects: ArrayLike,
+    gallery_features: ArrayLike,
+    gallery_subjects: ArrayLike,
+    distractor_features: ArrayLike,
+    distractor_counts: ArrayLike | None = None,
+    ranks: Sequence[int] = DEFAULT_RANKS,
     block_rows: int = DEFAULT_BLOCK_ROWS,
     use_gpu: bool | None = None,
 ) -> DistractorCurve:

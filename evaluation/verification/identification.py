@@ -5,7 +5,7 @@ At a threshold ``t`` (a candidate passes when its score is strictly above ``t``)
 FPIR = share of non-mated probes whose top-1 score passes; TPIR = share of mated probes whose
 top-1 gallery template is a mate and passes. The threshold for a target FPIR follows the
 "threshold" rule of TAR@FAR: ``t`` is the (k+1)-th highest non-mated top-1 score with
-``k = floor(FPIR * n_non_mated)``. Rank-k identification rate: share of mated probes with a
+``k = floor(FPIR * num_non_mated)``. Rank-k identification rate: share of mated probes with a
 mate among their k best gallery templates (closed-set CMC over the mated probes). Without
 non-mated probes (closed-set search) FPIR is undefined and TPIR and the thresholds are NaN;
 without mated probes nothing is defined and a ``ValueError`` is raised.
@@ -13,13 +13,20 @@ without mated probes nothing is defined and a ``ValueError`` is raised.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .._deprecation import DeprecatedAlias, RenamedKeysDict, renamed_keys
+from ..defaults import DEFAULT_FPIR_TARGETS, DEFAULT_RANKS
 from ..knn import top_k
-from ..validation import check_features, check_ids, to_numpy
+from ..validation import ArrayLike, check_features, check_ids, to_numpy
 from .pair_metrics import check_far_targets
+
+_RENAMED_KEYS = renamed_keys(
+    "IdentificationResult", n_mated="num_mated", n_non_mated="num_non_mated"
+)
 
 
 @dataclass(frozen=True)
@@ -29,13 +36,15 @@ class IdentificationResult:
     fpir_targets: np.ndarray
     tpir: np.ndarray
     thresholds: np.ndarray
-    n_mated: int
-    n_non_mated: int
+    num_mated: int
+    num_non_mated: int
+    n_mated = DeprecatedAlias("num_mated")
+    n_non_mated = DeprecatedAlias("num_non_mated")
 
     def as_dict(self) -> dict:
-        return {
-            "n_mated": self.n_mated,
-            "n_non_mated": self.n_non_mated,
+        summary = {
+            "num_mated": self.num_mated,
+            "num_non_mated": self.num_non_mated,
             "rank": {
                 str(k): float(rate) for k, rate in zip(self.ranks, self.rank_rates, strict=True)
             },
@@ -44,18 +53,19 @@ class IdentificationResult:
                 for f, t, s in zip(self.fpir_targets, self.tpir, self.thresholds, strict=True)
             ],
         }
+        return RenamedKeysDict(summary, _RENAMED_KEYS)
 
 
 def identification_from_top_k(
-    top_scores,
-    top_subjects,
-    probe_subjects,
-    gallery_subjects,
-    ranks=(1, 5, 10),
-    fpir_targets=(1e-2, 1e-1),
+    top_scores: ArrayLike,
+    top_subjects: ArrayLike,
+    probe_subjects: ArrayLike,
+    gallery_subjects: ArrayLike,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    fpir_targets: ArrayLike | float = DEFAULT_FPIR_TARGETS,
 ) -> IdentificationResult:
     """Metrics from each probe's best gallery candidates, best first: ``top_scores`` and
-    ``top_subjects`` of shape (n_probes, k); ``gallery_subjects`` lists every gallery subject
+    ``top_subjects`` of shape (num_probes, k); ``gallery_subjects`` lists every gallery subject
     (it decides which probes are mated)."""
     scores = to_numpy(top_scores, "top_scores").astype(np.float64, copy=False)
     subjects = to_numpy(top_subjects, "top_subjects")
@@ -64,7 +74,7 @@ def identification_from_top_k(
     if scores.ndim != 2 or scores.shape != subjects.shape or scores.shape[0] != probes.shape[0]:
         raise ValueError(
             f"top_scores {scores.shape} and top_subjects {subjects.shape} must both be "
-            f"(n_probes={probes.shape[0]}, k)"
+            f"(num_probes={probes.shape[0]}, k)"
         )
     if not np.isfinite(scores).all():
         raise ValueError("top_scores contains NaN or Inf")
@@ -73,36 +83,36 @@ def identification_from_top_k(
         raise ValueError(f"ranks must lie in [1, {scores.shape[1]}] (the k searched), got {ranks}")
     targets = check_far_targets(fpir_targets)
     mated = np.isin(probes, gallery)
-    n_mated, n_non_mated = int(mated.sum()), int((~mated).sum())
-    if n_mated == 0:
+    num_mated, num_non_mated = int(mated.sum()), int((~mated).sum())
+    if num_mated == 0:
         raise ValueError("no probe subject appears in gallery_subjects: every metric is undefined")
     hits = subjects == probes[:, None]
     first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), scores.shape[1])
-    rank_rates = np.array([np.count_nonzero(first_hit[mated] < k) / n_mated for k in rank_list])
+    rank_rates = np.array([np.count_nonzero(first_hit[mated] < k) / num_mated for k in rank_list])
 
     tpir = np.full(targets.shape[0], np.nan)
     thresholds = np.full(targets.shape[0], np.nan)
-    if n_non_mated:
+    if num_non_mated:
         non_mated_top = np.sort(scores[~mated, 0])[::-1]
-        allowed = np.floor(targets * n_non_mated).astype(np.int64)
+        allowed = np.floor(targets * num_non_mated).astype(np.int64)
         thresholds = np.where(
-            allowed < n_non_mated, non_mated_top[np.minimum(allowed, n_non_mated - 1)], -np.inf
+            allowed < num_non_mated, non_mated_top[np.minimum(allowed, num_non_mated - 1)], -np.inf
         )
         mate_first = mated & (first_hit == 0)
         top_mated = scores[mate_first, 0]
-        tpir = np.array([np.count_nonzero(top_mated > t) / n_mated for t in thresholds])
+        tpir = np.array([np.count_nonzero(top_mated > t) / num_mated for t in thresholds])
     return IdentificationResult(
-        rank_list, rank_rates, targets, tpir, thresholds, n_mated, n_non_mated
+        rank_list, rank_rates, targets, tpir, thresholds, num_mated, num_non_mated
     )
 
 
 def open_set_identification(
-    probe_features,
-    probe_subjects,
-    gallery_features,
-    gallery_subjects,
-    ranks=(1, 5, 10),
-    fpir_targets=(1e-2, 1e-1),
+    probe_features: ArrayLike,
+    probe_subjects: ArrayLike,
+    gallery_features: ArrayLike,
+    gallery_subjects: ArrayLike,
+    ranks: Sequence[int] = DEFAULT_RANKS,
+    fpir_targets: ArrayLike | float = DEFAULT_FPIR_TARGETS,
     use_gpu: bool | None = None,
 ) -> IdentificationResult:
     """Search each probe template among the gallery templates (cosine, exact FAISS top-k with

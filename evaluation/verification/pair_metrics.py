@@ -22,10 +22,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._deprecation import DeprecatedAlias, RenamedKeysDict, renamed_keys
+from ..defaults import DEFAULT_CONFIDENCE, DEFAULT_FAR_TARGETS, DEFAULT_SEED
 from ..validation import ArrayLike, check_binary_labels, check_scores, to_numpy
 
 TAR_AT_FAR_RULES = ("nearest", "threshold")
-DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+_RENAMED_KEYS = renamed_keys(
+    "VerificationReport", n_genuine="num_genuine", n_impostor="num_impostor"
+)
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,13 @@ class RocCurve:
     sorted_scores: np.ndarray  # all scores, ascending, input dtype
     genuine_sorted: np.ndarray  # genuine scores, ascending, input dtype
     thresholds: np.ndarray  # float64, [+inf, distinct scores descending]
-    far: np.ndarray  # float64, [0, impostors scoring >= threshold / n_impostor]
-    tar: np.ndarray  # float64, [0, genuine scoring >= threshold / n_genuine]
+    far: np.ndarray  # float64, [0, impostors scoring >= threshold / num_impostor]
+    tar: np.ndarray  # float64, [0, genuine scoring >= threshold / num_genuine]
     corners: np.ndarray  # points (index into far[1:]) kept by drop_intermediate=True
-    n_genuine: int
-    n_impostor: int
+    num_genuine: int
+    num_impostor: int
+    n_genuine = DeprecatedAlias("num_genuine")
+    n_impostor = DeprecatedAlias("num_impostor")
 
     @classmethod
     def from_scores(cls, scores: ArrayLike, labels: ArrayLike) -> RocCurve:
@@ -62,9 +68,9 @@ def check_pair_scores(scores: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray,
     class sizes)."""
     score_array = check_scores(scores, "scores")
     label_array = check_binary_labels(labels, "labels", length=score_array.shape[0])
-    n_genuine = int(np.count_nonzero(label_array))
-    if n_genuine == 0 or n_genuine == label_array.shape[0]:
-        kind = "impostor (0)" if n_genuine else "genuine (1)"
+    num_genuine = int(np.count_nonzero(label_array))
+    if num_genuine == 0 or num_genuine == label_array.shape[0]:
+        kind = "impostor (0)" if num_genuine else "genuine (1)"
         raise ValueError(f"labels contain no {kind} pairs: the ROC is undefined with one class")
     return score_array, label_array
 
@@ -75,12 +81,14 @@ def _sorted_roc(scores: np.ndarray, labels: np.ndarray) -> RocCurve:
     sorted_scores = fresh_copy(scores)
     sorted_scores.sort()
     genuine_sorted = np.sort(scores[labels])
-    n_genuine = genuine_sorted.shape[0]
-    n_impostor = sorted_scores.shape[0] - n_genuine
-    thresholds, far, tar, corners = roc_arrays(sorted_scores, genuine_sorted, n_genuine, n_impostor)
+    num_genuine = genuine_sorted.shape[0]
+    num_impostor = sorted_scores.shape[0] - num_genuine
+    thresholds, far, tar, corners = roc_arrays(
+        sorted_scores, genuine_sorted, num_genuine, num_impostor
+    )
     _sign_zero_threshold_as_sklearn(scores, sorted_scores, thresholds)
     return RocCurve(
-        sorted_scores, genuine_sorted, thresholds, far, tar, corners, n_genuine, n_impostor
+        sorted_scores, genuine_sorted, thresholds, far, tar, corners, num_genuine, num_impostor
     )
 
 
@@ -141,7 +149,7 @@ def _auc_of(curve: RocCurve) -> float:
     impostors_below = all_below - genuine_below
     impostors_tied = (all_at_or_below - all_below) - (genuine_at_or_below - genuine_below)
     doubled_wins = 2 * int(impostors_below.sum()) + int(impostors_tied.sum())
-    return doubled_wins / (2 * curve.n_genuine * curve.n_impostor)
+    return doubled_wins / (2 * curve.num_genuine * curve.num_impostor)
 
 
 def auc(scores: ArrayLike | RocCurve, labels: ArrayLike | None = None) -> float:
@@ -192,7 +200,7 @@ def false_accepts_allowed(targets: np.ndarray, total: int) -> np.ndarray:
     return counts
 
 
-def check_far_targets(far_targets) -> np.ndarray:
+def check_far_targets(far_targets: ArrayLike | float) -> np.ndarray:
     targets = to_numpy(far_targets, "far_targets").astype(np.float64, copy=False)
     targets = np.atleast_1d(targets)
     if targets.ndim != 1 or targets.size == 0:
@@ -221,13 +229,13 @@ def _tar_nearest(curve: RocCurve, targets: np.ndarray) -> np.ndarray:
 
 
 def _tar_threshold(curve: RocCurve, targets: np.ndarray) -> np.ndarray:
-    n_impostor = curve.n_impostor
-    allowed = false_accepts_allowed(targets, n_impostor)
-    inside = allowed < n_impostor
+    num_impostor = curve.num_impostor
+    allowed = false_accepts_allowed(targets, num_impostor)
+    inside = allowed < num_impostor
     # The (k+1)-th highest impostor score t is the threshold of the first point with at least
-    # k + 1 impostors at or above it. far = count / n_impostor is strictly increasing in the
-    # count, so the search runs on far itself; when k >= n_impostor every pair is accepted.
-    point = np.searchsorted(curve.far, (allowed[inside] + 1) / n_impostor, side="left")
+    # k + 1 impostors at or above it. far = count / num_impostor is strictly increasing in the
+    # count, so the search runs on far itself; when k >= num_impostor every pair is accepted.
+    point = np.searchsorted(curve.far, (allowed[inside] + 1) / num_impostor, side="left")
     # The point before accepts exactly the scores above t (the next distinct score up), so its
     # TAR is the share of genuine pairs strictly above t, read without comparing scores.
     result = np.ones(targets.shape[0])
@@ -248,10 +256,10 @@ def tar_at_far(
     point whose FAR is closest to the target, ties going to the larger FAR (and, among points of
     equal FAR, to the larger TAR).
     ``rule="threshold"``: accept a pair when its score is strictly above ``t``, the (k+1)-th
-    highest impostor score with ``k = floor(FAR * n_impostor)`` counted exactly (the largest
-    ``k`` with ``k / n_impostor <= FAR``, see :func:`false_accepts_allowed`), so at most ``k``
+    highest impostor score with ``k = floor(FAR * num_impostor)`` counted exactly (the largest
+    ``k`` with ``k / num_impostor <= FAR``, see :func:`false_accepts_allowed`), so at most ``k``
     impostors pass; TAR is the share of genuine pairs strictly above ``t`` (all pairs pass when
-    ``k >= n_impostor``).
+    ``k >= num_impostor``).
 
     Both rules agree with insightface's IJB evaluation, which flips the ROC before its
     first-minimum search ("select largest tpr at same fpr"). ``scores`` may be a
@@ -279,13 +287,13 @@ def _tar_threshold_by_partition(
     # Only the impostor scores need ordering, and only at the k-th positions: np.partition.
     impostor = score_array[~label_array]
     genuine = score_array[label_array]
-    n_impostor = impostor.shape[0]
-    allowed = false_accepts_allowed(targets, n_impostor)
-    inside = allowed < n_impostor
+    num_impostor = impostor.shape[0]
+    allowed = false_accepts_allowed(targets, num_impostor)
+    inside = allowed < num_impostor
     result = np.ones(targets.shape[0])
     if inside.any():
-        # The (k+1)-th highest impostor score sits at ascending position n_impostor - 1 - k.
-        positions = n_impostor - 1 - allowed[inside]
+        # The (k+1)-th highest impostor score sits at ascending position num_impostor - 1 - k.
+        positions = num_impostor - 1 - allowed[inside]
         cuts = np.partition(impostor, np.unique(positions))[positions]
         genuine_sorted = np.sort(genuine)
         above = genuine.shape[0] - np.searchsorted(genuine_sorted, cuts, side="right")
@@ -305,15 +313,17 @@ class VerificationReport:
     far_targets: np.ndarray
     tar_at_far_nearest: np.ndarray
     tar_at_far_threshold: np.ndarray
-    n_genuine: int
-    n_impostor: int
+    num_genuine: int
+    num_impostor: int
     intervals: object | None = None  # VerificationIntervals when a bootstrap was asked for
+    n_genuine = DeprecatedAlias("num_genuine")
+    n_impostor = DeprecatedAlias("num_impostor")
 
     def as_dict(self) -> dict:
         """A JSON-ready summary (the curve itself left out)."""
         summary = {
-            "n_genuine": self.n_genuine,
-            "n_impostor": self.n_impostor,
+            "num_genuine": self.num_genuine,
+            "num_impostor": self.num_impostor,
             "auc": self.auc,
             "eer": self.eer,
             "tar_at_far": [
@@ -328,7 +338,7 @@ class VerificationReport:
         }
         if self.intervals is not None:
             summary["intervals"] = self.intervals.as_dict()
-        return summary
+        return RenamedKeysDict(summary, _RENAMED_KEYS)
 
 
 def verification_report(
@@ -338,8 +348,8 @@ def verification_report(
     *,
     bootstrap: int | None = None,
     subjects: ArrayLike | None = None,
-    seed: int = 0,
-    confidence: float = 0.95,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> VerificationReport:
     """ROC, AUC, EER and TAR@FAR (both rules) from one sort of the scores.
 
@@ -373,7 +383,7 @@ def verification_report(
         far_targets=targets,
         tar_at_far_nearest=_tar_nearest(curve, targets),
         tar_at_far_threshold=_tar_threshold(curve, targets),
-        n_genuine=curve.n_genuine,
-        n_impostor=curve.n_impostor,
+        num_genuine=curve.num_genuine,
+        num_impostor=curve.num_impostor,
         intervals=intervals,
     )

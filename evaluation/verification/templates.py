@@ -10,14 +10,18 @@ from __future__ import annotations
 import numpy as np
 
 from ..knn import l2_normalize
-from ..validation import check_features, check_ids, check_scores
+from ..validation import ArrayLike, check_features, check_ids, check_scores
 
 # Above this many unique-template score entries, pair scores go block by block instead.
 MAX_MATRIX_ENTRIES = 1 << 26
 
 
 def image_features(
-    raw, raw_flipped=None, detector_scores=None, *, normalize_images: bool = False
+    raw: ArrayLike,
+    raw_flipped: ArrayLike | None = None,
+    detector_scores: ArrayLike | None = None,
+    *,
+    normalize_images: bool = False,
 ) -> np.ndarray:
     """Per-image features before pooling: ``raw (+ raw_flipped)``, optionally L2-normalised
     (insightface's ``use_norm_score=False``), then optionally scaled by the detector score."""
@@ -39,22 +43,24 @@ def image_features(
     return features
 
 
-def template_features(features, template_ids, media_ids) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    features: ArrayLike, template_ids: ArrayLike, media_ids: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
     """``(template_features, unique_template_ids)``: per template (sorted ids), the normalised
     sum over its media of the mean image feature of each media (media grouped within template).
     Accumulates in float64."""
     feature_array = check_features(features, "features")
-    n_images = feature_array.shape[0]
-    templates = check_ids(template_ids, "template_ids", length=n_images)
-    medias = check_ids(media_ids, "media_ids", length=n_images)
+    num_images = feature_array.shape[0]
+    templates = check_ids(template_ids, "template_ids", length=num_images)
+    medias = check_ids(media_ids, "media_ids", length=num_images)
     order = np.lexsort((medias, templates))
     sorted_templates, sorted_medias = templates[order], medias[order]
-    new_group = np.ones(n_images, dtype=bool)
+    new_group = np.ones(num_images, dtype=bool)
     new_group[1:] = (sorted_templates[1:] != sorted_templates[:-1]) | (
         sorted_medias[1:] != sorted_medias[:-1]
     )
     group_starts = np.flatnonzero(new_group)
-    group_sizes = np.diff(np.append(group_starts, n_images))
+    group_sizes = np.diff(np.append(group_starts, num_images))
     media_sums = np.add.reduceat(feature_array[order].astype(np.float64), group_starts, axis=0)
     media_means = media_sums / group_sizes[:, None]
     group_templates = sorted_templates[group_starts]
@@ -63,7 +69,7 @@ def template_features(features, template_ids, media_ids) -> tuple[np.ndarray, np
     return l2_normalize(pooled), unique_templates
 
 
-def template_rows(unique_template_ids: np.ndarray, wanted, name: str) -> np.ndarray:
+def template_rows(unique_template_ids: np.ndarray, wanted: ArrayLike, name: str) -> np.ndarray:
     """Rows of ``wanted`` template ids within the sorted ``unique_template_ids``."""
     wanted_ids = check_ids(wanted, name)
     rows = np.searchsorted(unique_template_ids, wanted_ids)
@@ -75,10 +81,10 @@ def template_rows(unique_template_ids: np.ndarray, wanted, name: str) -> np.ndar
 
 
 def template_pair_scores(
-    template_feats,
-    unique_template_ids,
-    template_1,
-    template_2,
+    template_feats: ArrayLike,
+    unique_template_ids: ArrayLike,
+    template_1: ArrayLike,
+    template_2: ArrayLike,
     *,
     block_size: int = 1 << 18,
 ) -> np.ndarray:

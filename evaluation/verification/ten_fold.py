@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._deprecation import renamed_keywords
+from ..defaults import DEFAULT_NUM_FOLDS
 from ..validation import ArrayLike, check_binary_labels, check_features, check_scores
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -69,12 +71,12 @@ def pair_distances(
         raise ValueError(
             f"embeddings must hold interleaved pairs (an even number of rows), got {array.shape[0]}"
         )
-    n_pairs = array.shape[0] // 2
-    distances = np.empty(n_pairs, dtype=array.dtype)
+    num_pairs = array.shape[0] // 2
+    distances = np.empty(num_pairs, dtype=array.dtype)
     # Blocks small enough to stay in cache: the same numbers as whole-array operations, without
     # the page faults of several full-size temporaries.
-    for start in range(0, n_pairs, _PAIRS_PER_BLOCK):
-        rows = slice(2 * start, 2 * min(start + _PAIRS_PER_BLOCK, n_pairs))
+    for start in range(0, num_pairs, _PAIRS_PER_BLOCK):
+        rows = slice(2 * start, 2 * min(start + _PAIRS_PER_BLOCK, num_pairs))
         normalized = normalize_rows(array[rows])
         difference = np.subtract(normalized[0::2], normalized[1::2])
         distances[start : start + difference.shape[0]] = np.sum(
@@ -109,11 +111,12 @@ class TenFoldResult:
         }
 
 
-def fold_bounds(n_items: int, n_folds: int) -> np.ndarray:
-    """Contiguous folds as sklearn's ``KFold(shuffle=False)`` cuts them: ``n_folds + 1`` bounds,
-    the first ``n_items % n_folds`` folds one item longer."""
-    sizes = np.full(n_folds, n_items // n_folds, dtype=np.int64)
-    sizes[: n_items % n_folds] += 1
+@renamed_keywords(n_items="num_items", n_folds="num_folds")
+def fold_bounds(num_items: int, num_folds: int) -> np.ndarray:
+    """Contiguous folds as sklearn's ``KFold(shuffle=False)`` cuts them: ``num_folds + 1`` bounds,
+    the first ``num_items % num_folds`` folds one item longer."""
+    sizes = np.full(num_folds, num_items // num_folds, dtype=np.int64)
+    sizes[: num_items % num_folds] += 1
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
@@ -156,10 +159,11 @@ def _checked_pair_distances(embeddings, flipped_embeddings, scores, distances) -
     return check_scores(distances, "distances").astype(np.float64)
 
 
+@renamed_keywords(n_folds="num_folds")
 def verification_accuracy_10fold(
     embeddings: ArrayLike | None = None,
     issame: ArrayLike | None = None,
-    n_folds: int = 10,
+    num_folds: int = DEFAULT_NUM_FOLDS,
     *,
     flipped_embeddings: ArrayLike | None = None,
     scores: ArrayLike | None = None,
@@ -173,7 +177,7 @@ def verification_accuracy_10fold(
     ``flipped_embeddings``: ``normalize(raw + flipped)``, one normalisation as in the reference),
     or as ``scores`` (cosine
     similarities, converted to ``d = 2 − 2 cos``) or ``distances`` (``d = ‖ê1 − ê2‖²``) of the
-    n pairs; ``issame`` holds the n pair labels. Pairs in file order are cut into ``n_folds``
+    n pairs; ``issame`` holds the n pair labels. Pairs in file order are cut into ``num_folds``
     contiguous folds. For each fold, the threshold of ``np.arange(0, 4, 0.01)`` with the best
     accuracy on the other folds (first maximum; "same" when ``d < t``) is applied to the fold.
     VAL@FAR: on the other folds, the threshold of the grid ``np.arange(0, 4, 0.001)`` where the FAR
@@ -190,23 +194,23 @@ def verification_accuracy_10fold(
     if issame is None:
         raise ValueError("issame (the pair labels) is required")
     same = check_binary_labels(issame, "issame", length=distance.shape[0])
-    if not isinstance(n_folds, int | np.integer) or n_folds < 2:
-        raise ValueError(f"n_folds must be an integer >= 2, got {n_folds!r}")
-    if distance.shape[0] < n_folds:
-        raise ValueError(f"{distance.shape[0]} pairs cannot be split into {n_folds} folds")
+    if not isinstance(num_folds, int | np.integer) or num_folds < 2:
+        raise ValueError(f"num_folds must be an integer >= 2, got {num_folds!r}")
+    if distance.shape[0] < num_folds:
+        raise ValueError(f"{distance.shape[0]} pairs cannot be split into {num_folds} folds")
     if not 0 < far_target < 1:
         raise ValueError(f"far_target must lie in (0, 1), got {far_target}")
 
-    bounds = fold_bounds(distance.shape[0], n_folds)
-    folds = [slice(bounds[f], bounds[f + 1]) for f in range(n_folds)]
+    bounds = fold_bounds(distance.shape[0], num_folds)
+    folds = [slice(bounds[f], bounds[f + 1]) for f in range(num_folds)]
     genuine_sizes = np.array([np.count_nonzero(same[fold]) for fold in folds])
     fold_sizes = np.diff(bounds)
     impostor_sizes = fold_sizes - genuine_sizes
     # Per fold, genuine and impostor pairs strictly below each threshold of each grid: one sort
     # of each fold's distances, one searchsorted of each grid.
     grids = (ACCURACY_THRESHOLDS, VAL_THRESHOLDS)
-    genuine_below = [np.empty((n_folds, grid.shape[0]), dtype=np.int64) for grid in grids]
-    impostor_below = [np.empty((n_folds, grid.shape[0]), dtype=np.int64) for grid in grids]
+    genuine_below = [np.empty((num_folds, grid.shape[0]), dtype=np.int64) for grid in grids]
+    impostor_below = [np.empty((num_folds, grid.shape[0]), dtype=np.int64) for grid in grids]
     for f, fold in enumerate(folds):
         genuine_sorted = np.sort(distance[fold][same[fold]])
         impostor_sorted = np.sort(distance[fold][~same[fold]])
@@ -214,12 +218,12 @@ def verification_accuracy_10fold(
             genuine_below[g][f] = np.searchsorted(genuine_sorted, grid, side="left")
             impostor_below[g][f] = np.searchsorted(impostor_sorted, grid, side="left")
 
-    accuracies = np.empty(n_folds)
-    best_thresholds = np.empty(n_folds)
-    vals = np.empty(n_folds)
-    fars = np.empty(n_folds)
-    val_thresholds = np.empty(n_folds)
-    for f in range(n_folds):
+    accuracies = np.empty(num_folds)
+    best_thresholds = np.empty(num_folds)
+    vals = np.empty(num_folds)
+    fars = np.empty(num_folds)
+    val_thresholds = np.empty(num_folds)
+    for f in range(num_folds):
         train_genuine = genuine_below[0].sum(axis=0) - genuine_below[0][f]
         train_impostor = impostor_below[0].sum(axis=0) - impostor_below[0][f]
         train_impostor_total = impostor_sizes.sum() - impostor_sizes[f]

@@ -38,7 +38,7 @@ Each finished run is saved at once in OUTPUT_DIR/runs/: an interrupted demo keep
 """
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="train every margin loss on the bundled digits data and measure margins",

@@ -10,14 +10,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..training.options import DEFAULT_DEVICE, DEFAULT_MAX_PAIRS, LAYOUTS
+from ..training.options import (
+    DEFAULT_DEVICE,
+    DEFAULT_EMBED_BATCH_SIZE,
+    DEFAULT_EMBED_WORKERS,
+    DEFAULT_MAX_PAIRS,
+    LAYOUTS,
+)
 from ..training.paths import check_can_create
 from . import CommandError
 
-DEFAULT_BATCH_SIZE = 64
 
-
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "embed",
         help="features of a dataset from a pml-lm train checkpoint, for eval-reid / eval-verify",
@@ -32,7 +36,7 @@ def add_subparser(subparsers) -> None:
     )
     parser.add_argument("--layout", choices=LAYOUTS, default="auto", help="default: detected")
     parser.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="images per forward pass"
+        "--batch-size", type=int, default=DEFAULT_EMBED_BATCH_SIZE, help="images per forward pass"
     )
     parser.add_argument(
         "--raw", action="store_true", help="keep the network's outputs (default: unit-length)"
@@ -48,7 +52,9 @@ def add_subparser(subparsers) -> None:
     parser.add_argument(
         "--device", default=DEFAULT_DEVICE, help="auto (CUDA when present), cpu, cuda"
     )
-    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    parser.add_argument(
+        "--workers", type=int, default=DEFAULT_EMBED_WORKERS, help="data-loading processes"
+    )
     parser.set_defaults(func=run)
 
 

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from evaluation.defaults import (
+    CONVENTIONS,
+    DEFAULT_MAX_RANK,
+    DEFAULT_PROTOCOL,
+    DEFAULT_SEED,
+    METRICS,
+    NAMED_EXPANSIONS,
+    PROTOCOLS,
+)
 
 from . import (
     CommandError,
@@ -16,11 +27,17 @@ from . import (
 from .environment import environment_record
 from .tables import markdown_table, percent
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from evaluation.reid import ReIDResult
+    from evaluation.reid.bootstrap import ReIDIntervals
+
+
 ID_KEYS = ("query_pids", "gallery_pids", "query_camids", "gallery_camids")
 TABLE_RANKS = (1, 5, 10, 20, 50)
 # Cosine, as ``pml-lm train`` and the docs use: the margin losses learn directions.
 DEFAULT_METRIC = "cosine"
-DEFAULT_SEED = 0
 
 DESCRIPTION = """\
 Re-ID CMC, mAP and mINP of saved query and gallery features (rates in percent in the table,
@@ -32,22 +49,24 @@ query_camids and gallery_camids (what pml-lm embed writes for a re-ID layout).
 """
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval-reid", help="re-ID CMC / mAP / mINP of a features file", description=DESCRIPTION
     )
     parser.add_argument("features", type=Path, help="the .npz file (keys above)")
     parser.add_argument(
         "--metric",
-        choices=("euclidean", "cosine"),
+        choices=METRICS,
         default=None,
         help=f"distance of the features (default: {DEFAULT_METRIC}); not with a distmat",
     )
-    parser.add_argument("--max-rank", type=int, default=50, help="length of the CMC curve")
+    parser.add_argument(
+        "--max-rank", type=int, default=DEFAULT_MAX_RANK, help="length of the CMC curve"
+    )
     parser.add_argument(
         "--protocol",
-        choices=("market1501", "cuhk03"),
-        default="market1501",
+        choices=PROTOCOLS,
+        default=DEFAULT_PROTOCOL,
         help="market1501 (also Duke, MSMT17) or CUHK03 single-shot",
     )
     parser.add_argument(
@@ -67,13 +86,13 @@ def add_subparser(subparsers) -> None:
         "--rerank",
         nargs="?",
         const="paper",
-        choices=("paper", "torchreid"),
+        choices=CONVENTIONS,
         help="k-reciprocal re-ranking, k1=20 k2=6 lambda=0.3 (convention: paper, the default, "
         "or torchreid); needs features",
     )
     parser.add_argument(
         "--query-expansion",
-        choices=("average", "alpha"),
+        choices=NAMED_EXPANSIONS,
         help="fast-reid's query expansion (k=5; alpha: weights cos^3); needs features",
     )
     parser.add_argument(
@@ -133,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(format_table(result))
     if args.json:
-        record = {**result.to_dict(), "metric": args.metric or DEFAULT_METRIC}
+        record = {**result.as_dict(), "metric": args.metric or DEFAULT_METRIC}
         if "distmat" in arrays:
             record["metric"] = "distmat"
         write_json(args.json, {**record, "environment": environment_record(device)})
@@ -148,7 +167,7 @@ def _automatic_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def format_table(result) -> str:
+def format_table(result: ReIDResult) -> str:
     """The metrics as a markdown table, rates in percent."""
     intervals = result.intervals
     rows = [("mAP", result.mAP, intervals and (intervals.mAP_low, intervals.mAP_high))]
@@ -174,7 +193,7 @@ def format_table(result) -> str:
     return "\n".join(lines)
 
 
-def plot_cmc(cmc, path: Path, intervals=None) -> None:
+def plot_cmc(cmc: Sequence[float], path: Path, intervals: ReIDIntervals | None = None) -> None:
     import numpy as np
 
     from ..plotting import pyplot

@@ -6,16 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from evaluation.defaults import DEFAULT_FAR_TARGETS, DEFAULT_NUM_FOLDS, DEFAULT_SEED
+
 from . import CommandError, check_output_file, load_npz, refuse_options, write_json
 from .environment import environment_record
-from .tables import NOT_MEASURABLE, markdown_table, percent
+from .tables import NOT_MEASURABLE, markdown_table, percent, short_number
 
 PLOT_POINTS = 2_000
-DEFAULT_FOLDS = 10
-DEFAULT_SEED = 0
-# Stated here for --help (building the parser must not import the evaluator); a test checks it
-# against evaluation.verification.DEFAULT_FAR_TARGETS.
-DEFAULT_FAR_HELP = "1e-6 1e-5 1e-4 1e-3 1e-2 1e-1"
+DEFAULT_FAR_HELP = " ".join(short_number(far) for far in DEFAULT_FAR_TARGETS)
 
 DESCRIPTION = """\
 1:1 verification metrics (rates in percent in the table, fractions in the JSON).
@@ -34,7 +32,7 @@ gallery_subjects (in the .npz) as distractors are added.
 """
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval-verify",
         help="ROC, AUC, EER, TAR@FAR (and 10-fold accuracy) from features or pair scores",
@@ -55,7 +53,7 @@ def add_subparser(subparsers) -> None:
         "--folds",
         type=int,
         default=None,
-        help=f"folds of the k-fold accuracy, interleaved input only (default: {DEFAULT_FOLDS})",
+        help=f"folds of the k-fold accuracy, interleaved input only (default: {DEFAULT_NUM_FOLDS})",
     )
     parser.add_argument("--json", type=Path, help="write the metrics as JSON here ('-': stdout)")
     parser.add_argument("--plot", type=Path, help="write the ROC (log-scale FAR axis) as a PNG")
@@ -152,12 +150,12 @@ def _scores_and_labels(arrays: dict, pair_file: Path | None):
 
 def mark_unmeasurable(summary: dict) -> None:
     """Replace, in ``summary`` (``VerificationReport.as_dict()``), each TAR at a FAR target
-    below ``1 / n_impostor`` by ``None`` with ``"measurable": False`` and the reason.
+    below ``1 / num_impostor`` by ``None`` with ``"measurable": False`` and the reason.
 
     With N impostor pairs the smallest non-zero FAR is 1/N, so a lower target can only be met
     at FAR 0: the number read there does not measure the TAR at that target.
     """
-    num_impostor = summary["n_impostor"]
+    num_impostor = summary["num_impostor"]
     intervals = summary.get("intervals")
     for position, row in enumerate(summary["tar_at_far"]):
         row["measurable"] = row["far"] * num_impostor >= 1
@@ -208,9 +206,10 @@ def _table(summary: dict) -> str:
                 percent(row["threshold"], 3, threshold),
             )
         )
+    num_impostor = summary["num_impostor"]
     lines = [
-        f"pairs: {summary['n_genuine']} genuine, {summary['n_impostor']} impostor "
-        f"(smallest measurable FAR: 1/{summary['n_impostor']} = {1 / summary['n_impostor']:.3g})",
+        f"pairs: {summary['num_genuine']} genuine, {num_impostor} impostor "
+        f"(smallest measurable FAR: 1/{num_impostor} = {1 / num_impostor:.3g})",
         "",
         markdown_table(["metric", "%"], rows),
         "",
@@ -321,11 +320,7 @@ def run(args: argparse.Namespace) -> int:
     arrays = load_npz(args.input)
     score_pairs = _check_options(args, arrays)
 
-    from evaluation.verification import (
-        DEFAULT_FAR_TARGETS,
-        verification_accuracy_10fold,
-        verification_report,
-    )
+    from evaluation.verification import verification_accuracy_10fold, verification_report
 
     summary, tables = {}, []
     if score_pairs:
@@ -341,9 +336,9 @@ def run(args: argparse.Namespace) -> int:
         summary = report.as_dict()
         mark_unmeasurable(summary)
         if distances is not None:
-            folds = DEFAULT_FOLDS if args.folds is None else args.folds
+            folds = DEFAULT_NUM_FOLDS if args.folds is None else args.folds
             ten_fold = verification_accuracy_10fold(
-                distances=distances, issame=labels, n_folds=folds
+                distances=distances, issame=labels, num_folds=folds
             )
             summary["folds"] = folds
             summary["ten_fold"] = ten_fold.as_dict()

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import CommandError, check_output_file
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "prototypes",
         help="write maximally separated class prototypes to a .npy file",

@@ -147,7 +147,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--workers", type=int, help=f"data-loading processes (default: {DEFAULT_WORKERS})")
 
 
-def add_subparser(subparsers) -> None:
+def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train an embedding network on an image folder or a Market-1501 dataset",

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
+    from ..training.recipes import Recipe
+
 # Shared by every method, so that only the loss differs between rows of the table.
 SCALE = 10.0
 SAMPLE_MARGIN_WEIGHT = 0.5
@@ -84,7 +86,7 @@ class LossSettings:
 DEMO_SETTINGS = LossSettings()
 
 
-def apply_recipe(methods: Sequence[Method], recipe) -> tuple[list[Method], LossSettings]:
+def apply_recipe(methods: Sequence[Method], recipe: Recipe) -> tuple[list[Method], LossSettings]:
     """The rows and shared settings under ``recipe`` (``training.recipes``).
 
     ``package`` keeps the demo's own values (above). Another recipe sets the scale, margins and

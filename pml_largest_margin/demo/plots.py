@@ -10,11 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..plotting import pyplot
 from .run import RunResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 __all__ = [
     "FIGURE_NAMES",
@@ -79,7 +84,7 @@ def _margin_panels(axes_pair, group: Sequence[dict], title: str) -> None:
         axis.set_xlabel("method")
 
 
-def margins_figure(summary: Sequence[dict]):
+def margins_figure(summary: Sequence[dict]) -> Figure:
     """Class margin and test sample margins per method, balanced and long-tailed rows apart.
 
     Bars: mean over seeds; error bars: ± one sample standard deviation (ddof 1); dots: every
@@ -110,7 +115,7 @@ def margins_figure(summary: Sequence[dict]):
     return figure
 
 
-def prototype_figure(results: Sequence[RunResult]):
+def prototype_figure(results: Sequence[RunResult]) -> Figure:
     """Cosines between the learned prototypes of the first seed's runs (a regular simplex has
     −1/(C−1) off the diagonal), or ``None`` when none of ``GEOMETRY_METHODS`` was run."""
     plt = pyplot()
@@ -138,7 +143,7 @@ def prototype_figure(results: Sequence[RunResult]):
     return figure
 
 
-def roc_figure(results: Sequence[RunResult]):
+def roc_figure(results: Sequence[RunResult]) -> Figure:
     """ROC of all test pairs for each method's first seed, balanced and long-tailed apart."""
     plt = pyplot()
     with_roc = [result for result in results if result.roc]

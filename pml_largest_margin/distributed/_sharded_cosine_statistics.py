@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..losses.fused import (
+    DEFAULT_MEMORY,
     NORM_EPS,
     column_dots,
     cosine_gradients,
@@ -195,7 +196,7 @@ def sharded_cosine_statistics(
     scale: float,
     group=None,
     track_max: bool = False,
-    memory: str = "auto",
+    memory: str = DEFAULT_MEMORY,
 ) -> ShardedCosineStatistics:
     """Statistics of ``s·cos(ẑ_i, w_j)`` over the classes of all ranks.
 

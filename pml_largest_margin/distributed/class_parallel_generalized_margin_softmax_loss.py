@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses.base_margin_softmax_loss import DEFAULT_SCALE
 from ..losses.functional import generalized_margin_softmax_head
 from ..losses.margin_functions import MarginFunction, check_margins, target_margin_function
 from ..losses.margin_presets_mixin import MarginPresetsMixin
@@ -26,7 +27,7 @@ class ClassParallelGeneralizedMarginSoftmaxLoss(MarginPresetsMixin, ClassParalle
         self,
         num_classes: int,
         embedding_size: int,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         m1: float = 1.0,
         m2: float = 0.0,
         m3: float = 0.0,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses.base_margin_softmax_loss import DEFAULT_LM_SOFTMAX_SCALE
 from ..losses.functional import largest_margin_softmax_head
 from ._sharded_cosine_statistics import ShardedCosineStatistics
 from .class_parallel_loss_base import ClassParallelLossBase
@@ -15,7 +16,13 @@ class ClassParallelLargestMarginSoftmaxLoss(ClassParallelLossBase):
     ``ClassParallelLossBase`` for the sharding, gradient and sampling conventions.
     """
 
-    def __init__(self, num_classes: int, embedding_size: int, scale: float = 32.0, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = DEFAULT_LM_SOFTMAX_SCALE,
+        **kwargs,
+    ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
 
     def losses_from_statistics(self, statistics: ShardedCosineStatistics) -> torch.Tensor:

@@ -6,12 +6,9 @@ import math
 
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from ..losses.fused import check_memory_mode
+from .._pml import BaseMetricLossFunction, WeightRegularizerMixin, c_f, lmu
+from ..losses.fused import DEFAULT_MEMORY, check_memory_mode
 from ..regularizers import SampleMarginRegularizerMixin
 from ..validation import check_loss_arguments, check_real
 from ._collectives import (
@@ -93,10 +90,10 @@ class ClassParallelLossBase(
         num_classes: int,
         embedding_size: int,
         scale: float,
-        process_group=None,
+        process_group: dist.ProcessGroup | None = None,
         sample_rate: float = 1.0,
         generator: torch.Generator | None = None,
-        memory: str = "auto",
+        memory: str = DEFAULT_MEMORY,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -182,7 +179,14 @@ class ClassParallelLossBase(
             raise ValueError(f"full_W must have shape {expected}, got {tuple(full_W.shape)}")
         self.W.copy_(full_W[:, self.class_range[0] : self.class_range[1]])
 
-    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None):
+    def forward(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None = None,
+        ref_emb: torch.Tensor | None = None,
+        ref_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``indices_tuple``: a miner's output on this rank's batch (ranks may pass ``None``).
         Samples are weighted as PML's ``convert_to_weights`` weights them in the single-process
         loss given the concatenation of all ranks' tuples, shifted to positions in the gathered
@@ -224,7 +228,9 @@ class ClassParallelLossBase(
         """The loss of each gathered sample from the exact sharded statistics."""
         raise NotImplementedError
 
-    def per_sample_losses_and_margins(self, embeddings, labels):
+    def per_sample_losses_and_margins(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Losses and sample margins (N,) of the gathered batch, from the exact sharded
         statistics; the margins are differentiable when a sample-margin regularizer is set."""
         weights, local_targets = self._scored_columns(labels)
@@ -243,7 +249,14 @@ class ClassParallelLossBase(
         margins = statistics.target_cosine - statistics.non_target_max
         return self.losses_from_statistics(statistics), margins
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> dict:
         if embeddings.shape[0] == 0:
             return self._zero_loss_dict(embeddings)
         losses, margins = self.per_sample_losses_and_margins(embeddings, labels)

@@ -4,6 +4,7 @@ import torch
 import torch.distributed as dist
 
 from ..losses.base_margin_head_loss import BaseMarginHeadLoss
+from ..regularizers import SampleMarginRegularizer
 from .class_parallel_loss_base import ClassParallelLossBase
 
 
@@ -38,10 +39,10 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
     def __init__(
         self,
         head: BaseMarginHeadLoss,
-        process_group=None,
-        sample_margin_regularizer=None,
+        process_group: dist.ProcessGroup | None = None,
+        sample_margin_regularizer: SampleMarginRegularizer | None = None,
         **kwargs,
-    ):
+    ) -> None:
         if not isinstance(head, BaseMarginHeadLoss):
             raise TypeError(f"head must be a BaseMarginHeadLoss, got {type(head).__name__}")
         if sample_margin_regularizer is not None and not head.supports_sample_margin_regularizer:
@@ -67,7 +68,9 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
         head.replica_group = dist.group.WORLD if process_group is None else process_group
         self.head = head
 
-    def per_sample_losses_and_margins(self, embeddings, labels):
+    def per_sample_losses_and_margins(
+        self, embeddings: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         weights, local_targets = self._scored_columns(labels)
         dtype = torch.promote_types(
             torch.promote_types(embeddings.dtype, self.W.dtype), torch.float32

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.regularizers import BaseRegularizer
 
-from ..regularizers.zero_centroid_regularizer import FORMS
+from .._pml import BaseRegularizer
+from ..regularizers.zero_centroid_regularizer import DEFAULT_FORM, FORMS
 from ..validation import check_choice
 from ._collectives import replicated_all_reduce_sum, world_size
 
@@ -27,7 +27,9 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
     every pair of prototypes, i.e. the whole W on one rank.
     """
 
-    def __init__(self, process_group=None, form: str = "mean", **kwargs):
+    def __init__(
+        self, process_group: dist.ProcessGroup | None = None, form: str = DEFAULT_FORM, **kwargs
+    ) -> None:
         form = check_choice(form, "form", FORMS)
         super().__init__(**kwargs)
         self.process_group = process_group
@@ -35,7 +37,7 @@ class ClassParallelZeroCentroidRegularizer(BaseRegularizer):
         self.add_to_recordable_attributes(name="form", is_stat=False)
         self.add_to_recordable_attributes(name="centroid_norm", is_stat=True)
 
-    def compute_loss(self, weights):
+    def compute_loss(self, weights: torch.Tensor) -> dict:
         norms, num_classes = self._check_across_ranks(weights)
         # Σ_j w_j/‖w_j‖ as one product: no normalised copy of W.
         centroid_sum = replicated_all_reduce_sum(

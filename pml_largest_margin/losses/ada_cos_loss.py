@@ -60,7 +60,9 @@ class AdaCosLoss(BaseMarginHeadLoss):
         median_angle = torch.median(self.gather_over_ranks(arccos(target_cosines.double())))
         return float(log_mean / torch.cos(median_angle.clamp_max(math.pi / 4)))
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return target_cosines
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:

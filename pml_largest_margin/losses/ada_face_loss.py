@@ -8,6 +8,7 @@ import torch
 
 from ._angles import arccos
 from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE
 
 # Norms are clipped to [0.001, 100] before the statistics, as in the reference.
 _NORM_RANGE = (1e-3, 100.0)
@@ -45,7 +46,7 @@ class AdaFaceLoss(BaseMarginHeadLoss):
         embedding_size: int,
         margin: float = 0.4,
         h: float = 0.333,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         t_alpha: float = 1.0,
         eps: float = 1e-3,
         **kwargs,
@@ -98,7 +99,9 @@ class AdaFaceLoss(BaseMarginHeadLoss):
         std = self.running_norm_std.to(clipped)
         return (self.h * (clipped - mean) / (std + self.eps)).clamp(-1.0, 1.0)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         if self.training:
             self.update_norm_statistics(norms)
         scalers = self.margin_scalers(norms).to(target_cosines)

@@ -58,7 +58,12 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         return True
 
     def __init__(
-        self, num_classes: int, embedding_size: int, scale: float, process_group=None, **kwargs
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float,
+        process_group: dist.ProcessGroup | None = None,
+        **kwargs,
     ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
         if process_group is not None and not dist.is_initialized():
@@ -117,7 +122,7 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         weights: torch.Tensor,
         local_targets: torch.Tensor,
         labels: torch.Tensor,
-        group,
+        group: dist.ProcessGroup | None,
         memory: str,
         track_max: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +151,9 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         return self.head_losses(statistics, norms, labels, with_margins=True)
 
     @torch.no_grad()
-    def reduce_over_ranks(self, values: torch.Tensor, op=None) -> torch.Tensor:
+    def reduce_over_ranks(
+        self, values: torch.Tensor, op: dist.ReduceOp | None = None
+    ) -> torch.Tensor:
         """``values`` reduced over ``process_group`` (sum, or ``op``); unchanged without a group."""
         if self.process_group is None:
             return values

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.distances import CosineSimilarity
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .._pml import BaseMetricLossFunction, CosineSimilarity, WeightRegularizerMixin, c_f, lmu
 from ..margins import class_margin, cosine_logits, max_over_sub_centers
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
 from ..validation import (
+    NORM_EPS,
     check_embeddings,
     check_flag,
     check_integer,
@@ -19,7 +16,12 @@ from ..validation import (
     check_loss_arguments,
 )
 from ._sub_centers import sub_center_statistics
-from .fused import check_memory_mode, fused_nontarget_logsumexp
+from .fused import DEFAULT_MEMORY, check_memory_mode, fused_nontarget_logsumexp
+
+#: Default ``scale`` of GM-Softmax and the margin heads (the presets' s = 64, docs/losses.md).
+DEFAULT_SCALE = 64.0
+#: Default ``scale`` of LM-Softmax, whose logits have no margin term.
+DEFAULT_LM_SOFTMAX_SCALE = 32.0
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -91,7 +93,7 @@ class BaseMarginSoftmaxLoss(
         scale: float,
         validate_inputs: bool = True,
         record_class_margin: bool = True,
-        memory: str = "auto",
+        memory: str = DEFAULT_MEMORY,
         record_target_cosines: bool = False,
         sub_centers: int = 1,
         **kwargs,
@@ -262,8 +264,8 @@ class BaseMarginSoftmaxLoss(
         columns = labels.long()[:, None] * k + torch.arange(k, device=labels.device)
         targets = weights.detach().t()[columns]
         embeddings = embeddings.detach().to(targets.dtype)[:, None, :]
-        norms = torch.linalg.vector_norm(embeddings, dim=2).clamp_min_(1e-12)
-        norms = norms * torch.linalg.vector_norm(targets, dim=2).clamp_min_(1e-12)
+        norms = torch.linalg.vector_norm(embeddings, dim=2).clamp_min_(NORM_EPS)
+        norms = norms * torch.linalg.vector_norm(targets, dim=2).clamp_min_(NORM_EPS)
         cosines = (embeddings * targets).sum(dim=2).div_(norms)
         self.target_cosines = cosines.amax(dim=1)
         self.target_labels = labels.detach()

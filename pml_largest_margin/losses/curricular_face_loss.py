@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 from ._angles import additive_angular_margin, arccos
-from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_head_loss import BaseMarginHeadLoss, CosineStatistics
+from .base_margin_softmax_loss import DEFAULT_SCALE
 from .functional import generalized_margin_softmax_head
 from .fused import (
     NORM_EPS,
@@ -241,7 +242,7 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         num_classes: int,
         embedding_size: int,
         margin: float = 0.5,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         **kwargs,
     ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
@@ -276,7 +277,7 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         weights: torch.Tensor,
         local_targets: torch.Tensor,
         labels: torch.Tensor,
-        group,
+        group: dist.ProcessGroup | None,
         memory: str,
         track_max: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,7 +293,7 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         weights: torch.Tensor,
         targets: torch.Tensor,
         memory: str,
-        group=None,
+        group: dist.ProcessGroup | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses and (gradient-free) sample margins of the batch.
 
@@ -323,7 +324,13 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
         losses = generalized_margin_softmax_head(nontarget_lse, target_logits, self.scale)
         return losses, target.detach() - nontarget_max
 
-    def head_losses(self, cosine_statistics, norms, labels, with_margins=False):
+    def head_losses(
+        self,
+        cosine_statistics: CosineStatistics,
+        norms: torch.Tensor,
+        labels: torch.Tensor,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError(
             "CurricularFace modulates the non-target logits: it runs modulated_losses, not "
             "head_losses"

@@ -9,6 +9,7 @@ import torch
 
 from ._angles import additive_angular_margin
 from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE
 
 
 class DynamicMarginLoss(BaseMarginHeadLoss):
@@ -33,7 +34,7 @@ class DynamicMarginLoss(BaseMarginHeadLoss):
         a: float = 0.5,
         power: float = 0.25,
         b: float = 0.05,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         **kwargs,
     ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
@@ -57,6 +58,8 @@ class DynamicMarginLoss(BaseMarginHeadLoss):
         self.register_buffer("class_margins", margins)
         self.add_to_recordable_attributes(list_of_names=["a", "power", "b"], is_stat=False)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         margins = self.class_margins.to(target_cosines)[labels.long()]
         return additive_angular_margin(target_cosines, margins)

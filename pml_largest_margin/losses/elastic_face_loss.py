@@ -8,6 +8,7 @@ import torch
 
 from ._angles import additive_angular_margin
 from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE
 
 # variant -> (default margin, default std), the reference repository's (fdbtrs/ElasticFace).
 _VARIANTS = {"arc": (0.5, 0.0125), "cos": (0.35, 0.0125)}
@@ -35,7 +36,7 @@ class ElasticFaceLoss(BaseMarginHeadLoss):
         variant: str = "arc",
         margin: float | None = None,
         std: float | None = None,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         generator: torch.Generator | None = None,
         **kwargs,
     ):
@@ -64,7 +65,9 @@ class ElasticFaceLoss(BaseMarginHeadLoss):
         self.broadcast_from_first_rank(noise)
         return self.margin + self.std * noise.to(like)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         margins = self.sample_margins(target_cosines)
         if self.variant == "cos":
             return target_cosines - margins

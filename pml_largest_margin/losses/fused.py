@@ -61,6 +61,7 @@ _COLUMN_BLOCK = 4096
 # Elements per block when searching the (N, C) buffer for row maxima (a bool temporary of 4 MB).
 _SEARCH_BLOCK = 2**22
 MEMORY_MODES = ("buffer", "stream", "auto")
+DEFAULT_MEMORY = "auto"
 # memory="auto" streams when the (N, C) buffer of the cosines would take more bytes than this.
 BUFFER_LIMIT_BYTES = 256 * 2**20
 # Elements of the N × block temporary of the streaming pass: 2 MB in float32 on CPU (it stays in
@@ -423,7 +424,7 @@ def fused_nontarget_logsumexp(
     scale: float,
     *,
     with_margins: bool = False,
-    memory: str = "auto",
+    memory: str = DEFAULT_MEMORY,
     block_columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(u, t, γ)`` for embeddings (N, d), prototypes ``weights`` (d, C) and labels (N,).

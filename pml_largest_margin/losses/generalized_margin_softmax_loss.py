@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..margins import cosine_logits, max_over_sub_centers, sample_margins_from_cosines
-from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE, BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax, generalized_margin_softmax_head
 from .margin_functions import MarginFunction, check_margins, target_margin_function
 from .margin_presets_mixin import MarginPresetsMixin
@@ -57,7 +57,7 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
         self,
         num_classes: int,
         embedding_size: int,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         m1: float = 1.0,
         m2: float = 0.0,
         m3: float = 0.0,

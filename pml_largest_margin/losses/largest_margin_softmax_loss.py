@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
+from .base_margin_softmax_loss import DEFAULT_LM_SOFTMAX_SCALE, BaseMarginSoftmaxLoss
 from .functional import largest_margin_softmax_head
 
 
@@ -50,7 +50,13 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
 
     supports_sub_centers = True
 
-    def __init__(self, num_classes: int, embedding_size: int, scale: float = 32.0, **kwargs):
+    def __init__(
+        self,
+        num_classes: int,
+        embedding_size: int,
+        scale: float = DEFAULT_LM_SOFTMAX_SCALE,
+        **kwargs,
+    ):
         super().__init__(num_classes, embedding_size, scale, **kwargs)
 
     def per_sample_losses(

@@ -8,6 +8,7 @@ import torch
 
 from ._angles import additive_angular_margin
 from .base_margin_head_loss import BaseMarginHeadLoss
+from .base_margin_softmax_loss import DEFAULT_SCALE
 
 
 class MagFaceLoss(BaseMarginHeadLoss):
@@ -33,7 +34,7 @@ class MagFaceLoss(BaseMarginHeadLoss):
         self,
         num_classes: int,
         embedding_size: int,
-        scale: float = 64.0,
+        scale: float = DEFAULT_SCALE,
         lower_norm: float = 10.0,
         upper_norm: float = 110.0,
         lower_margin: float = 0.45,
@@ -69,9 +70,11 @@ class MagFaceLoss(BaseMarginHeadLoss):
         slope = (self.upper_margin - self.lower_margin) / (self.upper_norm - self.lower_norm)
         return self.lower_margin + slope * (self.magnitudes(norms) - self.lower_norm)
 
-    def target_logits(self, target_cosines, norms, labels):
+    def target_logits(
+        self, target_cosines: torch.Tensor, norms: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return additive_angular_margin(target_cosines, self.margins(norms).to(target_cosines))
 
-    def norm_penalties(self, norms):
+    def norm_penalties(self, norms: torch.Tensor) -> torch.Tensor:
         magnitudes = self.magnitudes(norms)
         return self.lambda_g * (magnitudes / self.upper_norm**2 + 1 / magnitudes)

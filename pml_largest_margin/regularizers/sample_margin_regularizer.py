@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils.module_with_records_and_reducer import (
-    ModuleWithRecordsAndReducer,
-)
 
+from .._pml import ModuleWithRecordsAndReducer, c_f
 from ..margins import sample_margins, sample_margins_from_cosines
 from ..validation import check_embeddings, check_labels
 

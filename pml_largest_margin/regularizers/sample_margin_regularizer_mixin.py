@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
+from .._pml import lmu
 from ..validation import check_real
 from .sample_margin_regularizer import SampleMarginRegularizer
+
+#: Default weight λ of the sample-margin sub-loss λ·R_sm.
+DEFAULT_SAMPLE_MARGIN_REG_WEIGHT = 1.0
 
 
 class SampleMarginRegularizerMixin:
@@ -28,7 +31,7 @@ class SampleMarginRegularizerMixin:
         self,
         *args,
         sample_margin_regularizer: SampleMarginRegularizer | None = None,
-        sample_margin_reg_weight: float = 1.0,
+        sample_margin_reg_weight: float = DEFAULT_SAMPLE_MARGIN_REG_WEIGHT,
         **kwargs,
     ):
         if sample_margin_regularizer is not None and not callable(sample_margin_regularizer):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-
+from .._pml import BaseMetricLossFunction, pml_losses
 from .sample_margin_regularizer import SampleMarginRegularizer
-from .sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
+from .sample_margin_regularizer_mixin import (
+    DEFAULT_SAMPLE_MARGIN_REG_WEIGHT,
+    SampleMarginRegularizerMixin,
+)
 
 
 @functools.cache
@@ -38,7 +40,7 @@ def with_sample_margin_regularizer(loss_class: type) -> type:
             self,
             *args,
             sample_margin_regularizer: SampleMarginRegularizer | None = None,
-            sample_margin_reg_weight: float = 1.0,
+            sample_margin_reg_weight: float = DEFAULT_SAMPLE_MARGIN_REG_WEIGHT,
             **kwargs,
         ):
             if sample_margin_regularizer is None:
@@ -69,9 +71,7 @@ def __getattr__(name: str) -> type:
     # "SampleMarginArcFaceLoss", in a process that has not called the factory yet.
     prefix = "SampleMargin"
     if name.startswith(prefix):
-        from pytorch_metric_learning import losses
-
-        base = getattr(losses, name[len(prefix) :], None)
+        base = getattr(pml_losses, name[len(prefix) :], None)
         if isinstance(base, type) and issubclass(base, BaseMetricLossFunction):
             return with_sample_margin_regularizer(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import torch
-from pytorch_metric_learning.regularizers import BaseRegularizer
 
+from .._pml import BaseRegularizer
 from ..margins import class_margin
 from ..validation import check_choice, check_flag, check_prototypes
 
 FORMS = ("mean", "sum")
+DEFAULT_FORM = "mean"
 
 
 class ZeroCentroidRegularizer(BaseRegularizer):
@@ -31,7 +32,7 @@ class ZeroCentroidRegularizer(BaseRegularizer):
     off, or collect stats only now and then, for many classes.
     """
 
-    def __init__(self, form: str = "mean", record_class_margin: bool = True, **kwargs):
+    def __init__(self, form: str = DEFAULT_FORM, record_class_margin: bool = True, **kwargs):
         form = check_choice(form, "form", FORMS)
         record_class_margin = check_flag(record_class_margin, "record_class_margin")
         super().__init__(**kwargs)

@@ -1,4 +1,4 @@
-"""Embedding networks for images: a small built-in CNN, or torchvision's (the ``train`` extra)."""
+"""Embedding networks for images: a small built-in CNN, or torchvision's (extra ``torchvision``)."""
 
 from __future__ import annotations
 
@@ -31,13 +31,30 @@ class SmallCNN(torch.nn.Module):
         return self.embedding(self.features(images).flatten(1))
 
 
+def _installed_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "(version unknown)"
+
+
 def _torchvision_backbone(name: str, embedding_size: int, pretrained: bool) -> torch.nn.Module:
     try:
         from torchvision import models
     except ImportError as error:
         raise ValueError(
-            f'backbone {name!r} needs torchvision: python3 -m pip install -e ".[train]" '
+            f'backbone {name!r} needs torchvision: python3 -m pip install -e ".[torchvision]" '
             f"(or use --backbone {BUILTIN_BACKBONE})"
+        ) from error
+    # A torchvision built for another torch build raises when it registers its operators.
+    except Exception as error:
+        raise ValueError(
+            f"backbone {name!r}: torchvision {_installed_version('torchvision')} does not load "
+            f"beside torch {torch.__version__} ({type(error).__name__}: {error}); install the "
+            f"torchvision built for this torch, from the same package index (or use --backbone "
+            f"{BUILTIN_BACKBONE})"
         ) from error
     if name not in models.list_models(module=models):
         raise ValueError(f"torchvision has no classification model {name!r}")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .._pml import BaseTrainer
+
 
 __all__ = [
     "BEST_CHECKPOINT_NAME",
@@ -20,7 +25,9 @@ CHECKPOINT_NAME = "last.pt"
 BEST_CHECKPOINT_NAME = "best.pt"
 
 
-def save_checkpoint(path: Path, trainer, settings: dict, extra: dict | None = None) -> None:
+def save_checkpoint(
+    path: Path, trainer: BaseTrainer, settings: dict, extra: dict | None = None
+) -> None:
     """Everything needed to go on after ``trainer.epoch``; written atomically (temp + rename).
 
     ``extra`` (JSON-able values: the history and best metric so far) is stored beside it.
@@ -83,7 +90,7 @@ def load_checkpoint(path: Path, settings: dict) -> dict:
     return state
 
 
-def restore(trainer, state: dict) -> int:
+def restore(trainer: BaseTrainer, state: dict) -> int:
     """Load ``state`` into ``trainer``; returns the first epoch still to run."""
     for name, model in trainer.models.items():
         model.load_state_dict(state["models"][name])

@@ -21,7 +21,7 @@ from .embedding_metrics import embed
 from .image_dataset import ImageDataset, check_images
 from .image_folder import read_image_folder
 from .market_layout import detect_reid_layout, read_reid_test_splits
-from .options import DEFAULT_MAX_PAIRS
+from .options import DEFAULT_EMBED_BATCH_SIZE, DEFAULT_EMBED_WORKERS, DEFAULT_MAX_PAIRS
 
 __all__ = ["DEFAULT_MAX_PAIRS", "embed_dataset", "load_trained_network", "pairs_of"]
 
@@ -83,8 +83,8 @@ def embed_dataset(
     *,
     layout: str = "auto",
     device: torch.device,
-    batch_size: int = 64,
-    workers: int = 0,
+    batch_size: int = DEFAULT_EMBED_BATCH_SIZE,
+    workers: int = DEFAULT_EMBED_WORKERS,
     normalize: bool = True,
     max_pairs: int = DEFAULT_MAX_PAIRS,
     seed: int = 0,

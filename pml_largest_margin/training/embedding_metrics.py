@@ -7,6 +7,7 @@ verification from ``evaluation.verification``: this module only arranges their i
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +23,12 @@ FAR_TARGETS = (1e-2, 1e-3)
 
 
 @torch.no_grad()
-def embed(model: torch.nn.Module, inputs, device: torch.device, batch_size: int = 512):
+def embed(
+    model: torch.nn.Module,
+    inputs: torch.Tensor | Iterable,
+    device: torch.device,
+    batch_size: int = 512,
+) -> torch.Tensor:
     """Embeddings of ``inputs`` (a tensor, or a loader yielding ``(inputs, labels)``), on the CPU."""
     model.eval()
     batches = inputs.split(batch_size) if isinstance(inputs, torch.Tensor) else inputs
@@ -91,7 +97,7 @@ def pair_scores(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[np.ndar
 
 
 def verification_metrics(
-    embeddings: torch.Tensor, labels: torch.Tensor, far_targets=FAR_TARGETS
+    embeddings: torch.Tensor, labels: torch.Tensor, far_targets: Sequence[float] = FAR_TARGETS
 ) -> tuple[dict, dict]:
     """EER, AUC and TAR@FAR ("nearest ROC point" rule) over all test pairs, and the ROC curve."""
     from evaluation.verification import verification_report

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pytorch_metric_learning import losses as pml_losses
-
 from pml_largest_margin.losses import (
     AdaCosLoss,
     AdaFaceLoss,
@@ -23,13 +21,16 @@ from pml_largest_margin.regularizers import (
     with_sample_margin_regularizer,
 )
 
+from .._pml import BaseMetricLossFunction, pml_losses
 from .loss_registry import LOSS_NAMES, LOSSES, check_loss_options, check_sub_centers, loss_spec
+from .recipes import PACKAGE_RECIPE
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
 __all__ = ["DEFAULT_MARGINS", "DEFAULT_SCALE", "LOSS_NAMES", "build_loss"]
 
-# The scale of the losses that have one, when neither the caller nor the loss's entry sets it.
-DEFAULT_SCALE = 10.0
+# The scale of the losses that have one, when neither the caller nor the loss's entry sets it:
+# the package recipe's (pml-lm train's default).
+DEFAULT_SCALE = PACKAGE_RECIPE.scale
 # Margins where a loss has one, in the units of ``loss_registry`` (every angle in radians).
 DEFAULT_MARGINS = {spec.name: spec.margin.default for spec in LOSSES if spec.margin is not None}
 # The margin heads (docs/losses.md, "Margin heads"): class and fixed options. AdaCos sets its own
@@ -80,7 +81,7 @@ def build_loss(
     zero_centroid_form: str = "mean",
     record_margins: bool = False,
     sub_centers: int = 1,
-):
+) -> BaseMetricLossFunction:
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
     ``scale`` is ``s`` of the losses that have one (``loss_registry``; ignored by the others);

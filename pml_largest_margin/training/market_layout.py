@@ -8,10 +8,15 @@ class labels.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .image_folder import LabelledImages
+
+if TYPE_CHECKING:
+    from evaluation.datasets.reid import ReIDSplit
+
 
 MARKET_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
 
@@ -36,7 +41,7 @@ def _read_splits(root: str | Path, layout: str, names: tuple[str, ...]) -> dict:
     return splits
 
 
-def read_reid_layout(root: str | Path, layout: str):
+def read_reid_layout(root: str | Path, layout: str) -> tuple[LabelledImages, ReIDSplit, ReIDSplit]:
     """``(training images labelled 0..C−1, query split, gallery split)`` of a re-ID dataset."""
     splits = _read_splits(root, layout, ("train", "query", "gallery"))
     train = splits["train"]
@@ -52,7 +57,7 @@ def read_reid_layout(root: str | Path, layout: str):
     return training, splits["query"], splits["gallery"]
 
 
-def read_reid_test_splits(root: str | Path, layout: str):
+def read_reid_test_splits(root: str | Path, layout: str) -> tuple[ReIDSplit, ReIDSplit]:
     """``(query split, gallery split)`` of a re-ID dataset; ValueError if either is empty."""
     splits = _read_splits(root, layout, ("query", "gallery"))
     return splits["query"], splits["gallery"]

@@ -12,6 +12,8 @@ from .schedule import Schedule
 
 __all__ = [
     "DEFAULT_DEVICE",
+    "DEFAULT_EMBED_BATCH_SIZE",
+    "DEFAULT_EMBED_WORKERS",
     "DEFAULT_MAX_PAIRS",
     "DEFAULT_WORKERS",
     "LAYOUTS",
@@ -27,6 +29,9 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_WORKERS = 2
 # pml-lm embed on an image folder: all pairs up to this many (1,415 images), else a sample.
 DEFAULT_MAX_PAIRS = 1_000_000
+# pml-lm embed: images per forward pass, and data-loading processes (none: the main process).
+DEFAULT_EMBED_BATCH_SIZE = 64
+DEFAULT_EMBED_WORKERS = 0
 REID_METRICS = ("mAP", "mINP", "rank1", "rank5", "rank10")
 CLASSIFICATION_METRICS = (
     "accuracy",

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from pytorch_metric_learning.losses import BaseMetricLossFunction
-from pytorch_metric_learning.losses.mixins import WeightRegularizerMixin
-from pytorch_metric_learning.utils import common_functions as c_f
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from .._pml import BaseMetricLossFunction, WeightRegularizerMixin, c_f, lmu
+from ..validation import check_integer
 
 
 class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
@@ -18,6 +17,9 @@ class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
     """
 
     def __init__(self, num_classes: int, embedding_size: int, **kwargs):
+        # The sizes are checked as every loss of the library checks them.
+        num_classes = check_integer(num_classes, "num_classes", at_least=2)
+        embedding_size = check_integer(embedding_size, "embedding_size", at_least=1)
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.embedding_size = embedding_size
@@ -27,10 +29,17 @@ class SoftmaxCrossEntropyLoss(WeightRegularizerMixin, BaseMetricLossFunction):
             list_of_names=["embedding_size", "num_classes"], is_stat=False
         )
 
-    def get_default_weight_init_func(self):
+    def get_default_weight_init_func(self) -> c_f.TorchInitWrapper:
         return c_f.TorchInitWrapper(torch.nn.init.xavier_uniform_)
 
-    def compute_loss(self, embeddings, labels, indices_tuple, ref_emb, ref_labels):
+    def compute_loss(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        indices_tuple: tuple | None,
+        ref_emb: torch.Tensor | None,
+        ref_labels: torch.Tensor | None,
+    ) -> dict:
         c_f.labels_required(labels)
         c_f.ref_not_supported(embeddings, labels, ref_emb, ref_labels)
         miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=embeddings.dtype)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evaluation.defaults import DEFAULT_RANKS
+
 from ..margin_monitor import MarginMonitor
 from ..prototypes import freeze_prototypes
 from .backbones import build_backbone
@@ -119,7 +121,7 @@ def _evaluate_reid(model, query, gallery, options, device, workers) -> dict:
     result = evaluate_reid(
         *features, query.pids, gallery.pids, query.camids, gallery.camids, metric="cosine"
     )
-    metrics = {f"rank{k}": result.rank(k) for k in (1, 5, 10) if k <= len(result.cmc)}
+    metrics = {f"rank{k}": result.rank(k) for k in DEFAULT_RANKS if k <= len(result.cmc)}
     metrics.update(
         mAP=float(result.mAP),
         mINP=float(result.mINP),

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
-from pytorch_metric_learning import trainers
 
 # ``Schedule`` lives in a module without torch (the command line reads its defaults); this
 # import keeps ``training.trainer.Schedule`` working.
+from .._pml import base_trainer, trainers
 from .schedule import Schedule, lr_factor
 
 
@@ -44,8 +45,8 @@ def build_trainer(
     device: torch.device,
     epochs_per_trainer_epoch: int = 1,
     num_workers: int = 0,
-    end_of_iteration_hook=None,
-    end_of_epoch_hook=None,
+    end_of_iteration_hook: Callable[[trainers.MetricLossOnly], None] | None = None,
+    end_of_epoch_hook: Callable[[trainers.MetricLossOnly], bool] | None = None,
 ) -> trainers.MetricLossOnly:
     """A ``MetricLossOnly`` trainer whose ``metric_loss_optimizer`` updates the loss's ``W``.
 
@@ -128,8 +129,6 @@ def run_epochs(
     ``progress_bar`` None keeps PML's own bar; True replaces it by one labelled with the epoch
     (for a terminal); False draws none (the caller prints a line per epoch).
     """
-    from pytorch_metric_learning.trainers import base_trainer
-
     pml_tqdm = base_trainer.tqdm
     if progress_bar is not None:
         # PML calls ``tqdm.tqdm(range(iterations))`` after setting ``trainer.epoch``.
