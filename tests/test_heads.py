@@ -472,7 +472,7 @@ def test_every_head_honours_memory_stream_with_equal_values_and_gradients(name, 
 
     streamed = []
 
-    def two_columns(num_rows, device):
+    def two_columns(num_rows, device, dtype=None):
         streamed.append(num_rows)
         return 2
 

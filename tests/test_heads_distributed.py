@@ -118,7 +118,7 @@ def _stream_in_blocks_of_two_columns():
     from pml_largest_margin.losses import curricular_face_loss
 
     for module in (_sharded_cosine_statistics, curricular_face_loss):
-        module.stream_block_columns = lambda num_rows, device: 2
+        module.stream_block_columns = lambda num_rows, device, dtype=None: 2
 
 
 def check_class_parallel_heads(rank, world_size):

@@ -61,7 +61,7 @@ def class_cosines(embeddings, W):
 @pytest.mark.parametrize("memory", ["buffer", "stream"])
 def test_arcface_preset_equals_pml_sub_center_arcface(memory, monkeypatch):
     # Blocks of 2 classes (6 columns) on the streaming path: several blocks, one of 3 classes.
-    monkeypatch.setattr(sub_centers_module, "stream_block_columns", lambda n, device: 2 * K)
+    monkeypatch.setattr(sub_centers_module, "stream_block_columns", lambda n, device, dtype=None: 2 * K)
     embeddings, labels, W = problem()
     ours = with_W(
         GeneralizedMarginSoftmaxLoss.preset(
@@ -106,7 +106,7 @@ def test_lm_softmax_matches_formula_with_sub_centers():
 
 
 def test_one_sub_center_is_the_plain_loss_and_stream_equals_buffer(monkeypatch):
-    monkeypatch.setattr(sub_centers_module, "stream_block_columns", lambda n, device: K)
+    monkeypatch.setattr(sub_centers_module, "stream_block_columns", lambda n, device, dtype=None: K)
     embeddings, labels, W = problem()
     plain = with_W(LargestMarginSoftmaxLoss(NUM_CLASSES * K, DIM), W)
     single = with_W(LargestMarginSoftmaxLoss(NUM_CLASSES * K, DIM, sub_centers=1), W)

@@ -307,12 +307,37 @@ def buffer_gradients(
     need_weights: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """:func:`stream_gradients` from a whole (N, C) buffer holding ``X`` (read, not changed):
-    two matrix products, then the projection of ``∂/∂W`` in blocks of columns."""
+    two matrix products, then :func:`cosine_gradients`."""
+    unit_part = buffer @ weights.t() if need_unit else None
+    weight_part = (unit * row_factor[:, None]).t() @ buffer if need_weights else None
+    return cosine_gradients(
+        unit, weights, inverse_weight_norms, weight_clamped, targets, row_factor, grad_target,
+        nearest, unit_part, weight_part,
+    )  # fmt: skip
+
+
+def cosine_gradients(
+    unit: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    weight_clamped: torch.Tensor,
+    targets: torch.Tensor,
+    row_factor: torch.Tensor,
+    grad_target: torch.Tensor,
+    nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    unit_part: torch.Tensor | None,
+    weight_part: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(∂/∂ẑ, ∂/∂W)`` from a kernel's two dense products, ``unit_part = X W^T`` and
+    ``weight_part = (r∘ẑ)^T X`` (the terms of :func:`stream_gradients`, from a buffer or from
+    another head's own ``X``): ``unit_part`` scaled by ``r``, ``weight_part`` projected through
+    ``w/‖w‖`` in blocks of columns, then the target and nearest terms added. Both parts are
+    consumed (updated in place)."""
     grad_unit = grad_weights = radial = None
-    if need_unit:
-        grad_unit = (buffer @ weights.t()).mul_(row_factor[:, None])
-    if need_weights:
-        grad_weights = (unit * row_factor[:, None]).t() @ buffer
+    if unit_part is not None:
+        grad_unit = unit_part.mul_(row_factor[:, None])
+    if weight_part is not None:
+        grad_weights = weight_part
         radial = inverse_weight_norms.square().masked_fill_(weight_clamped, 0.0)
         scratch = unit.new_empty(unit.shape[1] * min(_COLUMN_BLOCK, weights.shape[1]))
         for start in range(0, weights.shape[1], _COLUMN_BLOCK):
