@@ -61,7 +61,9 @@ def class_cosines(embeddings, W):
 @pytest.mark.parametrize("memory", ["buffer", "stream"])
 def test_arcface_preset_equals_pml_sub_center_arcface(memory, monkeypatch):
     # Blocks of 2 classes (6 columns) on the streaming path: several blocks, one of 3 classes.
-    monkeypatch.setattr(sub_centers_module, "stream_block_columns", lambda n, device, dtype=None: 2 * K)
+    monkeypatch.setattr(
+        sub_centers_module, "stream_block_columns", lambda n, device, dtype=None: 2 * K
+    )
     embeddings, labels, W = problem()
     ours = with_W(
         GeneralizedMarginSoftmaxLoss.preset(
