@@ -28,6 +28,7 @@ from .margins import (
     class_margin,
     class_margin_upper_bound,
     cosine_logits,
+    max_over_sub_centers,
     sample_margin_upper_bound,
     sample_margins_from_cosines,
 )
@@ -198,6 +199,9 @@ class MarginMonitor:
     called with each new :class:`EpochMargins` (e.g. ``lambda r: print(format_epoch_line(r))``).
     ``iterations_per_epoch`` makes the iteration hook close an epoch every that many batches,
     for trainers that fold several passes over the data into one trainer epoch.
+    ``sub_centers=k``: the losses' ``W`` has k sub-centres per class (PML's layout, (d, C·k)); a
+    class's cosine is its best sub-centre's, the class margin skips pairs of one class, and the
+    prototype cosine histogram is not taken.
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class MarginMonitor:
         iterations_per_epoch: int | None = None,
         loss_name: str = "metric_loss",
         on_epoch: Callable[[EpochMargins], object] | None = None,
+        sub_centers: int = 1,
     ):
         for name, value, low in (
             ("num_classes", num_classes, 2),
@@ -221,10 +226,13 @@ class MarginMonitor:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if not isinstance(sub_centers, int) or isinstance(sub_centers, bool) or sub_centers < 1:
+            raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}")
         if iterations_per_epoch is not None and iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be positive, got {iterations_per_epoch}")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
+        self.sub_centers = sub_centers
         self.histogram_bins = histogram_bins
         self.histogram_max_classes = histogram_max_classes
         self.iterations_per_epoch = iterations_per_epoch
@@ -291,11 +299,20 @@ class MarginMonitor:
         if not isinstance(W, torch.Tensor):
             raise TypeError(f"{type(loss_fn).__name__} has no prototypes W to measure against")
         check_prototypes(W, embedding_size=embeddings.shape[1], finite=False)
-        if W.shape[1] != self.num_classes:
-            raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
+        self._check_columns(W)
         cosines = cosine_logits(embeddings.detach().to(W.dtype), W.detach())
+        cosines = max_over_sub_centers(cosines, self.sub_centers)
         margins = sample_margins_from_cosines(cosines, labels)
         return cosines.gather(1, labels.long()[:, None]).squeeze(1), margins
+
+    def _check_columns(self, W: torch.Tensor) -> None:
+        """Refuse a ``W`` without ``num_classes · sub_centers`` columns."""
+        expected = self.num_classes * self.sub_centers
+        if W.shape[1] != expected:
+            raise ValueError(
+                f"W has {W.shape[1]} columns, the monitor expects {expected} "
+                f"({self.num_classes} classes × {self.sub_centers} sub-centres)"
+            )
 
     def _fold(self) -> None:
         """Fold the batches kept since the last call into the epoch's statistics: the sample
@@ -346,11 +363,11 @@ class MarginMonitor:
             raise ValueError("no training batch was recorded since the last end_epoch")
         # Shape here; class_margin below refuses NaN/Inf (one scan of W, not two).
         check_prototypes(W, embedding_size=self.embedding_size, finite=False)
-        if W.shape[1] != self.num_classes:
-            raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
-        margin = class_margin(W)
+        self._check_columns(W)
+        margin = class_margin(W, sub_centers=self.sub_centers)
         histogram = None
-        if self.num_classes <= self.histogram_max_classes:
+        # The histogram counts pairs of prototypes; with sub-centres it is not taken.
+        if self.sub_centers == 1 and self.num_classes <= self.histogram_max_classes:
             histogram = prototype_cosine_histogram(W, self.histogram_bins)
         counts = self._angle_counts.double()
         means = (self._angle_sums / counts).rad2deg().tolist()  # 0/0 = nan for unseen classes
