@@ -9,6 +9,8 @@ best step time after a warm-up step. Incumbent: PML's ArcFaceLoss, whose W is wh
 (under DistributedLossWrapper when there are 2 ranks).
 
     flock /tmp/bench.lock env PYTHONPATH=. python benchmarks/bench_distributed.py
+    env PYTHONPATH=. python benchmarks/bench_distributed.py --cases 2000000:256 \
+        --kinds class-parallel --memory stream
 
 Options of the class-parallel loss travel to every rank as ``loss_options`` (a JSON-able dict of
 constructor arguments), so a new loss option needs one command-line flag that adds to it.
@@ -44,6 +46,8 @@ from pml_largest_margin.distributed import ClassParallelLargestMarginSoftmaxLoss
 TIMED_STEPS = 3  # after one untimed warm-up step
 INPUT_SIZE = 64
 KINDS = ("class-parallel LM-Softmax", "PML ArcFaceLoss (W on every rank)")
+# --kinds names -> the kinds above.
+KIND_NAMES = {"class-parallel": KINDS[0], "pml-arcface": KINDS[1]}
 CASE_TIMEOUT_S = 1200
 
 
@@ -151,9 +155,22 @@ def main():
         default=1.0,
         help="the class-parallel loss's sample_rate (PML's loss always uses every class)",
     )
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=list(KIND_NAMES),
+        default=list(KIND_NAMES),
+        help="losses to run (default: both)",
+    )
+    parser.add_argument(
+        "--memory",
+        choices=["buffer", "stream", "auto"],
+        default="auto",
+        help="the class-parallel loss's memory path, decided per rank for its own classes",
+    )
     args = parser.parse_args()
     world_sizes = [int(size) for size in args.world_sizes.split(",")]
-    loss_options = {"sample_rate": args.sample_rate}
+    loss_options = {"sample_rate": args.sample_rate, "memory": args.memory}
     print(f"Machine: {machine_description()}; gloo; SGD with momentum; d = {args.embedding_size}")
     print(f"Class-parallel loss options: {loss_options}")
     print()
@@ -166,7 +183,7 @@ def main():
     script = os.path.abspath(__file__)
     for case in args.cases.split(","):
         num_classes, batch_size = map(int, case.split(":"))
-        for kind in KINDS:
+        for kind in (KIND_NAMES[name] for name in args.kinds):
             single = None
             for world_size in world_sizes:
                 result = measure_in_fresh_process(

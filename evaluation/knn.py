@@ -7,9 +7,17 @@ vectors, ``metric="l2"`` negated squared euclidean distances.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-from .validation import ArrayLike, check_feature_pair, check_features, distance_rescaling_exponent
+from .validation import (
+    ArrayLike,
+    DeviceLike,
+    check_feature_pair,
+    check_features,
+    distance_rescaling_exponent,
+)
 
 METRICS = ("ip", "cosine", "l2")
 # FAISS GPU flat search returns at most this many neighbours per query.
@@ -49,12 +57,51 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
     return features / norms
 
 
-def _flat_index(dim: int, metric: str, use_gpu: bool):
+def search_device(device: DeviceLike | bool = None, use_gpu: bool | None = None) -> str | None:
+    """Where FAISS searches, from the ``device=`` of the evaluation functions.
+
+    ``device``: ``None`` (a GPU when faiss-gpu and a GPU are usable, else the CPU), or a torch
+    device (``"cpu"``, ``"cuda"``, ``"cuda:N"``, a ``torch.device``). FAISS searches on CUDA
+    GPUs only, so any other device type (``"mps"``) searches on the CPU. ``use_gpu`` is the
+    deprecated keyword this replaced (``True``: ``"cuda"``, ``False``: ``"cpu"``); a bool
+    passed as ``device`` (an old positional ``use_gpu``) is read the same way.
+
+    Returns:
+        ``None`` (choose automatically), ``"cpu"`` or ``"cuda:N"``.
+
+    Raises:
+        TypeError: both ``device`` and ``use_gpu`` given.
+        ValueError: ``device`` is not a torch device.
+    """
+    if isinstance(device, bool) or use_gpu is not None:
+        if use_gpu is not None and device is not None:
+            raise TypeError("pass device= or the deprecated use_gpu=, not both")
+        warnings.warn(
+            "use_gpu= is deprecated: pass device='cuda' or device='cpu'",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return "cuda:0" if (use_gpu if use_gpu is not None else device) else "cpu"
+    if device is None:
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be None or a torch device, got {device!r}") from error
+    if parsed.type != "cuda":
+        return "cpu"
+    return f"cuda:{parsed.index or 0}"
+
+
+def _flat_index(dim: int, metric: str, device: str):
     import faiss
 
     index = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-    if use_gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    if device != "cpu":
+        gpu = int(device.split(":")[1])
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), gpu, index)
     return index
 
 
@@ -63,15 +110,18 @@ def top_k(
     database: ArrayLike,
     k: int,
     metric: str = "cosine",
+    device: DeviceLike = None,
+    *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` database rows closest to each query: ``(scores, indices)``, each of shape (nq, k).
 
-    Exact (flat index) search. ``use_gpu=None`` picks the GPU when one is usable and ``k`` is within
-    FAISS's GPU limit of 2048; ``True`` insists on it. Scores are float32 as FAISS computes them
-    (its L2 formula differs from a direct ``‖q − g‖²`` in the last bits). For ``"cosine"`` the
-    rows are normalised in their own precision before the float32 search, so any finite non-zero
-    rows work.
+    Exact (flat index) search, on the device :func:`search_device` reads from ``device``:
+    ``None`` picks the GPU when one is usable and ``k`` is within FAISS's GPU limit of 2048;
+    a CUDA device insists on it (``use_gpu=`` is deprecated for ``device=``). Scores are float32
+    as FAISS computes them (its L2 formula differs from a direct ``‖q − g‖²`` in the last bits).
+    For ``"cosine"`` the rows are normalised in their own precision before the float32 search,
+    so any finite non-zero rows work.
 
     Raises:
         ValueError: bad arguments; for ``"ip"`` and ``"l2"``, features whose float32 scores
@@ -86,11 +136,12 @@ def top_k(
     )
     if not 1 <= k <= database_array.shape[0]:
         raise ValueError(f"k must lie in [1, {database_array.shape[0]}], got {k}")
-    if use_gpu is None:
-        use_gpu = k <= GPU_MAX_K and gpu_available()
-    elif use_gpu:
+    device = search_device(device, use_gpu)
+    if device is None:
+        device = "cuda:0" if k <= GPU_MAX_K and gpu_available() else "cpu"
+    elif device != "cpu":
         if not gpu_available():
-            raise ValueError("use_gpu=True but faiss-gpu with a visible GPU is not available")
+            raise ValueError(f"device={device!r} but faiss-gpu with a visible GPU is not available")
         if k > GPU_MAX_K:
             raise ValueError(f"FAISS GPU search returns at most {GPU_MAX_K} neighbours, asked {k}")
     if metric == "cosine":
@@ -102,7 +153,7 @@ def top_k(
         )
     query_array = np.ascontiguousarray(query_array, dtype=np.float32)
     database_array = np.ascontiguousarray(database_array, dtype=np.float32)
-    index = _flat_index(database_array.shape[1], metric, use_gpu)
+    index = _flat_index(database_array.shape[1], metric, device)
     index.add(database_array)
     scores, indices = index.search(query_array, k)
     if metric == "l2":

@@ -30,10 +30,10 @@ from numba import njit, prange
 from numpy.typing import ArrayLike
 
 from .defaults import DEFAULT_MAX_RANK
-from .knn import METRICS, top_k
+from .knn import METRICS, search_device, top_k
 from .reid._ranking_kernel import positives_before
 from .reid.protocol import ReIDResult, result_from_positive_ranks
-from .validation import check_features, check_ids, check_positive_integer, to_numpy
+from .validation import DeviceLike, check_features, check_ids, check_positive_integer, to_numpy
 
 
 def _collective_device(group):
@@ -101,13 +101,17 @@ def sharded_top_k(
     k: int,
     metric: str = "cosine",
     group: dist.ProcessGroup | None = None,
+    device: DeviceLike = None,
+    *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` gallery items closest to each query over all shards: ``(scores, indices)``.
 
     Scores follow :func:`evaluation.knn.top_k` (larger is closer); indices are global gallery
-    indices. Equal scores are ordered by global index. Same result on every rank.
+    indices. Equal scores are ordered by global index. Same result on every rank. The local
+    search runs on ``device`` (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated).
     """
+    device = search_device(device, use_gpu)
     error, settings = None, dict.fromkeys(("number of queries", "dimension", "k", "metric"), 0)
     gallery = np.empty((0, 0))
     try:
@@ -138,7 +142,7 @@ def sharded_top_k(
     indices = np.full((query_array.shape[0], k), np.iinfo(np.int64).max, dtype=np.int64)
     local_k = min(k, gallery.shape[0])
     if local_k:
-        local_scores, local_indices = top_k(query_array, gallery, local_k, metric, use_gpu)
+        local_scores, local_indices = top_k(query_array, gallery, local_k, metric, device)
         scores[:, :local_k] = local_scores
         indices[:, :local_k] = local_indices + offset
     all_scores = np.concatenate(_all_gather_array(scores, group), axis=1)

@@ -99,6 +99,24 @@ def check_positive_integer(value: object, name: str) -> int:
     return int(value)
 
 
+def check_ranks(ranks: int | ArrayLike, name: str = "ranks") -> tuple[int, ...]:
+    """The ranks ``k`` of rank-k rates: one positive integer or a non-empty sequence of them.
+
+    Returns:
+        The ranks as a tuple of ints, in the order given.
+
+    Raises:
+        ValueError: an empty sequence (no rate would be computed), a nested one, or a rank that
+            is not a positive integer.
+    """
+    array = np.atleast_1d(to_numpy(ranks, name))
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be one rank or a 1-D sequence of ranks, got {ranks!r}")
+    if array.size == 0:
+        raise ValueError(f"{name} must hold at least one rank, got {ranks!r}")
+    return tuple(check_positive_integer(k, name) for k in array.tolist())
+
+
 def check_binary_labels(
     labels: ArrayLike, name: str = "labels", length: int | None = None
 ) -> np.ndarray:

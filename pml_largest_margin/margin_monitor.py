@@ -5,8 +5,8 @@ class margin of the prototypes ``W`` rising towards ``arccos(−1/(C−1))``, th
 margins ``γ_i = cos θ_{i,y_i} − max_{j≠y_i} cos θ_ij`` growing towards ``C/(C−1)``, how far each
 class's samples lie from their prototype, and how the prototype cosines are spread.
 
-Per batch it reads what the loss recorded (``collect_stats=True``, and
-``record_target_cosines=True`` for the per-class angles): no further matrix product. A loss that
+Per batch it reads what the loss recorded (``record_target_cosines=True``: the batch's target
+cosines, labels and sample margins): no further matrix product. A loss that
 records nothing (PML's ``ArcFaceLoss``, ``CosFaceLoss``...) can be monitored too, from the batch's
 embeddings and labels; that costs one (N, C) cosine product per batch
 (:func:`~pml_largest_margin.margins.sample_margins`).
@@ -28,6 +28,7 @@ from .margins import (
     class_margin,
     class_margin_upper_bound,
     cosine_logits,
+    max_over_sub_centers,
     sample_margin_upper_bound,
     sample_margins_from_cosines,
 )
@@ -192,12 +193,15 @@ class MarginMonitor:
     above, ``None``, since it costs O(C²d)). ``history`` keeps every epoch; :meth:`save` writes
     CSV, JSON and a PNG of the curves against their bounds.
 
-    Our losses record what the monitor needs with ``collect_stats=True`` and
-    ``record_target_cosines=True`` (``record_class_margin=False`` avoids their own O(C²d) class
-    margin at every batch: the monitor takes it once per epoch). ``on_epoch`` is called with each
-    new :class:`EpochMargins` (e.g. ``lambda r: print(format_epoch_line(r))``).
+    Our losses record what the monitor needs with ``record_target_cosines=True`` (PML's
+    ``collect_stats`` is not needed; with it, ``record_class_margin=False`` avoids their own
+    O(C²d) class margin at every batch: the monitor takes it once per epoch). ``on_epoch`` is
+    called with each new :class:`EpochMargins` (e.g. ``lambda r: print(format_epoch_line(r))``).
     ``iterations_per_epoch`` makes the iteration hook close an epoch every that many batches,
     for trainers that fold several passes over the data into one trainer epoch.
+    ``sub_centers=k``: the losses' ``W`` has k sub-centres per class (PML's layout, (d, C·k)); a
+    class's cosine is its best sub-centre's, the class margin skips pairs of one class, and the
+    prototype cosine histogram is not taken.
     """
 
     def __init__(
@@ -210,6 +214,7 @@ class MarginMonitor:
         iterations_per_epoch: int | None = None,
         loss_name: str = "metric_loss",
         on_epoch: Callable[[EpochMargins], object] | None = None,
+        sub_centers: int = 1,
     ):
         for name, value, low in (
             ("num_classes", num_classes, 2),
@@ -221,10 +226,13 @@ class MarginMonitor:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if not isinstance(sub_centers, int) or isinstance(sub_centers, bool) or sub_centers < 1:
+            raise ValueError(f"sub_centers must be an integer >= 1, got {sub_centers!r}")
         if iterations_per_epoch is not None and iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be positive, got {iterations_per_epoch}")
         self.num_classes = num_classes
         self.embedding_size = embedding_size
+        self.sub_centers = sub_centers
         self.histogram_bins = histogram_bins
         self.histogram_max_classes = histogram_max_classes
         self.iterations_per_epoch = iterations_per_epoch
@@ -248,83 +256,96 @@ class MarginMonitor:
     ) -> None:
         """Add the batch the loss has just seen.
 
-        Reads ``target_cosines``, ``target_labels``, ``mean_sample_margin`` and
-        ``min_sample_margin`` when the loss recorded them (and marks them read, so a second call
-        without a new batch is an error); otherwise measures ``embeddings`` and ``labels``
-        against ``loss_fn.W`` (one (N, C) product).
+        Reads ``target_cosines``, ``target_labels`` and ``batch_sample_margins`` when the loss
+        recorded them (and marks them read, so a second call without a new batch is an error);
+        otherwise measures ``embeddings`` and ``labels`` against ``loss_fn.W`` (one (N, C)
+        product). Either way the batch's tensors are kept as they are, on their device, and
+        reduced at the next fold (every 64 batches and at the epoch's end): a recorded batch
+        costs no copy to the host (a measured one, its label-range check).
 
         Raises:
             ValueError: the loss recorded nothing new and no embeddings and labels were given,
-                or they do not fit the monitor's ``num_classes`` / ``embedding_size``.
+                or they do not fit the monitor's ``num_classes`` / ``embedding_size``; at a fold,
+                NaN/Inf sample margins (NaN/Inf in a batch's embeddings or in ``W``) or a label
+                not below ``num_classes``.
         """
         target = getattr(loss_fn, "target_cosines", None)
         if isinstance(target, torch.Tensor):
-            labels = loss_fn.target_labels
-            num_samples = target.shape[0]
-            if num_samples:
-                self._add_margins(
-                    float(loss_fn.mean_sample_margin) * num_samples,
-                    float(loss_fn.min_sample_margin),
-                    num_samples,
-                )
+            labels, margins = loss_fn.target_labels, loss_fn.batch_sample_margins
             loss_fn.target_cosines = None
         elif embeddings is not None and labels is not None:
-            target = self._measure(loss_fn, embeddings, labels)
+            target, margins = self._measure(loss_fn, embeddings, labels)
         else:
             raise ValueError(
                 f"{type(loss_fn).__name__} recorded no new target cosines: build it with "
-                "collect_stats=True and record_target_cosines=True (this package's losses) and "
-                "call update once per forward, or pass the batch's embeddings and labels"
+                "record_target_cosines=True (this package's losses) and call update once per "
+                "forward, or pass the batch's embeddings and labels"
             )
-        self._pending.append((target.detach(), labels.detach()))
+        self._pending.append((target.detach(), labels.detach(), margins.detach()))
         self._batches += 1
         if len(self._pending) == _PENDING_BATCHES:
-            self._add_pending_angles()
+            self._fold()
 
     @torch.no_grad()
     def _measure(
         self, loss_fn: torch.nn.Module, embeddings: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        check_embeddings(embeddings)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's target cosines and sample margins (N,), against ``loss_fn.W``."""
+        # Shapes and the label range here (the gather needs it); NaN/Inf at the fold, from the
+        # margins, without another copy to the host per batch.
+        check_embeddings(embeddings, finite=False)
         check_labels(labels, self.num_classes, embeddings.shape[0])
         W = getattr(loss_fn, "W", None)
         if not isinstance(W, torch.Tensor):
             raise TypeError(f"{type(loss_fn).__name__} has no prototypes W to measure against")
-        check_prototypes(W, embedding_size=embeddings.shape[1])
-        if W.shape[1] != self.num_classes:
-            raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
-        embeddings = embeddings.detach()
-        cosines = cosine_logits(embeddings.to(W.dtype), W.detach())
+        check_prototypes(W, embedding_size=embeddings.shape[1], finite=False)
+        self._check_columns(W)
+        cosines = cosine_logits(embeddings.detach().to(W.dtype), W.detach())
+        cosines = max_over_sub_centers(cosines, self.sub_centers)
         margins = sample_margins_from_cosines(cosines, labels)
-        if margins.numel():
-            self._add_margins(float(margins.sum()), float(margins.min()), margins.numel())
-        return cosines.gather(1, labels.long()[:, None]).squeeze(1)
+        return cosines.gather(1, labels.long()[:, None]).squeeze(1), margins
 
-    def _add_margins(self, margin_sum: float, margin_min: float, num_samples: int) -> None:
-        self._margin_sum += margin_sum
-        self._margin_min = min(self._margin_min, margin_min)
-        self._num_samples += num_samples
+    def _check_columns(self, W: torch.Tensor) -> None:
+        """Refuse a ``W`` without ``num_classes · sub_centers`` columns."""
+        expected = self.num_classes * self.sub_centers
+        if W.shape[1] != expected:
+            raise ValueError(
+                f"W has {W.shape[1]} columns, the monitor expects {expected} "
+                f"({self.num_classes} classes × {self.sub_centers} sub-centres)"
+            )
 
-    def _add_pending_angles(self) -> None:
-        """Fold the batches kept since the last call into the per-class angle statistics.
+    def _fold(self) -> None:
+        """Fold the batches kept since the last call into the epoch's statistics: the sample
+        margins' sum and minimum, and the angles per class.
 
         Raises:
-            ValueError: a label is not below the monitor's ``num_classes``.
+            ValueError: NaN/Inf sample margins, or a label not below the monitor's
+                ``num_classes``.
         """
         if not self._pending:
             return
-        targets, labels = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
+        targets, labels, margins = (torch.cat(parts) for parts in zip(*self._pending, strict=True))
         self._pending.clear()
         if not labels.numel():
             return
-        angles = targets.double().clamp_(-1.0, 1.0).acos_().cpu()
-        labels = labels.long().cpu()
-        if int(labels.max()) >= self.num_classes:
+        # One host copy for both (the sum in float64, as the epoch's mean is).
+        total, low = torch.stack((margins.sum(dtype=torch.float64), margins.min())).tolist()
+        if not (math.isfinite(total) and math.isfinite(low)):
             raise ValueError(
-                f"labels reach {int(labels.max())} but the monitor has {self.num_classes} classes"
+                "a batch has NaN or Inf sample margins: its embeddings or W contain NaN or Inf"
             )
+        labels = labels.long().cpu()
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        if counts.shape[0] > self.num_classes:  # bincount is as long as the largest label + 1
+            raise ValueError(
+                f"labels reach {counts.shape[0] - 1} but the monitor has {self.num_classes} classes"
+            )
+        angles = targets.double().clamp_(-1.0, 1.0).acos_().cpu()
+        self._margin_sum += total
+        self._margin_min = min(self._margin_min, low)
+        self._num_samples += labels.numel()
         self._angle_sums.index_add_(0, labels, angles)
-        self._angle_counts += torch.bincount(labels, minlength=self.num_classes)
+        self._angle_counts += counts
         self._angle_maxima.scatter_reduce_(0, labels, angles, reduce="amax")
 
     # --- per epoch -------------------------------------------------------------------------
@@ -337,15 +358,16 @@ class MarginMonitor:
         Raises:
             ValueError: no batch since the last epoch, or ``W`` of the wrong shape.
         """
+        self._fold()
         if self._num_samples == 0:
             raise ValueError("no training batch was recorded since the last end_epoch")
-        check_prototypes(W, embedding_size=self.embedding_size)
-        if W.shape[1] != self.num_classes:
-            raise ValueError(f"W has {W.shape[1]} classes, the monitor {self.num_classes}")
-        self._add_pending_angles()
-        margin = class_margin(W)
+        # Shape here; class_margin below refuses NaN/Inf (one scan of W, not two).
+        check_prototypes(W, embedding_size=self.embedding_size, finite=False)
+        self._check_columns(W)
+        margin = class_margin(W, sub_centers=self.sub_centers)
         histogram = None
-        if self.num_classes <= self.histogram_max_classes:
+        # The histogram counts pairs of prototypes; with sub-centres it is not taken.
+        if self.sub_centers == 1 and self.num_classes <= self.histogram_max_classes:
             histogram = prototype_cosine_histogram(W, self.histogram_bins)
         counts = self._angle_counts.double()
         means = (self._angle_sums / counts).rad2deg().tolist()  # 0/0 = nan for unseen classes
@@ -372,7 +394,8 @@ class MarginMonitor:
     def _reset(self) -> None:
         self._margin_sum, self._margin_min, self._num_samples = 0.0, math.inf, 0
         self._batches = 0
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (target cosines, labels, sample margins) of each batch since the last fold.
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._angle_sums = torch.zeros(self.num_classes, dtype=torch.float64)
         self._angle_counts = torch.zeros(self.num_classes, dtype=torch.int64)
         self._angle_maxima = torch.full((self.num_classes,), -math.inf, dtype=torch.float64)
@@ -402,6 +425,7 @@ class MarginMonitor:
     def end_of_epoch_hook(self, trainer: BaseTrainer) -> bool:
         """PML's ``end_of_epoch_hook``: close the trainer's epoch (if batches are pending).
         Returns True, so training goes on."""
+        self._fold()
         if self._num_samples:
             epoch = None if self.iterations_per_epoch is not None else trainer.epoch
             self.end_epoch(trainer.loss_funcs[self.loss_name].W, epoch)

@@ -65,17 +65,23 @@ def _angle(u: torch.Tensor, v: torch.Tensor) -> float:
 
 
 def _closest_pair_in_row_blocks(
-    weights: torch.Tensor, inverse_norms: torch.Tensor, block_size: int, row_starts: range
+    weights: torch.Tensor,
+    inverse_norms: torch.Tensor,
+    block_size: int,
+    row_starts: range,
+    sub_centers: int = 1,
 ) -> tuple[float, tuple[int, int]]:
     """Largest cosine over pairs j < k with j in the row blocks starting at ``row_starts``.
 
     Visits the tiles of those row blocks on and right of the diagonal. Separate from
     :func:`class_margin` so the benchmark can time a measured share of the tiles at C = 1M.
+    With ``sub_centers=k`` the columns are sub-centres and pairs of the same class (same
+    ``column // k``) are skipped.
     """
     num_classes = weights.shape[1]
-    below_diagonal = torch.ones(
-        block_size, block_size, dtype=torch.bool, device=weights.device
-    ).tril_()
+    # No larger than the matrix: a 1024 × 1024 mask would cost more than the tiles of small C.
+    side = min(block_size, num_classes)
+    below_diagonal = torch.ones(side, side, dtype=torch.bool, device=weights.device).tril_()
     best_cosine, best_pair = -math.inf, (0, 1)
     for row_start in row_starts:
         row_stop = min(row_start + block_size, num_classes)
@@ -87,6 +93,14 @@ def _closest_pair_in_row_blocks(
             )
             if column_start == row_start:  # diagonal tile: keep pairs j < k only
                 cosines.masked_fill_(below_diagonal[: cosines.shape[0], : cosines.shape[1]], -2.0)
+            if sub_centers > 1 and column_start < row_stop + sub_centers:
+                # Only tiles near the diagonal can hold two sub-centres of one class.
+                row_classes = torch.arange(row_start, row_stop, device=weights.device)
+                column_classes = torch.arange(column_start, column_stop, device=weights.device)
+                same_class = (row_classes // sub_centers)[:, None] == (
+                    column_classes // sub_centers
+                )[None, :]
+                cosines.masked_fill_(same_class, -2.0)
             tile_best = float(cosines.max())
             if tile_best > best_cosine:
                 row, column = divmod(int(torch.argmax(cosines)), cosines.shape[1])
@@ -94,8 +108,14 @@ def _closest_pair_in_row_blocks(
     return best_cosine, best_pair
 
 
-def class_margin(W: torch.Tensor, block_size: int | None = None) -> ClassMargin:
+def class_margin(
+    W: torch.Tensor, block_size: int | None = None, *, sub_centers: int = 1
+) -> ClassMargin:
     """Class margin ``min_{j != k} arccos(ŵ_j · ŵ_k)`` of the prototypes ``W`` (d, C).
+
+    With ``sub_centers=k``, ``W`` is (d, C·k) in PML's class-major layout and the margin is the
+    smallest angle between two sub-centres of different classes (those of one class may be as
+    close as they like); ``closest_pair`` then names the two classes.
 
     The upper triangle of the cosine matrix is visited in ``block_size × block_size`` tiles
     (1024 by default, 4 MB of float32), so memory stays at a few tiles plus the C column norms
@@ -106,7 +126,10 @@ def class_margin(W: torch.Tensor, block_size: int | None = None) -> ClassMargin:
     (module docstring).
     """
     check_prototypes(W)
-    num_classes = W.shape[1]
+    sub_centers = check_integer(sub_centers, "sub_centers", at_least=1)
+    if W.shape[1] % sub_centers:
+        raise ValueError(f"W has {W.shape[1]} columns, not a multiple of sub_centers={sub_centers}")
+    num_classes = W.shape[1] // sub_centers
     if num_classes < 2:
         raise ValueError(f"the class margin needs at least 2 classes, got {num_classes}")
     block_size = (
@@ -116,9 +139,12 @@ def class_margin(W: torch.Tensor, block_size: int | None = None) -> ClassMargin:
     # Half-precision tiles are promoted to float32 by the float32 norms, tile by tile.
     half = weights.dtype in (torch.float16, torch.bfloat16)
     inverse_norms = _inverse_column_norms(weights, torch.float32 if half else None)
-    row_blocks = range(0, num_classes, block_size)
-    _, best_pair = _closest_pair_in_row_blocks(weights, inverse_norms, block_size, row_blocks)
-    return ClassMargin(_angle(weights[:, best_pair[0]], weights[:, best_pair[1]]), best_pair)
+    row_blocks = range(0, W.shape[1], block_size)
+    _, best_pair = _closest_pair_in_row_blocks(
+        weights, inverse_norms, block_size, row_blocks, sub_centers
+    )
+    angle = _angle(weights[:, best_pair[0]], weights[:, best_pair[1]])
+    return ClassMargin(angle, (best_pair[0] // sub_centers, best_pair[1] // sub_centers))
 
 
 def class_margin_upper_bound(num_classes: int, embedding_size: int) -> float:

@@ -150,9 +150,14 @@ def check_labels(
 
 
 def check_prototypes(
-    weights: torch.Tensor, name: str = "W", *, embedding_size: int | None = None
+    weights: torch.Tensor,
+    name: str = "W",
+    *,
+    embedding_size: int | None = None,
+    finite: bool = True,
 ) -> None:
-    """Prototypes in PML's layout: shape (embedding_size, num_classes), one column per class."""
+    """Prototypes in PML's layout: shape (embedding_size, num_classes), one column per class,
+    free of NaN/Inf when ``finite``."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weights).__name__}")
     if weights.ndim != 2:
@@ -167,5 +172,5 @@ def check_prototypes(
             f"{name} has {weights.shape[0]} rows but the embeddings have dimension {embedding_size}; "
             "prototypes use PML's layout (embedding_size, num_classes)"
         )
-    if weights.numel() and not bool(torch.isfinite(weights).all()):
+    if finite and weights.numel() and not bool(torch.isfinite(weights).all()):
         raise ValueError(f"{name} contains NaN or Inf")

@@ -200,3 +200,24 @@ def test_progress_is_one_redrawn_bar_on_a_terminal():
         progress.step("run 0")
         progress.write("a message")
     assert quiet.written == []
+
+
+def test_epoch_lines_print_the_margins_of_every_epoch(tmp_path, capsys):
+    methods = ("--methods", "normface", "lm-softmax")
+    assert _demo(tmp_path / "plain", *methods, "--epochs", "2") == 0
+    captured = capsys.readouterr()
+    assert ", epoch " not in captured.out + captured.err
+    assert _demo(tmp_path / "lines", *methods, "--epochs", "2", "--epoch-lines") == 0
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if ", epoch " in line]
+    assert [line.split(": class margin")[0] for line in lines] == [
+        "NormFace, seed 0, epoch 1",
+        "NormFace, seed 0, epoch 2",
+        "LM-Softmax, seed 0, epoch 1",
+        "LM-Softmax, seed 0, epoch 2",
+    ]
+    assert all("sample margin mean" in line and "bound" in line for line in lines)
+    # The last epoch's class margin is that of the trained prototypes, as results.json has it.
+    results = json.loads((tmp_path / "lines" / "results.json").read_text())
+    printed = float(lines[-1].split(": class margin ")[1].split("°")[0])
+    assert printed == pytest.approx(results["methods"][1]["runs"][0]["class_margin_deg"], abs=0.01)

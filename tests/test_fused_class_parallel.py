@@ -59,7 +59,8 @@ def _as_numpy(tensors):
 
 def check_sharded_statistics(rank, world_size):
     # Blocks of 2 columns for the batch of 10 (shards of 6 and 5 classes).
-    fused._STREAM_BLOCK_ELEMENTS["cpu"] = 2 * NUM_ROWS
+    fused._STREAM_BLOCK_BYTES["cpu"] = 2 * NUM_ROWS * 8
+    fused._MIN_STREAM_BLOCK_COLUMNS = 1
     return {pair: _sharded_step(rank, world_size, pair[rank]) for pair in PATH_PAIRS}
 
 
@@ -80,7 +81,8 @@ def _loss_step(loss_fn, rank):
 
 
 def check_class_parallel_losses(rank, world_size):
-    fused._STREAM_BLOCK_ELEMENTS["cpu"] = 3 * 16
+    fused._STREAM_BLOCK_BYTES["cpu"] = 3 * 16 * 8
+    fused._MIN_STREAM_BLOCK_COLUMNS = 1
     builders = {
         "lm": lambda **kwargs: ClassParallelLargestMarginSoftmaxLoss(
             NUM_CLASSES, DIM, scale=SCALE, **kwargs

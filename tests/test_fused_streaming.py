@@ -144,8 +144,8 @@ def test_stream_keeps_its_graph_for_a_second_backward():
     assert_all_close(second, first, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("memory", ["buffer", "stream"])
-def test_zero_and_tiny_norms_are_clamped_like_normalize(memory):
+@pytest.mark.parametrize(("memory", "block_columns"), PATHS)
+def test_zero_and_tiny_norms_are_clamped_like_normalize(memory, block_columns):
     # Row 0 is zero, row 1 has norm 1e-13 < NORM_EPS (clamped: plain scaling, no projection);
     # likewise columns 0 and 1 of W.
     embeddings, W, labels, upstream = problem(num_rows=6, num_classes=7)
@@ -158,7 +158,7 @@ def test_zero_and_tiny_norms_are_clamped_like_normalize(memory):
         lambda z, w: reference_outputs(z, w, labels), embeddings, W, upstream
     )
     got = values_and_gradients(
-        lambda z, w: fused_outputs(z, w, labels, memory, 3), embeddings, W, upstream
+        lambda z, w: fused_outputs(z, w, labels, memory, block_columns), embeddings, W, upstream
     )
     for actual, expected in zip(got, want, strict=True):
         assert torch.isfinite(actual).all()
@@ -239,10 +239,11 @@ def test_auto_streams_exactly_above_the_buffer_limit(monkeypatch):
     assert passes == [1]
 
 
-def test_block_size_follows_the_device():
-    assert fused.stream_block_columns(256, "cpu") == 2**19 // 256
-    assert fused.stream_block_columns(256, "cuda") == 2**24 // 256
-    assert fused.stream_block_columns(10**7, "cpu") == 1
+def test_block_size_follows_the_device_dtype_and_floor():
+    assert fused.stream_block_columns(256, "cpu") == 8 * 2**20 // (256 * 4)
+    assert fused.stream_block_columns(256, "cpu", torch.float64) == 8 * 2**20 // (256 * 8)
+    assert fused.stream_block_columns(256, "cuda") == 256 * 2**20 // (256 * 4)
+    assert fused.stream_block_columns(10**7, "cpu") == fused._MIN_STREAM_BLOCK_COLUMNS
 
 
 LOSSES = {
@@ -258,8 +259,9 @@ LOSSES = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_stream_exactly_with_miner_regularizer_and_stats(monkeypatch, name, device):
-    # Blocks of 2 columns for the batch of 20 (40 elements); 13 classes end in a block of 1.
-    monkeypatch.setitem(fused._STREAM_BLOCK_ELEMENTS, device, 40)
+    # Blocks of 2 columns for the batch of 20 in float64; 13 classes end in a block of 1.
+    monkeypatch.setitem(fused._STREAM_BLOCK_BYTES, device, 2 * 20 * 8)
+    monkeypatch.setattr(fused, "_MIN_STREAM_BLOCK_COLUMNS", 1)
     generator = torch.Generator().manual_seed(5)
     embeddings = torch.randn(20, 5, generator=generator, dtype=torch.float64).to(device)
     labels = torch.randint(0, 13, (20,), generator=generator).to(device)

@@ -461,3 +461,50 @@ def test_loss_factory_builds_every_head(name, loss_class, settings):
             build_loss(name, NUM_CLASSES, DIM)
     if "margin" in settings:
         assert build_loss(name, NUM_CLASSES, DIM, margin=0.2).margin == pytest.approx(0.2)
+
+
+# --- memory= and the capability flags ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_honours_memory_stream_with_equal_values_and_gradients(name, monkeypatch):
+    from pml_largest_margin.losses import curricular_face_loss, fused
+
+    streamed = []
+
+    def two_columns(num_rows, device, dtype=None):
+        streamed.append(num_rows)
+        return 2
+
+    monkeypatch.setattr(fused, "stream_block_columns", two_columns)
+    monkeypatch.setattr(curricular_face_loss, "stream_block_columns", two_columns)
+    embeddings, labels, W = problem()
+    results = {}
+    for memory in ("buffer", "stream"):
+        torch.manual_seed(0)
+        loss_fn = HEADS[name]().double()
+        assert loss_fn.supports_stream
+        loss_fn.memory = memory
+        with torch.no_grad():
+            loss_fn.W.copy_(W)
+        before = len(streamed)
+        results[memory] = [grads(loss_fn, embeddings * (1 + step), labels) for step in range(2)]
+        assert (len(streamed) > before) == (memory == "stream")
+        results[memory].append({key: value.clone() for key, value in loss_fn.state_dict().items()})
+    for got, want in zip(results["stream"][:2], results["buffer"][:2], strict=True):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    for key, value in results["buffer"][2].items():
+        torch.testing.assert_close(results["stream"][2][key], value, atol=1e-12, rtol=1e-12)
+
+
+def test_capability_flags_refuse_what_a_head_does_not_support():
+    assert not CurricularFaceLoss.supports_sample_margin_regularizer
+    assert AdaFaceLoss.supports_sample_margin_regularizer and AdaFaceLoss.supports_stream
+    assert (
+        not AdaFaceLoss.supports_sub_centers and GeneralizedMarginSoftmaxLoss.supports_sub_centers
+    )
+    with pytest.raises(ValueError, match="memory='stream'"):
+        GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, phi=torch.cos, memory="stream")
+    with pytest.warns(DeprecationWarning, match="supports_class_parallel"):
+        assert CurricularFaceLoss(NUM_CLASSES, DIM).supports_class_parallel

@@ -42,11 +42,18 @@ def make_head(kind, rank=0):
         "adacos": lambda: AdaCosLoss(*args),
         "dynamic": lambda: DynamicMarginLoss(*args, class_counts=[1, 3, 9, 27, 81, 243, 729]),
         "magface+rsm": lambda: MagFaceLoss(*args, scale=8.0, **_regularizer_options("+rsm")),
+        "curricular": lambda: CurricularFaceLoss(*args, scale=8.0),
     }
-    return heads[kind]().double()
+    return heads[_head_kind(kind)]().double()
 
 
-KINDS = ("adaface", "magface", "elastic-arc", "adacos", "dynamic", "magface+rsm")
+# "@stream": the class-parallel loss streams over each rank's columns (the reference buffers).
+KINDS = ("adaface", "magface", "elastic-arc", "adacos", "dynamic", "magface+rsm", "curricular",
+         "curricular@stream", "adaface@stream")  # fmt: skip
+
+
+def _head_kind(kind):
+    return kind.removesuffix("@stream")
 
 
 def _problem(step):
@@ -105,13 +112,24 @@ def _steps(loss_fn, model, rows=lambda tensor: tensor):
     }
 
 
+def _stream_in_blocks_of_two_columns():
+    """Streaming passes of 2 columns, so that each rank's 4 or 3 classes span several blocks."""
+    from pml_largest_margin.distributed import _sharded_cosine_statistics
+    from pml_largest_margin.losses import curricular_face_loss
+
+    for module in (_sharded_cosine_statistics, curricular_face_loss):
+        module.stream_block_columns = lambda num_rows, device, dtype=None: 2
+
+
 def check_class_parallel_heads(rank, world_size):
     torch.set_num_threads(1)
+    _stream_in_blocks_of_two_columns()
     outcome = {}
     for kind in KINDS:
         backbone, W = _backbone_and_W()
-        head = make_head(kind.removesuffix("+rsm"), rank)
-        loss_fn = ClassParallelMarginHeadLoss(head, **_regularizer_options(kind))
+        head = make_head(_head_kind(kind).removesuffix("+rsm"), rank)
+        memory = "stream" if kind.endswith("@stream") else "buffer"
+        loss_fn = ClassParallelMarginHeadLoss(head, memory=memory, **_regularizer_options(kind))
         loss_fn.load_full_W(W)
         model = torch.nn.parallel.DistributedDataParallel(backbone)
         result = _steps(loss_fn, model, rows=lambda tensor: _local_rows(tensor, rank))
@@ -147,8 +165,9 @@ def check_bad_wrapping(rank, world_size):
     errors = {}
     for name, build in {
         "not a head": lambda: ClassParallelMarginHeadLoss(torch.nn.Linear(2, 2)),
-        "curricular": lambda: ClassParallelMarginHeadLoss(
-            CurricularFaceLoss(NUM_CLASSES, EMBEDDING_SIZE)
+        "curricular with a regularizer": lambda: ClassParallelMarginHeadLoss(
+            CurricularFaceLoss(NUM_CLASSES, EMBEDDING_SIZE),
+            sample_margin_regularizer=SampleMarginRegularizer(),
         ),
         "head with a group": lambda: ClassParallelMarginHeadLoss(
             AdaFaceLoss(NUM_CLASSES, EMBEDDING_SIZE, process_group=dist.group.WORLD)
@@ -259,8 +278,8 @@ def test_ddp_ranks_with_different_batches_end_with_identical_running_statistics(
 def test_bad_wrapping_raises(worker_results):
     for errors in _results(worker_results, check_bad_wrapping):
         assert errors["not a head"].startswith("TypeError")
-        assert errors["curricular"].startswith(
-            "TypeError: CurricularFaceLoss has no class-parallel"
+        assert errors["curricular with a regularizer"].startswith(
+            "ValueError: CurricularFaceLoss does not take a sample_margin_regularizer"
         )
         assert errors["head with a group"].startswith("ValueError")
         assert errors["taken twice"].startswith("ValueError")

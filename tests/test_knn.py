@@ -33,5 +33,5 @@ def test_top_k_bad_input():
         top_k(good, good, 4)
     with pytest.raises(ValueError, match="NaN"):
         top_k(np.full((2, 4), np.nan), good, 1)
-    with pytest.raises(ValueError, match="use_gpu"):
-        top_k(good, good, 1, use_gpu=True)
+    with pytest.raises(ValueError, match="device='cuda:0' but faiss-gpu"):
+        top_k(good, good, 1, device="cuda")

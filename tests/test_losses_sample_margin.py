@@ -7,7 +7,11 @@ import torch
 from pytorch_metric_learning import miners, reducers
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+from pml_largest_margin.losses import (
+    AdaFaceLoss,
+    GeneralizedMarginSoftmaxLoss,
+    LargestMarginSoftmaxLoss,
+)
 from pml_largest_margin.losses.fused import fused_nontarget_logsumexp
 from pml_largest_margin.margins import cosine_logits, sample_margins, sample_margins_from_cosines
 from pml_largest_margin.regularizers import (
@@ -228,3 +232,117 @@ def test_bad_input_is_still_caught():
         regularizer(embeddings, labels, cosines=torch.zeros(len(labels), 3), margins=margins)
     with pytest.raises(ValueError, match="margins must have shape"):
         regularizer(embeddings, labels, margins=margins[:-1])
+
+
+STATS = dict(collect_stats=True, record_target_cosines=True, record_class_margin=False)
+STATS_LOSSES = {
+    **LOSSES,
+    "adaface": lambda **kw: AdaFaceLoss(NUM_CLASSES, DIM, scale=8.0, **kw),
+}
+
+
+def tied_batch(W: torch.Tensor):
+    """Float64 embeddings and labels for prototypes ``W`` whose columns 1 and 2 are equal: rows
+    near prototype 1 with label 0 have classes 1 and 2 tied (exactly) as nearest non-target."""
+    generator = torch.Generator().manual_seed(3)
+    near = W[:, 1] + 0.05 * torch.randn(6, DIM, generator=generator, dtype=torch.float64)
+    embeddings = torch.cat([near, torch.randn(14, DIM, generator=generator, dtype=torch.float64)])
+    labels = torch.cat(
+        [torch.zeros(4, dtype=torch.long), torch.ones(2, dtype=torch.long)]
+        + [torch.randint(0, NUM_CLASSES, (14,), generator=generator)]
+    )
+    return embeddings, labels
+
+
+@pytest.mark.parametrize(
+    "name, memory",
+    [
+        ("lm", "buffer"),
+        ("lm", "stream"),
+        ("gm-arcface", "buffer"),
+        ("gm-arcface", "stream"),
+        ("gm-custom-phi", "auto"),
+        ("adaface", "buffer"),
+        ("adaface", "stream"),
+    ],
+)
+def test_stats_only_margins_equal_those_of_the_regularizer_path(name, memory):
+    # Stats only: the margins come detached from the forward pass. With R_sm: the differentiable
+    # margins the regularizer uses. The recorded values must be the same floats.
+    torch.manual_seed(0)
+    stats_only = STATS_LOSSES[name](memory=memory, **STATS).double()
+    with torch.no_grad():
+        stats_only.W[:, 2] = stats_only.W[:, 1]
+    regularized = STATS_LOSSES[name](
+        memory=memory,
+        sample_margin_regularizer=SampleMarginRegularizer(),
+        sample_margin_reg_weight=LAMBDA,
+        **STATS,
+    ).double()
+    plain = STATS_LOSSES[name](memory=memory).double()
+    for other in (regularized, plain):
+        with torch.no_grad():
+            other.W.copy_(stats_only.W)
+    embeddings, labels = tied_batch(stats_only.W.detach())
+    definition = sample_margins_from_cosines(cosine_logits(embeddings, stats_only.W), labels)
+    cosines = cosine_logits(embeddings, stats_only.W.detach())
+    nearest = cosines[:4].scatter(1, labels[:4, None], -math.inf).amax(dim=1)
+    assert torch.equal(cosines[:4, 1], nearest) and torch.equal(cosines[:4, 2], nearest)  # ties
+    # A miner's pairs that leave out three rows, tied ones among them: weight 0 in the loss.
+    kept = torch.tensor([0, 1, 2, 4, 5, *range(7, 12), *range(13, 20)])
+    indices_tuple = (kept, kept.roll(1), kept, kept.roll(2))
+    miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=torch.float64)
+    assert (miner_weights[[3, 6, 12]] == 0).all() and (miner_weights[kept] == 1).all()
+
+    grads = {}
+    for key, loss_fn in (("stats", stats_only), ("regularized", regularized), ("plain", plain)):
+        z = embeddings.clone().requires_grad_(True)
+        grads[key] = gradients(loss_fn(z, labels, indices_tuple), z, loss_fn.W)
+    for stat in ("mean_sample_margin", "min_sample_margin"):
+        assert getattr(stats_only, stat) == getattr(regularized, stat)
+    assert torch.equal(stats_only.target_cosines, regularized.target_cosines)
+    assert torch.equal(stats_only.batch_sample_margins, regularized.batch_sample_margins)
+    assert not stats_only.batch_sample_margins.requires_grad
+    torch.testing.assert_close(stats_only.batch_sample_margins, definition, rtol=0, atol=1e-12)
+    assert torch.equal(stats_only.target_labels, labels)
+    assert not stats_only.target_cosines.requires_grad
+    assert stats_only.mean_sample_margin == pytest.approx(float(definition.mean()), abs=1e-12)
+    assert stats_only.min_sample_margin == pytest.approx(float(definition.min()), abs=1e-12)
+    target = cosines.gather(1, labels[:, None]).squeeze(1)
+    torch.testing.assert_close(stats_only.target_cosines, target, rtol=0, atol=1e-12)
+    # Only the regularizer's margins carry a gradient (the stats' skip the nearest-class path).
+    z = embeddings.clone().requires_grad_(True)
+    for loss_fn, differentiable in ((stats_only, False), (regularized, True)):
+        assert loss_fn.per_sample_losses(z, loss_fn.W, labels, True)[1].requires_grad is (
+            differentiable
+        )
+    # Recording stats changes no gradient: backward has nothing to do for them.
+    for got, want in zip(grads["stats"], grads["plain"], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory", ["buffer", "stream"])
+def test_detached_fused_margins_are_the_differentiable_ones_without_a_gradient(memory):
+    W = torch.randn(
+        DIM, NUM_CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    W[:, 2] = W[:, 1]  # exact ties among the nearest classes
+    embeddings, labels = tied_batch(W)
+    z, w = embeddings.requires_grad_(True), W.requires_grad_(True)
+    kernel = dict(memory=memory, block_columns=3 if memory == "stream" else None)
+    _, _, differentiable = fused_nontarget_logsumexp(z, w, labels, 8.0, with_margins=True, **kernel)
+    lse, target, detached = fused_nontarget_logsumexp(
+        z, w, labels, 8.0, detached_margins=True, **kernel
+    )
+    assert torch.equal(detached, differentiable.detach()) and not detached.requires_grad
+    assert fused_nontarget_logsumexp(z, w, labels, 8.0, **kernel)[2] is None
+    # Gradients of u and t are those of the plain call.
+    plain_lse, plain_target, _ = fused_nontarget_logsumexp(z, w, labels, 8.0, **kernel)
+    for got, want in zip(
+        gradients(lse.sum() + target.sum(), z, w),
+        gradients(plain_lse.sum() + plain_target.sum(), z, w),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="detached_margins"):
+        fused_nontarget_logsumexp(z, w, labels, 8.0, with_margins=True, detached_margins=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,13 +13,16 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 
 from pml_largest_margin import margin_monitor
-from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
+from pml_largest_margin.losses.base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from pml_largest_margin.margin_monitor import (
     MarginMonitor,
     format_epoch_line,
     prototype_cosine_histogram,
 )
 from pml_largest_margin.margins import class_margin
+from pml_largest_margin.regularizers import SampleMarginRegularizer
+from pml_largest_margin.training.loss_factory import LOSS_NAMES, build_loss
 from pml_largest_margin.training.trainer import Schedule, build_trainer, run_epochs
 
 NUM_CLASSES, EMBEDDING_SIZE = 6, 5
@@ -238,6 +242,126 @@ def test_files_are_written_and_parse(tmp_path):
     data = json.loads(json_path.read_text())
     assert len(data["epochs"]) == 2 and data["num_classes"] == NUM_CLASSES
     assert data["epochs"][0]["class_mean_angle_degrees"][-1] is None  # unseen class
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png_path.stat().st_size > 10_000  # four panels drawn, not an empty canvas
     assert len(data["histogram"]["edges"]) == len(data["epochs"][0]["cosine_histogram"]) + 1
     png = png_path.read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_stats_only_loss_and_regularized_loss_give_the_same_epoch():
+    # With no sample-margin regularizer the loss takes its margins detached from the forward
+    # pass; with one, the differentiable margins. The monitor must see the same numbers.
+    stats_only = _loss()
+    regularized = _loss(sample_margin_regularizer=SampleMarginRegularizer())
+    with torch.no_grad():
+        regularized.W.copy_(stats_only.W)
+        stats_only.W[:, 3] = regularized.W[:, 3] = stats_only.W[:, 2]  # tied nearest classes
+    monitors = [MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE) for _ in range(2)]
+    for embeddings, labels in _batches(8):
+        for loss, monitor in zip((stats_only, regularized), monitors, strict=True):
+            loss(embeddings, labels)
+            monitor.update(loss)
+    records = [
+        monitor.end_epoch(loss.W)
+        for loss, monitor in zip((stats_only, regularized), monitors, strict=True)
+    ]
+    assert records[0].as_dict() == records[1].as_dict()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_zero_prototype_column_has_target_cosine_zero(fused):
+    # The fused kernel's t (recorded as it is) and the row-by-row gather of the losses that
+    # do not run it (a custom phi) both clamp the norm, as the loss itself does.
+    options = dict(collect_stats=True, record_target_cosines=True, record_class_margin=False)
+    if fused:
+        loss = _loss()
+    else:
+        loss = GeneralizedMarginSoftmaxLoss(
+            NUM_CLASSES, EMBEDDING_SIZE, phi=lambda c: 0.5 * c, **options
+        ).double()
+    with torch.no_grad():
+        loss.W[:, 1] = 0
+    embeddings, labels = _batches(9)[0]
+    labels[:2] = 1
+    loss(embeddings, labels)
+    assert (loss.target_cosines[labels == 1] == 0).all()
+    _, angles = _direct(embeddings[labels != 1], labels[labels != 1], loss.W.detach())
+    torch.testing.assert_close(
+        torch.rad2deg(torch.acos(loss.target_cosines[labels != 1])), angles, rtol=0, atol=1e-9
+    )
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_every_named_loss_is_monitored_with_the_formulas_values(name):
+    # build_loss(record_margins=True): this package's losses record their stats (no extra
+    # product); PML's and the plain softmax are measured from the watched inputs.
+    torch.manual_seed(0)
+    loss = build_loss(
+        name, NUM_CLASSES, EMBEDDING_SIZE, record_margins=True, class_counts=[3] * NUM_CLASSES
+    ).double()
+    assert getattr(loss, "record_target_cosines", False) is isinstance(loss, BaseMarginSoftmaxLoss)
+    monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    monitor.watch(loss)
+    batches = _batches(10)
+    for embeddings, labels in batches:
+        loss(embeddings, labels)
+        monitor.end_of_iteration_hook(SimpleNamespace(loss_funcs={"metric_loss": loss}))
+    record = monitor.end_epoch(loss.W)
+    # Every loss here leaves W as it was: the forward alone does not step.
+    margins, angles = _direct(
+        torch.cat([e for e, _ in batches]), torch.cat([y for _, y in batches]), loss.W.detach()
+    )
+    assert record.mean_sample_margin == pytest.approx(float(margins.mean()), abs=1e-12)
+    assert record.min_sample_margin == pytest.approx(float(margins.min()), abs=1e-12)
+    assert record.max_angle_to_prototype_degrees == pytest.approx(float(angles.max()), abs=1e-9)
+
+
+@pytest.mark.parametrize("where", ["embeddings", "W"])
+def test_nan_in_a_measured_batch_is_an_error_at_the_fold(where, monkeypatch):
+    # The measured path checks shapes per batch and finiteness once per fold (no host copy per
+    # batch): a NaN anywhere in a batch or in W still ends in a ValueError, not a NaN epoch.
+    monkeypatch.setattr(margin_monitor, "_PENDING_BATCHES", 2)
+    loss = pml_losses.CosFaceLoss(NUM_CLASSES, EMBEDDING_SIZE).double()
+    monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    (embeddings, labels), (bad, bad_labels) = _batches(11, sizes=(4, 5))
+    monitor.update(loss, embeddings, labels)
+    if where == "embeddings":
+        bad = bad.clone()
+        bad[2, 1] = math.nan
+    else:
+        with torch.no_grad():
+            loss.W[0, 3] = math.inf
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        monitor.update(loss, bad, bad_labels)  # the second batch: the fold
+    monitor = MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    monitor.update(loss, bad, bad_labels)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        monitor.end_epoch(loss.W)
+
+
+def test_record_target_cosines_alone_feeds_the_monitor_without_pml_stats():
+    # The monitor needs the loss's tensors only; PML's float stats (two host copies per batch)
+    # stay off.
+    recording, with_stats = _loss(collect_stats=False), _loss()
+    with torch.no_grad():
+        with_stats.W.copy_(recording.W)
+    monitors = [MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE) for _ in range(2)]
+    for embeddings, labels in _batches(12):
+        for loss, monitor in zip((recording, with_stats), monitors, strict=True):
+            loss(embeddings, labels)
+            monitor.update(loss)
+    assert not hasattr(recording, "mean_sample_margin")
+    assert isinstance(with_stats.mean_sample_margin, float)
+    records = [m.end_epoch(recording.W) for m in monitors]
+    assert records[0].as_dict() == records[1].as_dict()
+
+
+def test_end_epoch_refuses_a_nan_w():
+    loss, monitor = _loss(), MarginMonitor(NUM_CLASSES, EMBEDDING_SIZE)
+    loss(*_batches(13)[0])
+    monitor.update(loss)
+    W = loss.W.detach().clone()
+    W[1, 2] = math.nan
+    with pytest.raises(ValueError, match="W contains NaN or Inf"):
+        monitor.end_epoch(W)

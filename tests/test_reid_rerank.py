@@ -66,14 +66,31 @@ def make_problem(seed, num_query=24, num_gallery=90, dim=10, num_ids=8):
 def test_reranked_distances_equal_the_dense_reference(metric, convention, k1, k2, lambda_value):
     query, gallery, _ = make_problem(0)
     options = KReciprocalOptions(k1, k2, lambda_value, convention)
-    ours = k_reciprocal_rerank(query, gallery, metric, options, device="cpu").dense()
     power = 2 if convention == "torchreid" else 1
     expected = dense_reference(query, gallery, k1, k2, lambda_value, power, metric)
-    assert ours.shape == expected.shape == (24, 90)
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    # One block of all 114 items, then blocks of 7 rows (the last one partial: 114 = 16·7 + 2).
+    for block_bytes in (2**28, 8 * 4 * 114 * 7):
+        ours = k_reciprocal_rerank(
+            query, gallery, metric, options, device="cpu", block_bytes=block_bytes
+        ).dense()
+        assert ours.shape == expected.shape == (24, 90)
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
     # The reference really re-ranks: the Jaccard term moves distances away from D.
     if lambda_value < 1:
         assert (expected < 1 - lambda_value).any()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_exact_ties_are_ordered_as_a_stable_argsort_does(metric):
+    # Duplicated items tie exactly with their copies: neighbour order is decided by the exact
+    # distance, then by index, as the reference's stable argsort does.
+    query, gallery, _ = make_problem(5)
+    gallery[30:45] = gallery[:15]
+    query[:4] = gallery[20:24]
+    options = KReciprocalOptions(k1=6, k2=3)
+    ours = k_reciprocal_rerank(query, gallery, metric, options, device="cpu").dense()
+    expected = dense_reference(query, gallery, 6, 3, metric=metric)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
 
 
 def test_blocks_of_one_row_give_the_same_distances():

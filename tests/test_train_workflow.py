@@ -312,8 +312,8 @@ def test_margins_and_scales_reach_the_losses_in_one_unit(image_folder):
     arcface = _parsed("--loss", "arcface", "--margin", "0.3")
     assert arcface.margin == 0.3
     loss = build_loss("arcface", 3, 4, scale=arcface.scale, margin=arcface.margin)
-    # PML's ArcFaceLoss takes degrees and keeps radians: 0.3 rad in, 0.3 rad kept.
-    assert loss.margin == pytest.approx(0.3)
+    # GM-Softmax's arcface preset: 0.3 rad in, m2 = 0.3 rad.
+    assert loss.m2 == pytest.approx(0.3)
     sphere = _parsed("--loss", "sphereface", "--scale", "3")
     assert build_loss("sphereface", 3, 4, scale=sphere.scale, margin=sphere.margin).scale == 3
     assert _parsed("--loss", "sphereface").scale == 1.0

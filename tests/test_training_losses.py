@@ -4,7 +4,7 @@ import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
-from pml_largest_margin.losses import LargestMarginSoftmaxLoss
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
 from pml_largest_margin.training.loss_factory import LOSS_NAMES, build_loss
 from pml_largest_margin.training.softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
@@ -48,7 +48,8 @@ def test_names_map_to_the_expected_classes():
     normface = build_loss("normface", 4, 3, scale=8.0)
     assert isinstance(normface, pml_losses.NormalizedSoftmaxLoss)
     assert normface.temperature == pytest.approx(1 / 8)
-    assert isinstance(build_loss("arcface", 4, 3), pml_losses.ArcFaceLoss)
+    arcface = build_loss("arcface", 4, 3)
+    assert type(arcface) is GeneralizedMarginSoftmaxLoss and arcface.m2 == pytest.approx(0.5)
     assert build_loss("cosface", 4, 3, margin=0.2).margin == pytest.approx(0.2)
 
 
@@ -76,9 +77,9 @@ def test_angular_margins_are_radians_for_every_loss():
     import math
 
     arcface = build_loss("arcface", 4, 3, margin=0.3)
-    # PML's ArcFaceLoss takes degrees and keeps radians: the factory converted 0.3 rad.
-    assert arcface.margin == pytest.approx(0.3)
-    assert build_loss("arcface", 4, 3).margin == pytest.approx(0.5)
+    # GM-Softmax's arcface preset takes radians; PML's ArcFaceLoss (degrees) is the reference.
+    assert arcface.m2 == pytest.approx(0.3)
+    assert build_loss("arcface", 4, 3).m2 == pytest.approx(0.5)
     assert build_loss("curricularface", 4, 3, margin=0.3).margin == pytest.approx(0.3)
     reference = pml_losses.ArcFaceLoss(4, 3, margin=math.degrees(0.3), scale=10.0)
     reference.W.data.copy_(arcface.W.data)
@@ -118,6 +119,23 @@ def test_scale_options_of_the_registry():
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
         check_loss_options("triplet", None, None)
     check_loss_options("sphereface", 2.0, 4)
+
+
+@pytest.mark.parametrize("name", ["arcface", "lm-softmax"])
+def test_sub_centers_reach_the_losses_that_take_them(name):
+    loss = build_loss(name, 4, 3, sub_centers=2, record_margins=True)
+    assert loss.sub_centers == 2 and loss.W.shape == (3, 8)
+    embeddings, labels = torch.randn(6, 3), torch.arange(6) % 4
+    assert torch.isfinite(loss(embeddings, labels))
+    assert loss.get_logits(embeddings).shape == (6, 4)
+
+
+def test_sub_centers_are_refused_elsewhere_and_below_one():
+    with pytest.raises(ValueError, match="'cosface' has no sub-centres.*arcface, lm-softmax"):
+        build_loss("cosface", 4, 3, sub_centers=2)
+    with pytest.raises(ValueError, match="sub-centers must be an integer >= 1"):
+        build_loss("arcface", 4, 3, sub_centers=0)
+    assert build_loss("cosface", 4, 3, sub_centers=1).W.shape == (3, 4)
 
 
 @pytest.mark.parametrize(

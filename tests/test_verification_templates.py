@@ -117,7 +117,7 @@ def test_open_set_identification_equals_brute_force():
     probe_ids = np.concatenate([gallery_ids[mated_rows], np.full(80, 1)])  # id 1: no mate
     ranks, fpirs = (1, 5, 10), (0.0, 0.05, 0.1, 0.5, 1.0)
     result = open_set_identification(
-        probes, probe_ids, gallery, gallery_ids, ranks, fpirs, use_gpu=False
+        probes, probe_ids, gallery, gallery_ids, ranks, fpirs, device="cpu"
     )
     rank_rates, tpirs = _brute_force_identification(
         probes, probe_ids, gallery, gallery_ids, ranks, fpirs
@@ -167,7 +167,7 @@ def test_rank_rates_of_tied_gallery_templates_do_not_depend_on_the_ranks_asked()
     expected = [np.mean(probe_ids % 3 < r) for r in (1, 2, 3)]
     for ranks in [(1,), (1, 2), (2, 1, 3), (1, 3, 10)]:
         result = open_set_identification(
-            base[rows], probe_ids, gallery, gallery_ids, ranks, use_gpu=False
+            base[rows], probe_ids, gallery, gallery_ids, ranks, device="cpu"
         )
         for rank, rate in zip(ranks, result.rank_rates, strict=True):
             assert rate == (expected[rank - 1] if rank <= 3 else 1.0), (ranks, rank)

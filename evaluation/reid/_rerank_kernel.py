@@ -113,6 +113,26 @@ def pair_distance(features, norms, first, second, cosine):
 
 
 @njit(cache=True, parallel=True)
+def exact_nearest(features, norms, candidates, k, cosine):
+    """Per row, the ``k`` candidate columns nearest by the exact (float64) distance, nearest
+    first; equal distances in column order (a stable argsort of the row would give the same).
+    ``candidates`` (rows, >= k) come from a float32 pass and hold distinct columns."""
+    nearest = np.empty((candidates.shape[0], k), dtype=np.int64)
+    for item in prange(candidates.shape[0]):
+        distances = np.empty(candidates.shape[1])
+        for position in range(candidates.shape[1]):
+            distances[position] = pair_distance(
+                features, norms, item, candidates[item, position], cosine
+            )
+        # Sort by column first, so that the stable sort by distance breaks ties by column.
+        by_column = np.argsort(candidates[item])
+        order = np.argsort(distances[by_column], kind="mergesort")
+        for position in range(k):
+            nearest[item, position] = candidates[item, by_column[order[position]]]
+    return nearest
+
+
+@njit(cache=True, parallel=True)
 def row_maxima(features, norms, candidates, cosine):
     """Per row, the largest exact distance to any of its candidate columns."""
     maxima = np.empty(candidates.shape[0])

@@ -207,7 +207,7 @@ def _feature_blocks(
     options = as_rerank_options(rerank)
     expansion = as_query_expansion_options(query_expansion)
     if expansion is not None:
-        query, gallery = expand_queries(query, gallery, expansion)
+        query, gallery = expand_queries(query, gallery, expansion, device)
     if options is not None:
         return k_reciprocal_rerank(
             query, gallery, metric, options, device=device, block_bytes=block_bytes

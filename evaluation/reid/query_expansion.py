@@ -21,7 +21,14 @@ import numpy as np
 from numba import njit, prange
 
 from ..defaults import NAMED_EXPANSIONS
-from ..validation import ArrayLike, check_features, check_positive_integer, check_same_dimension
+from ..knn import search_device
+from ..validation import (
+    ArrayLike,
+    DeviceLike,
+    check_features,
+    check_positive_integer,
+    check_same_dimension,
+)
 from .top_k import joint_nearest_neighbours
 
 
@@ -77,16 +84,20 @@ def expand_queries(
     query_features: ArrayLike,
     gallery_features: ArrayLike,
     options: QueryExpansionOptions | None = None,
+    device: DeviceLike = None,
+    *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(query, gallery)`` features after query expansion (see the module docstring), in the
-    input's floating-point type.
+    input's floating-point type. The neighbour search runs on ``device``
+    (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated).
 
     Raises:
         ValueError: bad features, ``k`` above the number of items, a zero feature vector, or
             weights that are not finite (a negative similarity to a non-integer power).
     """
     options = QueryExpansionOptions() if options is None else options
+    device = search_device(device, use_gpu)
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
     check_same_dimension(query, gallery, "query_features", "gallery_features")
@@ -98,7 +109,7 @@ def expand_queries(
         if (norms == 0).any():
             raise ValueError("cannot L2-normalise a zero feature vector")
         _, neighbours = joint_nearest_neighbours(
-            joint.astype(np.float32, copy=False), options.k, "cosine", use_gpu
+            joint.astype(np.float32, copy=False), options.k, "cosine", device
         )
         expanded = np.empty_like(joint)
         _weighted_neighbour_means(joint, norms, neighbours, float(options.alpha), expanded)

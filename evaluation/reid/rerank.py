@@ -21,14 +21,17 @@ torchreid does when it hands its (already squared) distance matrix to the same f
 which is half the squared euclidean distance of the L2-normalised features; the factor cancels
 in ``D``, so ``"paper"`` ranks exactly the paper's distance on normalised features.
 
-What is kept: the neighbour lists (N, max(k1 + 1, k2)) from an exact FAISS search, the sets and
-``V`` as sparse rows (about ``N · k2 · |R*|`` entries), and one block of query rows against the
-gallery at a time. A pair outside each other's neighbourhoods has ``s = 0``, hence ``J = 1`` and
-the distance ``(1 − λ) + λ D_ij``, which is what the block holds before the sparse overlaps are
-added: no (N, N) or (Q, G) matrix is ever formed. The row maxima of ``D`` come from one blocked
-pass over all pairs; the distances inside the sets are recomputed exactly (float64) from the
-features. FAISS orders exactly tied distances its own way, so on tied data the neighbour sets,
-and the result, can differ from an ``argsort``-based implementation.
+What is kept: the neighbour lists (N, max(k1 + 1, k2)), the sets and ``V`` as sparse rows
+(about ``N · k2 · |R*|`` entries), and one block of query rows against the gallery at a time.
+A pair outside each other's neighbourhoods has ``s = 0``, hence ``J = 1`` and the distance
+``(1 − λ) + λ D_ij``, which is what the block holds before the sparse overlaps are added: no
+(N, N) or (Q, G) matrix is ever formed. One blocked pass over all (N, N) products (torch, on
+``device``) keeps per item a few more nearest candidates than needed and a few farthest ones;
+their distances, the row maxima of ``b`` and the distances inside the sets are then recomputed
+exactly (float64) from the features, and the exact distance orders the neighbours (equal
+distances in index order, as a stable ``argsort`` of the row gives), so the k-NN lists are
+exact. Float32 rounding in the pass can only matter when more than 8 items tie, within float32
+rounding, with the last needed neighbour.
 """
 
 from __future__ import annotations
@@ -38,14 +41,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..defaults import CONVENTIONS, DEFAULT_REID_METRIC
+from ..knn import search_device
 from ..validation import (
     ArrayLike,
     DeviceLike,
     check_features,
     check_positive_integer,
     check_same_dimension,
+    distance_rescaling_exponent,
 )
 from ._rerank_kernel import (
+    exact_nearest,
     expanded_sets,
     gaussian_weights,
     jaccard_block,
@@ -53,10 +59,12 @@ from ._rerank_kernel import (
     row_maxima,
 )
 from .distances import DEFAULT_BLOCK_BYTES, METRICS, DistanceBlocks
-from .top_k import joint_nearest_neighbours
 
 # Farthest candidates per item whose exact distance decides the row maximum (float32 near-ties).
 _FARTHEST_CANDIDATES = 4
+# Nearest candidates beyond those needed, kept so that float32 near-ties at the last needed
+# neighbour are ordered by the exact distance.
+_NEAREST_MARGIN = 8
 
 
 @dataclass(frozen=True)
@@ -125,9 +133,10 @@ def k_reciprocal_rerank(
     Returns :class:`~evaluation.reid.distances.DistanceBlocks` whose blocks are float64 rows of
     the final distance ``(1 − λ) J + λ D`` (zero offsets, scale 1): hand it to the evaluator,
     or call ``.dense()`` on a small problem. ``options`` defaults to the paper's parameters.
-    Products run with torch on ``device``; the neighbour search is FAISS (``use_gpu`` as in
-    :func:`evaluation.knn.top_k`). A block (the products of its query rows and their float64
-    final distances) holds at most about ``block_bytes``.
+    Products run with torch on ``device`` (default CUDA when available; the deprecated
+    ``use_gpu=`` picks ``"cuda"`` or ``"cpu"`` when ``device`` is not given). A block (the
+    products of its query rows and their float64 final distances) holds at most about
+    ``block_bytes``.
 
     Raises:
         ValueError: bad features, ``metric``, parameters, ``k1 + 1`` or ``k2`` above the
@@ -155,20 +164,25 @@ def k_reciprocal_rerank(
     if cosine and (norms == 0).any():
         raise ValueError("cannot L2-normalise a zero feature vector")
 
-    _, neighbours = joint_nearest_neighbours(
-        joint.astype(np.float32, copy=False), num_neighbours, metric, use_gpu
+    if use_gpu is not None:
+        # The deprecated keyword picked the search's device; the search is now this one pass.
+        deprecated_device = search_device(None, use_gpu)
+        device = deprecated_device if device is None else device
+    neighbours, largest = _neighbours_and_largest_distances(
+        joint, norms, num_neighbours, metric, device, block_bytes
     )
-    neighbours = neighbours.astype(np.int64, copy=False)
     power = options.power
-    scales = _largest_distances(joint, norms, metric, device, block_bytes) ** power
+    scales = largest**power
     if not (scales > 0).all():
         raise ValueError("an item is at distance 0 from every other: D cannot be normalised")
 
     weights = _expanded_weights(joint, norms, neighbours, scales, options, cosine)
+    del joint  # the blocks below read the query and gallery features only
     query_rows = weights[:num_query]
     gallery_columns = weights[num_query:].tocsc()
-    # Per gallery item, a block holds the products and the float64 final distance.
-    block_rows = max(1, block_bytes // (num_gallery * (query.itemsize + 8)))
+    # Per gallery item, a block holds the products and the float64 final distance; the next
+    # block is built while the consumer still holds the last one, hence the factor 2.
+    block_rows = max(1, block_bytes // (2 * num_gallery * (query.itemsize + 8)))
     originals = DistanceBlocks.from_features(query, gallery, metric, device, block_rows)
 
     def blocks():
@@ -196,25 +210,48 @@ def k_reciprocal_rerank(
     return DistanceBlocks(np.zeros(num_gallery), np.float64(1), blocks())
 
 
-def _largest_distances(joint, norms, metric, device, block_bytes) -> np.ndarray:
-    """``max_j b(i, j)`` for every item: a blocked pass picks a few farthest candidates by the
-    evaluator's formula, whose distances are then recomputed exactly."""
+def _neighbours_and_largest_distances(joint, norms, num_neighbours, metric, device, block_bytes):
+    """Per item, its ``num_neighbours`` nearest items (itself included, nearest first, ties in
+    index order) and its largest distance ``max_j b(i, j)``, by the exact float64 distance.
+
+    One blocked torch pass over all (N, N) products keeps, per row, the
+    ``num_neighbours + _NEAREST_MARGIN`` nearest and the ``_FARTHEST_CANDIDATES`` farthest
+    columns by float32 keys; their distances are then recomputed exactly, which decides the
+    order (float32 rounding can only swap near-ties, and these stay within the margin).
+    """
     import torch
 
+    cosine = metric == "cosine"
     num_items = len(joint)
-    num_candidates = min(_FARTHEST_CANDIDATES, num_items)
-    # A quarter of the budget: this pass runs while the joint features are held as well.
-    block_rows = max(1, block_bytes // (4 * num_items * max(joint.itemsize, 4)))
-    blocks = DistanceBlocks.from_features(joint, joint, metric, device, block_rows)
-    candidates = np.empty((num_items, num_candidates), dtype=np.int64)
-    for first, products, query_offsets in blocks.blocks:
-        distances = torch.from_numpy(products)
-        distances *= blocks.scale
-        distances += torch.from_numpy(query_offsets)[:, None]
-        distances += torch.from_numpy(blocks.gallery_offsets)
-        farthest = torch.topk(distances, num_candidates, dim=1, sorted=False).indices
-        candidates[first : first + len(products)] = farthest.numpy()
-    return row_maxima(joint, norms, candidates, metric == "cosine")
+    num_near = min(num_items, num_neighbours + _NEAREST_MARGIN)
+    num_far = min(num_items, _FARTHEST_CANDIDATES)
+    exponent = distance_rescaling_exponent((joint,))
+    # A power-of-two rescaling (exact) keeps the products of huge or tiny features finite.
+    features = np.ldexp(joint, -exponent) if exponent else joint
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    features_t = torch.from_numpy(np.ascontiguousarray(features)).to(device)
+    # Per row, one constant (the row's own squared norm or norm) does not change the order, so
+    # the keys drop it: ‖x_j‖² − 2 x_i·x_j (euclidean), −x_i·x_j / ‖x_j‖ (cosine).
+    column_norms = torch.linalg.vector_norm(features_t, dim=1)
+    column_terms = 1 / column_norms if cosine else column_norms * column_norms
+    # An eighth of the budget for a block's keys: torch's top-k selections over them take
+    # temporaries of about their size, and the pass runs while the joint features are held.
+    block_rows = max(1, block_bytes // (8 * num_items * features.itemsize))
+    near = np.empty((num_items, num_near), dtype=np.int64)
+    far = np.empty((num_items, num_far), dtype=np.int64)
+    for first in range(0, num_items, block_rows):
+        keys = features_t[first : first + block_rows] @ features_t.T
+        if cosine:
+            keys *= -column_terms
+        else:
+            keys *= -2
+            keys += column_terms
+        rows = slice(first, first + len(keys))
+        near[rows] = torch.topk(keys, num_near, dim=1, largest=False, sorted=False).indices.cpu()
+        far[rows] = torch.topk(keys, num_far, dim=1, sorted=False).indices.cpu()
+    neighbours = exact_nearest(joint, norms, near, num_neighbours, cosine)
+    return neighbours, row_maxima(joint, norms, far, cosine)
 
 
 def _expanded_weights(joint, norms, neighbours, scales, options, cosine):

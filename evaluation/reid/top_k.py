@@ -8,8 +8,9 @@ push at most that many items out of the way. AP and INP are different: they need
 that one), so a top-k list would truncate them; GPU FAISS also caps k at 2048.
 :func:`evaluation.reid.evaluate_reid` therefore stays exact for mAP and mINP by counting, for
 every positive, the kept items before it over whole distance rows (one compiled pass per row),
-never by top-k. :func:`reranking_candidates` gives the neighbour lists that k-reciprocal
-re-ranking starts from, by the same exact search.
+never by top-k. :func:`reranking_candidates` gives the joint query-and-gallery neighbour lists
+(those query expansion uses), by the same exact search; k-reciprocal re-ranking orders its own
+lists by the exact float64 distance (:mod:`evaluation.reid.rerank`).
 
 FAISS computes its own distances (its L2 formula differs from torch's in the last bits) and
 orders equal scores its own way, so near-ties can rank differently from ``evaluate_reid``.
@@ -20,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..defaults import DEFAULT_MAX_RANK, DEFAULT_REID_METRIC
-from ..knn import GPU_MAX_K, gpu_available, top_k
+from ..knn import search_device, top_k
 from ..validation import (
     ArrayLike,
+    DeviceLike,
     check_features,
     check_positive_integer,
     check_protocol_ids,
@@ -42,9 +44,13 @@ def cmc_from_top_k(
     g_camids: ArrayLike,
     metric: str = DEFAULT_REID_METRIC,
     max_rank: int = DEFAULT_MAX_RANK,
+    device: DeviceLike = None,
+    *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, int]:
-    """``(cmc, num_valid_queries)`` of the camera-aware protocol from exact FAISS top-k lists."""
+    """``(cmc, num_valid_queries)`` of the camera-aware protocol from exact FAISS top-k lists,
+    searched on ``device`` (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated)."""
+    device = search_device(device, use_gpu)
     if metric not in _FAISS_METRICS:
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     query = check_features(query_features, "query_features")
@@ -59,9 +65,7 @@ def cmc_from_top_k(
         _matching_counts(q_pids, 0 * q_camids, g_pids, 0 * g_camids) - junk_counts
     )
     k = min(len(gallery), max_rank + int(junk_counts.max()))
-    if use_gpu is None:
-        use_gpu = k <= GPU_MAX_K and gpu_available()
-    _, indices = top_k(query, gallery, k, metric=_FAISS_METRICS[metric], use_gpu=use_gpu)
+    _, indices = top_k(query, gallery, k, metric=_FAISS_METRICS[metric], device=device)
 
     hits = np.zeros(max_rank)
     for query_index in np.flatnonzero(valid):
@@ -81,32 +85,37 @@ def reranking_candidates(
     gallery_features: ArrayLike,
     k: int,
     metric: str = DEFAULT_REID_METRIC,
+    device: DeviceLike = None,
+    *,
     use_gpu: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Re-ranking candidates: ``(distances, indices)``, each of shape (num_query + num_gallery, k).
 
     Row ``i`` lists the ``k`` items of the joint set (queries first, then gallery items, so
     gallery item ``j`` is ``num_query + j``) nearest to item ``i`` of that set, nearest first,
-    the item itself included: the k-nearest-neighbour lists that k-reciprocal re-ranking
-    (and query expansion) start from. Distances are the evaluator's (``"euclidean"``: squared
-    euclidean on raw features; ``"cosine"``: ``1 - cos``) as FAISS computes them in float32.
+    the item itself included: the k-nearest-neighbour lists of the joint set, in FAISS's float32
+    order (k-reciprocal re-ranking builds its own, in exact order). Distances are the evaluator's (``"euclidean"``: squared
+    euclidean on raw features; ``"cosine"``: ``1 - cos``) as FAISS computes them in float32,
+    searched on ``device`` (:func:`evaluation.knn.search_device`; ``use_gpu=`` is deprecated).
     """
+    device = search_device(device, use_gpu)
     if metric not in _FAISS_METRICS:
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
     check_same_dimension(query, gallery, "query_features", "gallery_features")
     joint = np.concatenate([query, gallery]).astype(np.float32, copy=False)
-    return joint_nearest_neighbours(joint, k, metric, use_gpu)
+    return joint_nearest_neighbours(joint, k, metric, device)
 
 
 def joint_nearest_neighbours(
-    joint: np.ndarray, k: int, metric: str = DEFAULT_REID_METRIC, use_gpu: bool | None = None
+    joint: np.ndarray, k: int, metric: str = DEFAULT_REID_METRIC, device: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`reranking_candidates` on the already stacked (queries, then gallery) features."""
+    """:func:`reranking_candidates` on the already stacked (queries, then gallery) features;
+    ``device`` as :func:`evaluation.knn.search_device` returns it."""
     if metric not in _FAISS_METRICS:
         raise ValueError(f"metric must be one of {tuple(_FAISS_METRICS)}, got {metric!r}")
-    scores, indices = top_k(joint, joint, k, metric=_FAISS_METRICS[metric], use_gpu=use_gpu)
+    scores, indices = top_k(joint, joint, k, metric=_FAISS_METRICS[metric], device=device)
     distances = -scores if metric == "euclidean" else 1 - scores
     return distances, indices
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from .._deprecation import DeprecatedAlias, RenamedKeysDict, renamed_keys
 from ..defaults import DEFAULT_FPIR_TARGETS, DEFAULT_RANKS
-from ..knn import top_k
-from ..validation import ArrayLike, check_features, check_ids, to_numpy
+from ..knn import search_device, top_k
+from ..validation import ArrayLike, DeviceLike, check_features, check_ids, check_ranks, to_numpy
 from .pair_metrics import check_far_targets
 
 _RENAMED_KEYS = renamed_keys(
@@ -82,8 +82,8 @@ def identification_from_top_k(
         )
     if not np.isfinite(scores).all():
         raise ValueError("top_scores contains NaN or Inf")
-    rank_list = tuple(int(k) for k in np.atleast_1d(ranks))
-    if any(k < 1 or k > scores.shape[1] for k in rank_list):
+    rank_list = check_ranks(ranks)
+    if any(k > scores.shape[1] for k in rank_list):
         raise ValueError(f"ranks must lie in [1, {scores.shape[1]}] (the k searched), got {ranks}")
     targets = check_far_targets(fpir_targets)
     mated = np.isin(probes, gallery)
@@ -110,19 +110,19 @@ def identification_from_top_k(
     )
 
 
-def _top_k_ties_in_gallery_order(probes, gallery, k: int, use_gpu: bool | None):
+def _top_k_ties_in_gallery_order(probes, gallery, k: int, device: DeviceLike):
     """FAISS's cosine top-k with equal scores ordered by gallery index, independent of ``k``.
 
     One more candidate than needed is searched; a probe whose k-th and (k+1)-th scores tie has a
     tie group cut by k, and only those probes are searched again over the whole gallery.
     """
     search = min(k + 1, gallery.shape[0])
-    scores, indices = top_k(probes, gallery, search, metric="cosine", use_gpu=use_gpu)
+    scores, indices = top_k(probes, gallery, search, metric="cosine", device=device)
     if search > k:
         cut = np.flatnonzero(scores[:, k - 1] == scores[:, k])
         if cut.size:
             all_scores, all_indices = top_k(
-                probes[cut], gallery, gallery.shape[0], metric="cosine", use_gpu=use_gpu
+                probes[cut], gallery, gallery.shape[0], metric="cosine", device=device
             )
             scores, indices = scores[:, :k].copy(), indices[:, :k].copy()
             order = np.lexsort((all_indices, -all_scores))[:, :k]
@@ -140,18 +140,27 @@ def open_set_identification(
     gallery_subjects: ArrayLike,
     ranks: Sequence[int] = DEFAULT_RANKS,
     fpir_targets: ArrayLike | float = DEFAULT_FPIR_TARGETS,
+    device: DeviceLike = None,
+    *,
     use_gpu: bool | None = None,
 ) -> IdentificationResult:
     """Search each probe template among the gallery templates (cosine, exact FAISS top-k with
-    ``k = max(ranks)``) and report rank-k rates and TPIR@FPIR (see the module docstring)."""
+    ``k = max(ranks)``, on ``device`` as :func:`evaluation.knn.search_device` reads it;
+    ``use_gpu=`` is deprecated) and report rank-k rates and TPIR@FPIR (module docstring).
+
+    Raises:
+        ValueError: bad features or ids, no rank or a rank above the gallery size, no mated
+            probe, FPIR targets out of range.
+    """
+    device = search_device(device, use_gpu)
     probes = check_features(probe_features, "probe_features")
     gallery = check_features(gallery_features, "gallery_features")
     probe_ids = check_ids(probe_subjects, "probe_subjects", length=probes.shape[0])
     gallery_ids = check_ids(gallery_subjects, "gallery_subjects", length=gallery.shape[0])
-    k = max(int(r) for r in np.atleast_1d(ranks))
+    k = max(check_ranks(ranks))
     if k > gallery.shape[0]:
         raise ValueError(f"ranks ask for {k} candidates but the gallery has {gallery.shape[0]}")
-    scores, indices = _top_k_ties_in_gallery_order(probes, gallery, k, use_gpu)
+    scores, indices = _top_k_ties_in_gallery_order(probes, gallery, k, device)
     return identification_from_top_k(
         scores, gallery_ids[indices], probe_ids, gallery_ids, ranks, fpir_targets
     )

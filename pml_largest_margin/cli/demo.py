@@ -92,6 +92,11 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true", help="discard what OUTPUT_DIR holds and start afresh"
     )
     parser.add_argument("--quiet", action="store_true", help="print only the results, no progress")
+    parser.add_argument(
+        "--epoch-lines",
+        action="store_true",
+        help="also print one line per epoch of every run with its margins (as pml-lm train does)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -208,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo.methods import apply_recipe
     from ..demo.report import bounds_line, markdown_table, summarize, write_json
     from ..demo.run import run_all
+    from ..margin_monitor import format_epoch_line
     from ..training.recipes import get_recipe
     from ..training.trainer import Schedule
 
@@ -254,6 +260,9 @@ def run(args: argparse.Namespace) -> int:
                 _save_run(path, result, run_config_of(result.method))
             progress.step(label, "kept" if resumed else _run_note(result), skipped=resumed)
 
+        def epoch_line(method, seed: int, record) -> None:
+            progress.write(f"{method.label}, seed {seed}, {format_epoch_line(record)}")
+
         split = dataset.load()
         # The networks' matrices are small: a second intra-op thread only adds synchronisation.
         threads = torch.get_num_threads()
@@ -267,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
                 network=dataset.network,
                 settings=settings,
                 on_start=lambda method, seed: progress.start(f"{method.label}, seed {seed}"),
+                on_epoch=epoch_line if args.epoch_lines else None,
                 on_result=save,
                 finished=finished,
             )

@@ -87,8 +87,9 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
         nargs="?",
         const="paper",
         choices=CONVENTIONS,
-        help="k-reciprocal re-ranking, k1=20 k2=6 lambda=0.3 (convention: paper, the default, "
-        "or torchreid); needs features",
+        help="k-reciprocal re-ranking, k1=20 k2=6 lambda=0.3; convention paper (the default: "
+        "the metric's distance as the authors' code normalises it) or torchreid (that distance "
+        "squared once more, as torchreid does); needs features",
     )
     parser.add_argument(
         "--query-expansion",

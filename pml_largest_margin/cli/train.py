@@ -14,7 +14,13 @@ import math
 import sys
 from pathlib import Path
 
-from ..training.loss_registry import LOSS_NAMES, LOSSES, check_loss_options, loss_spec
+from ..training.loss_registry import (
+    LOSS_NAMES,
+    LOSSES,
+    check_loss_options,
+    check_sub_centers,
+    loss_spec,
+)
 from ..training.options import (
     DEFAULT_DEVICE,
     DEFAULT_WORKERS,
@@ -74,6 +80,14 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         f"package; PML's 1 for sphereface); refused for {no_scale}",
     )
     add("--margin", type=float, help=_margin_help())
+    with_sub_centers = ", ".join(spec.name for spec in LOSSES if spec.takes_sub_centers)
+    add(
+        "--sub-centers",
+        type=int,
+        metavar="K",
+        help=f"K prototypes per class, a class's cosine the best of its K (PML's "
+        f"SubCenterArcFaceLoss layout; default 1); for {with_sub_centers}",
+    )
     add("--sample-margin-weight", type=float, help="λ of R_sm (default: the recipe's, 0)")
     add(
         "--zero-centroid-weight",
@@ -271,6 +285,10 @@ def _options(args: argparse.Namespace) -> TrainOptions:
     recipe = get_recipe(_given(args.recipe, defaults.recipe))
     spec = loss_spec(loss)
     check_loss_options(loss, args.scale, args.margin)
+    sub_centers = _given(getattr(args, "sub_centers", None), defaults.sub_centers)
+    check_sub_centers(loss, sub_centers)
+    if sub_centers > 1 and args.fixed_prototypes is not None:
+        raise CommandError("--fixed-prototypes holds one prototype per class: no --sub-centers")
     scale = None
     if spec.takes_scale:
         scale = _given(args.scale, _given(spec.default_scale, recipe.scale))
@@ -303,6 +321,7 @@ def _options(args: argparse.Namespace) -> TrainOptions:
         loss=loss,
         scale=scale,
         margin=_given(args.margin, recipe.margin(loss)),
+        sub_centers=sub_centers,
         sample_margin_weight=_given(args.sample_margin_weight, recipe.sample_margin_weight),
         zero_centroid_weight=_given(args.zero_centroid_weight, recipe.zero_centroid_weight),
         zero_centroid_form=recipe.zero_centroid_form,
@@ -337,6 +356,7 @@ def effective_config(options: TrainOptions, args: argparse.Namespace) -> str:
         "recipe": options.recipe,
         "scale": options.scale,
         "margin": options.margin,
+        "sub_centers": options.sub_centers,
         "sample_margin_weight": options.sample_margin_weight,
         "zero_centroid_weight": options.zero_centroid_weight,
         "fixed_prototypes": options.fixed_prototypes,

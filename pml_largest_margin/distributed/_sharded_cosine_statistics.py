@@ -20,9 +20,8 @@ from ..losses.fused import (
     DEFAULT_MEMORY,
     NORM_EPS,
     column_dots,
-    cosine_gradients,
     stream_block_columns,
-    stream_products,
+    stream_gradients,
     stream_statistics,
     uses_stream,
 )
@@ -46,7 +45,9 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
         ctx.input_dtypes = (unit_embeddings.dtype, weights.dtype)
         ctx.block_columns = None
         if uses_stream(memory, unit_embeddings.shape[0], weights.shape[1], compute_dtype):
-            ctx.block_columns = stream_block_columns(unit_embeddings.shape[0], weights.device)
+            ctx.block_columns = stream_block_columns(
+                unit_embeddings.shape[0], weights.device, compute_dtype
+            )
             return _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype)
         with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
             embeddings = unit_embeddings.to(compute_dtype)
@@ -173,13 +174,10 @@ def _stream_backward(ctx, grad_logsumexp, grad_target, grad_max):
     else:
         nearest = None
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        unit_part, weight_part = stream_products(
-            embeddings, row_factor, prototypes, inverse_norms, local_targets, ctx.scale,
-            non_target_max, ctx.block_columns, need_embeddings, need_weights,
-        )  # fmt: skip
-        grad_embeddings, grad_weights = cosine_gradients(
-            embeddings, prototypes, inverse_norms, clamped, local_targets, row_factor,
-            grad_target, nearest, unit_part, weight_part,
+        grad_embeddings, grad_weights = stream_gradients(
+            embeddings, prototypes, inverse_norms, clamped, local_targets, ctx.scale,
+            non_target_max, row_factor, grad_target, nearest, ctx.block_columns,
+            need_embeddings, need_weights,
         )  # fmt: skip
     if need_embeddings:
         dist.all_reduce(grad_embeddings, op=dist.ReduceOp.SUM, group=ctx.group)

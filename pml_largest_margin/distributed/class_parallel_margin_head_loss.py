@@ -4,14 +4,14 @@ import torch
 import torch.distributed as dist
 
 from ..losses.base_margin_head_loss import BaseMarginHeadLoss
-from ._sharded_cosine_statistics import sharded_cosine_statistics
+from ..regularizers import SampleMarginRegularizer
 from .class_parallel_loss_base import ClassParallelLossBase
 
 
 class ClassParallelMarginHeadLoss(ClassParallelLossBase):
     """Any margin head (``AdaFaceLoss``, ``MagFaceLoss``, ``ElasticFaceLoss``, ``AdaCosLoss``,
-    ``DynamicMarginLoss``, or your own ``BaseMarginHeadLoss``) with its prototypes split over the
-    ranks of a process group.
+    ``DynamicMarginLoss``, ``CurricularFaceLoss``, or your own ``BaseMarginHeadLoss``) with its
+    prototypes split over the ranks of a process group.
 
     ``ClassParallelMarginHeadLoss(AdaFaceLoss(num_classes, embedding_size, ...), process_group)``
     computes exactly the single-process head on the concatenated batch with the full W: the head
@@ -29,15 +29,24 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
     Random draws of the head (ElasticFace's margins) are broadcast from the group's first rank,
     so every rank uses the same ones. Reducer, miner weights, regularizers and ``collect_stats``
     are this loss's (pass them here, not to the head).
+
+    ``memory=`` (this loss's) chooses buffer or streaming on each rank, for every head.
+    CurricularFace runs its own sharded kernel: its modulated non-target logits need the
+    hard-negative thresholds, which come from the target cosines, all-reduced first; its ``T``
+    is the mean target cosine of the gathered batch, the same on every rank.
     """
 
     def __init__(
-        self, head: BaseMarginHeadLoss, process_group: dist.ProcessGroup | None = None, **kwargs
+        self,
+        head: BaseMarginHeadLoss,
+        process_group: dist.ProcessGroup | None = None,
+        sample_margin_regularizer: SampleMarginRegularizer | None = None,
+        **kwargs,
     ) -> None:
         if not isinstance(head, BaseMarginHeadLoss):
             raise TypeError(f"head must be a BaseMarginHeadLoss, got {type(head).__name__}")
-        if not head.supports_class_parallel:
-            raise TypeError(f"{type(head).__name__} has no class-parallel version")
+        if sample_margin_regularizer is not None and not head.supports_sample_margin_regularizer:
+            raise ValueError(f"{type(head).__name__} does not take a sample_margin_regularizer")
         if head.process_group is not None:
             raise ValueError(
                 "the head's statistics are taken on the gathered batch, identical on every rank; "
@@ -46,7 +55,12 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
         if head.W is None:
             raise ValueError("this head has already been taken over by a class-parallel loss")
         super().__init__(
-            head.num_classes, head.embedding_size, head.scale, process_group=process_group, **kwargs
+            head.num_classes,
+            head.embedding_size,
+            head.scale,
+            process_group=process_group,
+            sample_margin_regularizer=sample_margin_regularizer,
+            **kwargs,
         )
         self.W.data = self.W.data.to(head.W.dtype)
         self.load_full_W(head.W.detach())
@@ -58,24 +72,16 @@ class ClassParallelMarginHeadLoss(ClassParallelLossBase):
         self, embeddings: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         weights, local_targets = self._scored_columns(labels)
-        unit_embeddings = torch.nn.functional.normalize(embeddings, dim=1)
-        track_max = self.sample_margin_regularizer is not None
-
-        def cosine_statistics(scale: float, with_margins: bool):
-            statistics = sharded_cosine_statistics(
-                unit_embeddings,
-                weights,
-                local_targets,
-                scale,
-                self.process_group,
-                track_max=track_max and with_margins,
-            )
-            margins = statistics.target_cosine - statistics.non_target_max
-            return statistics.non_target_logsumexp, statistics.target_cosine, margins
-
         dtype = torch.promote_types(
             torch.promote_types(embeddings.dtype, self.W.dtype), torch.float32
         )
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            norms = torch.linalg.vector_norm(embeddings.to(dtype), dim=1)
-            return self.head.head_losses(cosine_statistics, norms, labels, with_margins=True)
+            return self.head.class_parallel_losses(
+                embeddings.to(dtype),
+                weights.to(dtype),
+                local_targets,
+                labels,
+                self.process_group,
+                self.memory,
+                track_max=self.sample_margin_regularizer is not None,
+            )

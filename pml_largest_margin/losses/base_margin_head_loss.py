@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -9,7 +10,6 @@ import torch.distributed as dist
 
 from .base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax_head
-from .fused import fused_nontarget_logsumexp
 
 # (scale, with_margins) -> (u, t, γ or None): u_i = log Σ_{j≠y_i} exp(s·cos_ij), t_i = cos_{i,y_i},
 # γ_i = t_i − max_{j≠y_i} cos_ij; from the fused kernel, or from class-parallel shards.
@@ -30,8 +30,10 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
 
     Subclasses implement :meth:`target_logits` and, where needed, :meth:`norm_penalties` and
     :meth:`batch_scale`; :meth:`head_losses` combines them, and the class-parallel
-    :class:`~pml_largest_margin.distributed.ClassParallelMarginHeadLoss` calls it with sharded
-    statistics instead of the fused kernel.
+    :class:`~pml_largest_margin.distributed.ClassParallelMarginHeadLoss` calls it (through
+    :meth:`class_parallel_losses`) with sharded statistics instead of the fused kernel. A head
+    whose non-target logits are not plain cosines (CurricularFace) overrides
+    :meth:`per_sample_losses` and :meth:`class_parallel_losses` instead.
 
     Running statistics are registered buffers (saved in ``state_dict``), updated in training mode
     only and frozen in ``eval()``. With ``process_group`` (a ``torch.distributed`` group; pass
@@ -42,8 +44,18 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
     hands every rank the gathered batch).
     """
 
-    # False for a head whose non-target logits are not plain cosines (CurricularFace).
-    supports_class_parallel = True
+    @property
+    def supports_class_parallel(self) -> bool:
+        """Deprecated: every head has a class-parallel version now; see the capability flags
+        ``supports_stream`` and ``supports_sample_margin_regularizer``."""
+        warnings.warn(
+            "supports_class_parallel is deprecated: every margin head runs under "
+            "ClassParallelMarginHeadLoss; read supports_stream or "
+            "supports_sample_margin_regularizer instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return True
 
     def __init__(
         self,
@@ -98,13 +110,45 @@ class BaseMarginHeadLoss(BaseMarginSoftmaxLoss):
         labels: torch.Tensor,
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        def cosine_statistics(scale: float, margins_too: bool):
-            return fused_nontarget_logsumexp(
-                embeddings, weights, labels, scale, with_margins=margins_too
-            )
+        def statistics(scale: float, margins_too: bool):
+            return self.cosine_statistics(embeddings, weights, labels, scale, margins_too)
 
         norms = torch.linalg.vector_norm(embeddings, dim=1)
-        return self.head_losses(cosine_statistics, norms, labels, with_margins)
+        return self.head_losses(statistics, norms, labels, with_margins)
+
+    def class_parallel_losses(
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        local_targets: torch.Tensor,
+        labels: torch.Tensor,
+        group: dist.ProcessGroup | None,
+        memory: str,
+        track_max: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses and sample margins (N,) of the gathered batch ``embeddings`` when
+        ``weights`` holds this rank's columns of W (``local_targets``: each sample's column among
+        them, −1 where another rank of ``group`` holds its class); identical on every rank.
+
+        Called by :class:`~pml_largest_margin.distributed.ClassParallelMarginHeadLoss`; this
+        default runs :meth:`head_losses` on the exact sharded statistics, whose maximum is
+        differentiable with ``track_max`` (for the sample-margin regularizer).
+        """
+        # Imported here: the distributed package imports the losses.
+        from ..distributed._sharded_cosine_statistics import sharded_cosine_statistics
+
+        unit_embeddings = torch.nn.functional.normalize(embeddings, dim=1)
+
+        def statistics(scale: float, with_margins: bool):
+            sharded = sharded_cosine_statistics(
+                unit_embeddings, weights, local_targets, scale, group,
+                track_max=track_max and with_margins, memory=memory,
+            )  # fmt: skip
+            margins = sharded.target_cosine - sharded.non_target_max
+            return sharded.non_target_logsumexp, sharded.target_cosine, margins
+
+        norms = torch.linalg.vector_norm(embeddings, dim=1)
+        return self.head_losses(statistics, norms, labels, with_margins=True)
 
     @torch.no_grad()
     def reduce_over_ranks(

@@ -5,16 +5,18 @@ from __future__ import annotations
 import torch
 
 from .._pml import BaseMetricLossFunction, CosineSimilarity, WeightRegularizerMixin, c_f, lmu
-from ..margins import class_margin, cosine_logits
+from ..margins import class_margin, cosine_logits, max_over_sub_centers
 from ..regularizers.sample_margin_regularizer_mixin import SampleMarginRegularizerMixin
 from ..validation import (
     NORM_EPS,
     check_embeddings,
     check_flag,
+    check_integer,
     check_labels,
     check_loss_arguments,
 )
-from .fused import DEFAULT_MEMORY, check_memory_mode
+from ._sub_centers import sub_center_statistics
+from .fused import DEFAULT_MEMORY, check_memory_mode, fused_nontarget_logsumexp
 
 #: Default ``scale`` of GM-Softmax and the margin heads (the presets' s = 64, docs/losses.md).
 DEFAULT_SCALE = 64.0
@@ -65,12 +67,27 @@ class BaseMarginSoftmaxLoss(
             (stream when the buffer would exceed
             :data:`~pml_largest_margin.losses.fused.BUFFER_LIMIT_BYTES`); the same values and
             gradients either way (docs/losses.md, "Memory").
-        record_target_cosines: with ``collect_stats``, also keep the batch's target cosines
-            ``cos θ_{i,y_i}`` (N,) as ``target_cosines`` and its labels as ``target_labels``
-            (detached tensors, not PML stats), for
-            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`. They are gathered from
-            the N target columns of ``W``, O(N·d): no further matrix product.
+        record_target_cosines: keep the batch's target cosines ``cos θ_{i,y_i}`` as
+            ``target_cosines``, its labels as ``target_labels`` and its sample margins as
+            ``batch_sample_margins``, detached (N,) tensors left on the device (not PML stats, and
+            independent of ``collect_stats``), for
+            :class:`~pml_largest_margin.margin_monitor.MarginMonitor`. The target cosines are
+            the fused kernel's own ``t`` (:meth:`cosine_statistics`), or for a loss that does
+            not run it, gathered from the N target columns of ``W``, O(N·d); the margins come
+            detached from the forward pass: no further matrix product and no host copy.
+        sub_centers: ``k >= 1`` prototypes per class, as in PML's ``SubCenterArcFaceLoss``: ``W``
+            has shape (embedding_size, num_classes·k), class c owning the columns
+            ``c·k … c·k + k − 1``, and a class's cosine is the largest of its sub-centres'
+            (docs/theory.md §7.8). Only losses with ``supports_sub_centers`` take ``k > 1``.
+
+    Capabilities (class attributes, refused with a ValueError at construction when absent):
+    ``supports_stream`` (``memory="stream"`` honoured), ``supports_sample_margin_regularizer``
+    (the kernel's sample margins carry their gradient) and ``supports_sub_centers``.
     """
+
+    supports_stream = True
+    supports_sample_margin_regularizer = True
+    supports_sub_centers = False
 
     def __init__(
         self,
@@ -81,6 +98,7 @@ class BaseMarginSoftmaxLoss(
         record_class_margin: bool = True,
         memory: str = DEFAULT_MEMORY,
         record_target_cosines: bool = False,
+        sub_centers: int = 1,
         **kwargs,
     ):
         num_classes, embedding_size, scale = check_loss_arguments(
@@ -88,6 +106,8 @@ class BaseMarginSoftmaxLoss(
         )
         validate_inputs = check_flag(validate_inputs, "validate_inputs")
         record_class_margin = check_flag(record_class_margin, "record_class_margin")
+        sub_centers = check_integer(sub_centers, "sub_centers", at_least=1)
+        self._check_capabilities(memory, kwargs.get("sample_margin_regularizer"), sub_centers)
         super().__init__(**kwargs)
         self.memory = check_memory_mode(memory)
         c_f.assert_distance_type(self, CosineSimilarity)
@@ -97,17 +117,30 @@ class BaseMarginSoftmaxLoss(
         self.validate_inputs = validate_inputs
         self.record_class_margin = record_class_margin
         self.record_target_cosines = bool(record_target_cosines)
-        self.target_cosines = self.target_labels = None
-        self.W = torch.nn.Parameter(torch.empty(self.embedding_size, self.num_classes))
+        self.target_cosines = self.target_labels = self.batch_sample_margins = None
+        self.sub_centers = sub_centers
+        self.W = torch.nn.Parameter(
+            torch.empty(self.embedding_size, self.num_classes * self.sub_centers)
+        )
         self.weight_init_func(self.W)
         self.add_to_recordable_attributes(
-            list_of_names=["num_classes", "embedding_size", "scale"], is_stat=False
+            list_of_names=["num_classes", "embedding_size", "scale", "sub_centers"], is_stat=False
         )
         self.add_to_recordable_attributes(
             list_of_names=["mean_sample_margin", "min_sample_margin"], is_stat=True
         )
         if self.record_class_margin:
             self.add_to_recordable_attributes(name="class_margin_degrees", is_stat=True)
+
+    def _check_capabilities(self, memory, sample_margin_regularizer, sub_centers) -> None:
+        """Refuse what this loss does not support, naming the argument (see the class docstring)."""
+        name = type(self).__name__
+        if memory == "stream" and not self.supports_stream:
+            raise ValueError(f"{name} does not support memory='stream'; use 'buffer' or 'auto'")
+        if sample_margin_regularizer is not None and not self.supports_sample_margin_regularizer:
+            raise ValueError(f"{name} does not take a sample_margin_regularizer")
+        if sub_centers > 1 and not self.supports_sub_centers:
+            raise ValueError(f"{name} does not support sub_centers > 1")
 
     def per_sample_losses(
         self,
@@ -118,10 +151,53 @@ class BaseMarginSoftmaxLoss(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Losses (N,) of a non-empty batch, in the dtype of ``weights``, and the sample margins.
 
-        The margins ``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` (N,), differentiable, are computed
-        from the same cosines when ``with_margins`` is true; otherwise ``None``.
+        The margins ``γ_i = cos_{i,y_i} − max_{j≠y_i} cos_ij`` (N,) are computed from the same
+        cosines when ``with_margins`` is true; otherwise ``None``. They are differentiable when
+        :attr:`margins_need_gradient`, else they may come detached (statistics only).
         """
         raise NotImplementedError
+
+    @property
+    def margins_need_gradient(self) -> bool:
+        """Whether the sample margins feed a loss term (the sample-margin regularizer); if not,
+        they are only recorded as stats and need no gradient."""
+        return self.sample_margin_regularizer is not None
+
+    def cosine_statistics(
+        self,
+        embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        labels: torch.Tensor,
+        scale: float,
+        with_margins: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(u, t, γ or None)`` of the batch on this loss's ``memory`` path: the fused kernel
+        (:func:`~pml_largest_margin.losses.fused.fused_nontarget_logsumexp`), or the sub-centre
+        statistics when ``sub_centers > 1``.
+
+        On the fused kernel, ``γ`` (only with ``with_margins``) is differentiable when
+        :attr:`margins_need_gradient`; otherwise it is the same values taken from the forward
+        pass without a gradient (no nearest-class bookkeeping, nothing added to backward), and
+        with ``record_target_cosines`` the kernel's ``t`` is recorded as the target cosines.
+        """
+        if self.sub_centers > 1:
+            return sub_center_statistics(
+                embeddings, weights, labels, scale, self.sub_centers,
+                with_margins=with_margins, memory=self.memory,
+            )  # fmt: skip
+        differentiable = with_margins and self.margins_need_gradient
+        nontarget_lse, target, margins = fused_nontarget_logsumexp(
+            embeddings,
+            weights,
+            labels,
+            scale,
+            with_margins=differentiable,
+            detached_margins=with_margins and not differentiable,
+            memory=self.memory,
+        )
+        if self.record_target_cosines:
+            self.target_cosines, self.target_labels = target.detach(), labels.detach()
+        return nontarget_lse, target, margins
 
     def forward(
         self,
@@ -163,14 +239,21 @@ class BaseMarginSoftmaxLoss(
             if self.sample_margin_regularizer is not None:
                 loss_dict["sample_margin_loss"] = dict(loss)
         else:
-            with_margins = self.collect_stats or self.sample_margin_regularizer is not None
+            with_margins = (
+                self.collect_stats or self.record_target_cosines or self.margins_need_gradient
+            )
+            if self.record_target_cosines:
+                # Recorded by cosine_statistics when the loss runs the fused kernel.
+                self.target_cosines = self.target_labels = None
             with torch.autocast(device_type=embeddings.device.type, enabled=False):
                 losses, margins = self.per_sample_losses(
                     embeddings.to(weights.dtype), weights, labels, with_margins
                 )
             if self.collect_stats:
                 self.record_sample_margins(margins.detach())
-                if self.record_target_cosines:
+            if self.record_target_cosines:
+                self.batch_sample_margins = margins.detach()
+                if self.target_cosines is None:
                     self._record_target_cosines(embeddings, weights, labels)
             miner_weights = lmu.convert_to_weights(indices_tuple, labels, dtype=losses.dtype)
             loss = {
@@ -183,16 +266,18 @@ class BaseMarginSoftmaxLoss(
                 loss_dict, embeddings, labels, indices_tuple, margins=margins
             )
         if self.collect_stats and self.record_class_margin:
-            self.class_margin_degrees = class_margin(self.W).degrees
+            self.class_margin_degrees = class_margin(self.W, sub_centers=self.sub_centers).degrees
         self.add_weight_regularization_to_loss_dict(loss_dict, self.W.t())
         return loss_dict
 
     def get_logits(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """``s · cos θ_ij`` for inference (no margin), shape (N, num_classes), float32 or wider."""
+        """``s · cos θ_ij`` for inference (no margin), shape (N, num_classes), float32 or wider;
+        with sub-centres a class's cosine is its best sub-centre's."""
         self._check_embeddings(embeddings)
         weights = self._compute_weights(embeddings)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return self.scale * cosine_logits(embeddings.to(weights.dtype), weights)
+            cosines = cosine_logits(embeddings.to(weights.dtype), weights)
+            return self.scale * max_over_sub_centers(cosines, self.sub_centers)
 
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
@@ -205,13 +290,18 @@ class BaseMarginSoftmaxLoss(
 
     @torch.no_grad()
     def _record_target_cosines(self, embeddings, weights, labels) -> None:
+        # For the losses that do not run the fused kernel (cosine_statistics records its t).
         # Row by row (N, d): half the tensor operations of normalising first, which the monitor
         # pays at every batch. The embedding norm is clamped as torch.nn.functional.normalize does.
-        targets = weights.detach().t()[labels.long()]
-        embeddings = embeddings.detach().to(targets.dtype)
-        norms = torch.linalg.vector_norm(embeddings, dim=1).clamp_min_(NORM_EPS)
-        norms.mul_(torch.linalg.vector_norm(targets, dim=1))
-        self.target_cosines = (embeddings * targets).sum(dim=1).div_(norms)
+        # With k sub-centres the k target columns are compared, (N, k, d), and the best one kept.
+        k = self.sub_centers
+        columns = labels.long()[:, None] * k + torch.arange(k, device=labels.device)
+        targets = weights.detach().t()[columns]
+        embeddings = embeddings.detach().to(targets.dtype)[:, None, :]
+        norms = torch.linalg.vector_norm(embeddings, dim=2).clamp_min_(NORM_EPS)
+        norms = norms * torch.linalg.vector_norm(targets, dim=2).clamp_min_(NORM_EPS)
+        cosines = (embeddings * targets).sum(dim=2).div_(norms)
+        self.target_cosines = cosines.amax(dim=1)
         self.target_labels = labels.detach()
 
     def _check_embeddings(self, embeddings):

@@ -17,7 +17,8 @@ backward  with ``a = ∂/∂u`` and ``b = ∂/∂t``, the gradient on the cosine
           moved onto the (N, d) operands, so the saved buffer is only read: ``∂/∂ẑ = r∘(X W^T) +
           b∘ŵ_y`` and ``∂/∂ŵ_j/‖w_j‖ = ((r∘ẑ)^T X)_j`` plus the target columns, with ``r = a·s/Σ``.
           The normalisations contribute projections: ``∂/∂z = (g − ẑ(ẑ·g))/‖z‖`` and likewise per
-          column of W, the column dot products taken in blocks.
+          column of W, taken in blocks of columns; the target (and nearest) terms are sparse and
+          added already projected (the projection is linear).
           Three matrix products in all; peak memory is W, its gradient, one (N, C) buffer and
           (N, d) or (C,) vectors.
 
@@ -25,12 +26,13 @@ backward  with ``a = ∂/∂u`` and ``b = ∂/∂t``, the gradient on the cosine
 forward   per block, the block's cosines, its target entries, and an online log-sum-exp: the
           running row maximum ``m`` and the running sum ``Σ exp(s·(cos − m))``, rescaled by
           ``exp(s·(m_old − m_new))`` whenever the maximum grows. Only (N,) vectors survive a block.
-backward  the upstream ``a`` is known only now, so each block's cosines are recomputed (the same
-          product on the same operands) and turned into ``exp(s·(cos − m))/‖w_j‖``, which then
-          plays the buffer's part for its columns: ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and
-          ``(r∘ẑ)^T X_b`` is written into the block's columns of ``∂/∂W``. Four matrix products
-          (the recomputation is the fourth); peak memory is W, its gradient and one N × block
-          temporary (a few MB, :func:`stream_block_columns`).
+backward  the upstream ``a`` is known only now, so each block's cosines are recomputed once (the
+          same product on the same operands) and turned into ``exp(s·(cos − m))/‖w_j‖``, which
+          then plays the buffer's part for its columns (:func:`stream_gradients`): ``X_b W_b^T``
+          is accumulated into ``∂/∂ẑ``, and ``(r∘ẑ)^T X_b`` is projected and written into the
+          block's columns of ``∂/∂W`` while the block is at hand. Four matrix products (the
+          recomputation is the fourth); peak memory is W, its gradient and N × block and
+          d × block temporaries allocated once per pass (:func:`stream_block_columns`).
 
 ``"auto"`` (the default) streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES`.
 
@@ -64,9 +66,12 @@ MEMORY_MODES = ("buffer", "stream", "auto")
 DEFAULT_MEMORY = "auto"
 # memory="auto" streams when the (N, C) buffer of the cosines would take more bytes than this.
 BUFFER_LIMIT_BYTES = 256 * 2**20
-# Elements of the N × block temporary of the streaming pass: 2 MB in float32 on CPU (it stays in
-# cache while it is exponentiated and multiplied), 64 MB on CUDA (large enough to fill the device).
-_STREAM_BLOCK_ELEMENTS = {"cpu": 2**19, "cuda": 2**24}
+# Bytes of the N × block temporary of the streaming pass: 8 MiB on CPU (per-block overhead stays
+# small while the block is still in the last-level cache; at C = 100k, d = 512, blocks of 2k-8k
+# columns took the same time on one thread), 256 MiB on CUDA (large enough to fill the device).
+_STREAM_BLOCK_BYTES = {"cpu": 8 * 2**20, "cuda": 256 * 2**20}
+# Fewest columns per block, so that a very large batch still gets products of a useful width.
+_MIN_STREAM_BLOCK_COLUMNS = 256
 
 
 def check_memory_mode(memory: str) -> str:
@@ -91,11 +96,16 @@ def uses_stream(
     return num_rows * num_columns * element_size > BUFFER_LIMIT_BYTES
 
 
-def stream_block_columns(num_rows: int, device: torch.device | str) -> int:
-    """Columns per block of the streaming pass for a batch of ``num_rows`` on ``device``."""
+def stream_block_columns(
+    num_rows: int, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> int:
+    """Columns per block of the streaming pass for a batch of ``num_rows`` in ``dtype`` on
+    ``device``: as many as fit the device's byte budget for the N × block temporary
+    (:data:`_STREAM_BLOCK_BYTES`), at least :data:`_MIN_STREAM_BLOCK_COLUMNS`."""
     device_type = torch.device(device).type
-    elements = _STREAM_BLOCK_ELEMENTS.get(device_type, _STREAM_BLOCK_ELEMENTS["cpu"])
-    return max(1, elements // max(1, num_rows))
+    budget = _STREAM_BLOCK_BYTES.get(device_type, _STREAM_BLOCK_BYTES["cpu"])
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    return max(_MIN_STREAM_BLOCK_COLUMNS, budget // (max(1, num_rows) * element_size))
 
 
 def _row_maximum_positions(
@@ -125,11 +135,16 @@ def _tie_shares(rows: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.
 
 
 def column_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``(a * b).sum(0)`` for (d, C) matrices without a (d, C) temporary."""
+    """``(a * b).sum(0)`` for (d, C) matrices without a (d, C) temporary: in blocks of columns
+    through one reused (d, block) product, which stays in cache (on CPU about twice as fast as
+    a reduction over the strided first dimension of the whole matrix)."""
     out = torch.empty(a.shape[1], dtype=a.dtype, device=a.device)
+    scratch = a.new_empty(a.shape[0] * min(_COLUMN_BLOCK, a.shape[1]))
     for start in range(0, a.shape[1], _COLUMN_BLOCK):
-        stop = start + _COLUMN_BLOCK
-        torch.sum(a[:, start:stop] * b[:, start:stop], dim=0, out=out[start:stop])
+        stop = min(start + _COLUMN_BLOCK, a.shape[1])
+        products = _block_views(scratch, a.shape[0], stop - start)
+        torch.mul(a[:, start:stop], b[:, start:stop], out=products)
+        torch.sum(products, dim=0, out=out[start:stop])
     return out
 
 
@@ -154,16 +169,6 @@ def _column_blocks(num_columns: int, block_columns: int, targets: torch.Tensor):
         yield start, min(start + block_columns, num_columns), rows
 
 
-def _block_cosines(unit, weights, inverse_weight_norms, targets, start, stop, rows):
-    """The block's cosines with its target entries set to −inf, and those target cosines."""
-    cosines = unit @ weights[:, start:stop]
-    cosines.mul_(inverse_weight_norms[start:stop])
-    columns = targets[rows] - start
-    target = cosines[rows, columns]
-    cosines[rows, columns] = -math.inf
-    return cosines, target
-
-
 def stream_statistics(
     unit: torch.Tensor,
     weights: torch.Tensor,
@@ -180,17 +185,22 @@ def stream_statistics(
     ``Σ_{j≠y} exp(s·(cos_ij − m_i))`` (0 where there are none), the target cosines (0 for −1) and,
     with ``track_nearest``, the candidates ``(rows, columns, values)`` for the maxima: every entry
     equal to its block's maximum when that reached the running maximum. The true maxima are the
-    candidates whose value equals the final (or, across ranks, the global) maximum.
+    candidates whose value equals the final (or, across ranks, the global) maximum. One N × block
+    temporary is allocated and reused by every block.
     """
     num_rows = unit.shape[0]
     row_max = unit.new_full((num_rows,), -math.inf)
     row_sums = unit.new_zeros(num_rows)
     target = unit.new_zeros(num_rows)
+    storage = unit.new_empty(num_rows * min(block_columns, weights.shape[1]))
     candidates = []
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
-        cosines, target[rows] = _block_cosines(
-            unit, weights, inverse_weight_norms, targets, start, stop, rows
-        )
+        cosines = _block_views(storage, num_rows, stop - start)
+        torch.mm(unit, weights[:, start:stop], out=cosines)
+        cosines.mul_(inverse_weight_norms[start:stop])
+        columns = targets[rows] - start
+        target[rows] = cosines[rows, columns]
+        cosines[rows, columns] = -math.inf
         block_max = cosines.amax(dim=1)
         if track_nearest:
             hits = cosines == block_max[:, None]
@@ -200,7 +210,8 @@ def stream_statistics(
         new_max = torch.maximum(row_max, block_max)
         # A row whose block held only its target has maximum −inf so far: shift by 0 instead.
         shift = new_max.nan_to_num(neginf=0.0)
-        cosines.sub_(shift[:, None]).mul_(scale).exp_()
+        # s·cos − s·shift in one pass, then exp.
+        torch.add(shift[:, None] * -scale, cosines, alpha=scale, out=cosines).exp_()
         row_sums.mul_(row_max.sub(shift).mul_(scale).exp_()).add_(cosines.sum(dim=1))
         row_max = new_max
     if track_nearest:
@@ -210,37 +221,99 @@ def stream_statistics(
     return row_max, row_sums, target, nearest
 
 
-def stream_products(
+def _block_views(flat: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """A contiguous (rows, columns) view of the front of the reused block storage ``flat``."""
+    return flat[: rows * columns].view(rows, columns)
+
+
+def stream_gradients(
     unit: torch.Tensor,
-    row_factor: torch.Tensor,
     weights: torch.Tensor,
     inverse_weight_norms: torch.Tensor,
+    weight_clamped: torch.Tensor,
     targets: torch.Tensor,
     scale: float,
     row_max: torch.Tensor,
+    row_factor: torch.Tensor,
+    grad_target: torch.Tensor,
+    nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     block_columns: int,
     need_unit: bool,
     need_weights: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(X W^T, (r∘ẑ)^T X)`` for ``X_ij = exp(s·(cos_ij − m_i))/‖w_j‖`` off the targets, 0 on them.
+    """``(∂/∂ẑ, ∂/∂W)`` of the streamed statistics, W visited once more in blocks of columns.
 
-    The buffer path's two products, with X recomputed block by block instead of stored: the first
-    (N, d) is accumulated, the second (d, K) is written one block of columns at a time.
+    With ``X_ij = exp(s·(cos_ij − m_i))/‖w_j‖`` off the targets and 0 on them (``m`` =
+    ``row_max``), the gradient on ``cos_ij`` is ``r_i·‖w_j‖·X_ij`` (``r`` = ``row_factor``) plus
+    ``grad_target`` at each row's target (rows with target −1 get none) plus the ``grads`` of
+    ``nearest`` at its ``(rows, columns)``. Each block's cosines are recomputed once (the same
+    product on the same operands) and turned into ``X`` in three elementwise passes; from it
+    ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and ``(r∘ẑ)^T X_b`` is projected through
+    ``w/‖w‖`` and written into the block's columns of ``∂/∂W``, while the block is at hand. The
+    sparse target and nearest terms are added afterwards, projected the same way (the projection
+    is linear). The N × block and d × block temporaries are allocated once and reused.
     """
-    unit_part = unit.new_zeros(unit.shape) if need_unit else None
-    weight_part = torch.empty_like(weights) if need_weights else None
-    scaled_unit_t = (unit * row_factor[:, None]).t()
+    num_rows, dim = unit.shape
+    width = min(block_columns, weights.shape[1])
+    exponentials_storage = unit.new_empty(num_rows * width)
+    scaled_inverse_norms = inverse_weight_norms * scale
+    shifts = row_max * -scale
+    grad_unit = unit.new_zeros(unit.shape) if need_unit else None
+    grad_weights = radial = None
+    if need_weights:
+        grad_weights = torch.empty_like(weights)
+        radial = inverse_weight_norms.square().masked_fill_(weight_clamped, 0.0)
+        scaled_unit_t = (unit * row_factor[:, None]).t()
+        dots_storage = unit.new_empty(dim * width)
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
-        exponentials, _ = _block_cosines(
-            unit, weights, inverse_weight_norms, targets, start, stop, rows
+        block = weights[:, start:stop]
+        exponentials = _block_views(exponentials_storage, num_rows, stop - start)
+        torch.mm(unit, block, out=exponentials)
+        # s·(cos − m) = (ẑ·w_j)·(s/‖w_j‖) − s·m in one pass, then exp, then the column scale.
+        torch.addcmul(
+            shifts[:, None], exponentials, scaled_inverse_norms[start:stop], out=exponentials
         )
-        exponentials.sub_(row_max[:, None]).mul_(scale).exp_()
+        exponentials.exp_()
+        exponentials[rows, targets[rows] - start] = 0.0
         exponentials.mul_(inverse_weight_norms[start:stop])
         if need_unit:
-            unit_part.addmm_(exponentials, weights[:, start:stop].t())
+            grad_unit.addmm_(exponentials, block.t())
         if need_weights:
-            weight_part[:, start:stop] = scaled_unit_t @ exponentials
-    return unit_part, weight_part
+            # Written in place: a column block of a row-major matrix is a valid BLAS output.
+            block_grad = grad_weights[:, start:stop]
+            torch.mm(scaled_unit_t, exponentials, out=block_grad)
+            _project_columns_(
+                block_grad, block, radial[start:stop], _block_views(dots_storage, dim, stop - start)
+            )
+    if need_unit:
+        grad_unit.mul_(row_factor[:, None])
+    return _add_sparse_gradients(
+        unit, weights, inverse_weight_norms, radial, targets, grad_target, nearest, grad_unit,
+        grad_weights,
+    )  # fmt: skip
+
+
+def buffer_gradients(
+    unit: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    weight_clamped: torch.Tensor,
+    targets: torch.Tensor,
+    buffer: torch.Tensor,
+    row_factor: torch.Tensor,
+    grad_target: torch.Tensor,
+    nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    need_unit: bool,
+    need_weights: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`stream_gradients` from a whole (N, C) buffer holding ``X`` (read, not changed):
+    two matrix products, then :func:`cosine_gradients`."""
+    unit_part = buffer @ weights.t() if need_unit else None
+    weight_part = (unit * row_factor[:, None]).t() @ buffer if need_weights else None
+    return cosine_gradients(
+        unit, weights, inverse_weight_norms, weight_clamped, targets, row_factor, grad_target,
+        nearest, unit_part, weight_part,
+    )  # fmt: skip
 
 
 def cosine_gradients(
@@ -255,39 +328,76 @@ def cosine_gradients(
     unit_part: torch.Tensor | None,
     weight_part: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(∂/∂ẑ, ∂/∂W)`` from the products of :func:`stream_products` (or the buffer's).
-
-    The gradient on ``cos_ij`` is ``r_i·‖w_j‖·X_ij`` plus ``grad_target`` at each row's target
-    (rows with target −1 get none) plus ``grads`` at the ``(rows, columns)`` of ``nearest``.
-    ``∂/∂W`` includes the projection through ``w/‖w‖``; ``∂/∂ẑ`` is the gradient on the unit rows.
-    ``unit_part`` and ``weight_part`` are consumed (updated in place).
-    """
-    grad_unit = grad_weights = None
-    rows = (targets >= 0).nonzero().squeeze(1)
-    labels = targets[rows]
+    """``(∂/∂ẑ, ∂/∂W)`` from a kernel's two dense products, ``unit_part = X W^T`` and
+    ``weight_part = (r∘ẑ)^T X`` (the terms of :func:`stream_gradients`, from a buffer or from
+    another head's own ``X``): ``unit_part`` scaled by ``r``, ``weight_part`` projected through
+    ``w/‖w‖`` in blocks of columns, then the target and nearest terms added. Both parts are
+    consumed (updated in place)."""
+    grad_unit = grad_weights = radial = None
     if unit_part is not None:
-        target_units = weights[:, labels].t() * inverse_weight_norms[labels, None]
         grad_unit = unit_part.mul_(row_factor[:, None])
-        grad_unit.index_add_(0, rows, target_units * grad_target[rows, None])
-        if nearest is not None:
-            nearest_rows, nearest_columns, grad_nearest = nearest
-            nearest_units = (
-                weights[:, nearest_columns].t() * inverse_weight_norms[nearest_columns, None]
-            )
-            grad_unit.index_add_(0, nearest_rows, nearest_units * grad_nearest[:, None])
     if weight_part is not None:
-        # Column j holds ∂L/∂ŵ_j / ‖w_j‖; the projection below removes its radial part.
         grad_weights = weight_part
-        target_part = unit[rows] * (grad_target[rows] * inverse_weight_norms[labels])[:, None]
-        grad_weights.index_add_(1, labels, target_part.t())
-        if nearest is not None:
-            nearest_rows, nearest_columns, grad_nearest = nearest
-            nearest_scale = grad_nearest * inverse_weight_norms[nearest_columns]
-            nearest_part = unit[nearest_rows] * nearest_scale[:, None]
-            grad_weights.index_add_(1, nearest_columns, nearest_part.t())
-        radial = column_dots(weights, grad_weights)
-        radial.mul_(inverse_weight_norms.square()).masked_fill_(weight_clamped, 0.0)
-        grad_weights.addcmul_(weights, radial[None, :], value=-1.0)
+        radial = inverse_weight_norms.square().masked_fill_(weight_clamped, 0.0)
+        scratch = unit.new_empty(unit.shape[1] * min(_COLUMN_BLOCK, weights.shape[1]))
+        for start in range(0, weights.shape[1], _COLUMN_BLOCK):
+            columns = slice(start, start + _COLUMN_BLOCK)
+            block_grad = grad_weights[:, columns]
+            _project_columns_(
+                block_grad,
+                weights[:, columns],
+                radial[columns],
+                _block_views(scratch, *block_grad.shape),
+            )
+    return _add_sparse_gradients(
+        unit, weights, inverse_weight_norms, radial, targets, grad_target, nearest, grad_unit,
+        grad_weights,
+    )  # fmt: skip
+
+
+def _project_columns_(
+    grad: torch.Tensor, weights: torch.Tensor, radial_scale: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """``grad_j ← grad_j − w_j·(w_j·grad_j)·radial_scale_j`` per column, in place: the gradient
+    through ``w/‖w‖`` when ``grad_j`` holds ``∂L/∂ŵ_j / ‖w_j‖`` and ``radial_scale_j = 1/‖w_j‖²``
+    (0 where the norm is clamped, where the normalisation is a plain scaling). ``scratch`` is a
+    (d, K) block of the same shape, overwritten."""
+    torch.mul(weights, grad, out=scratch)
+    dots = scratch.sum(dim=0).mul_(radial_scale)
+    return grad.addcmul_(weights, dots, value=-1.0)
+
+
+def _add_sparse_gradients(
+    unit: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    radial_scale: torch.Tensor | None,
+    targets: torch.Tensor,
+    grad_target: torch.Tensor,
+    nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    grad_unit: torch.Tensor | None,
+    grad_weights: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Add the gradients of the target and nearest cosines to ``(∂/∂ẑ, ∂/∂W)`` (in place).
+
+    Entry k at ``(row i, column j)`` with gradient ``c_k`` on ``cos_ij`` adds ``c_k·ŵ_j`` to
+    ``∂/∂ẑ_i`` and ``c_k·(ẑ_i − ŵ_j(ŵ_j·ẑ_i))/‖w_j‖`` to ``∂/∂w_j`` (already projected through
+    ``w/‖w‖``, so it may come after the dense part's projection).
+    """
+    rows = (targets >= 0).nonzero().squeeze(1)
+    columns, grads = targets[rows], grad_target[rows]
+    if nearest is not None:
+        rows, columns = torch.cat([rows, nearest[0]]), torch.cat([columns, nearest[1]])
+        grads = torch.cat([grads, nearest[2]])
+    prototypes = weights[:, columns].t()
+    coefficients = grads * inverse_weight_norms[columns]
+    if grad_unit is not None:
+        grad_unit.index_add_(0, rows, prototypes * coefficients[:, None])
+    if grad_weights is not None:
+        embeddings = unit[rows]
+        radial = (embeddings * prototypes).sum(dim=1).mul_(radial_scale[columns])
+        part = embeddings.sub_(prototypes * radial[:, None]).mul_(coefficients[:, None])
+        grad_weights.index_add_(1, columns, part.t())
     return grad_unit, grad_weights
 
 
@@ -298,7 +408,7 @@ def clamped_normalisation(
     norms of ``weights`` with their clamp mask; norms below ``NORM_EPS`` are clamped to it."""
     embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
     inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
-    weight_norms = torch.linalg.vector_norm(weights, dim=0)
+    weight_norms = column_dots(weights, weights).sqrt_()
     return (
         embeddings * inverse_embedding_norms[:, None],
         inverse_embedding_norms,
@@ -347,9 +457,14 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                     rows, columns = rows[maxima], columns[maxima]
                     nearest = (rows, columns, _tie_shares(rows, unit.shape[0], unit.dtype))
             nontarget_lse = scale * row_max + row_sums.log()
-            margins = target - row_max if with_margins else unit.new_empty(0)
+            # One (N,) subtraction, so γ is always made; without with_margins it carries no
+            # gradient (non-differentiable, and backward gets None for it).
+            margins = target - row_max
 
         ctx.scale, ctx.block_columns = scale, block_columns
+        # Unused outputs reach backward as None rather than zeros, so margins kept only as
+        # statistics add nothing to it.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(
             unit,
             inverse_embedding_norms,
@@ -399,17 +514,16 @@ class _NonTargetLogSumExp(torch.autograd.Function):
 
         with torch.autocast(device_type=unit.device.type, enabled=False):
             if buffer is not None:
-                unit_part = buffer @ weights.t() if need_embeddings else None
-                weight_part = (unit * row_factor[:, None]).t() @ buffer if need_weights else None
-            else:
-                unit_part, weight_part = stream_products(
-                    unit, row_factor, weights, inverse_weight_norms, targets, ctx.scale,
-                    row_max, ctx.block_columns, need_embeddings, need_weights,
+                grad_unit, grad_weights = buffer_gradients(
+                    unit, weights, inverse_weight_norms, weight_clamped, targets, buffer,
+                    row_factor, grad_target, nearest, need_embeddings, need_weights,
                 )  # fmt: skip
-            grad_unit, grad_weights = cosine_gradients(
-                unit, weights, inverse_weight_norms, weight_clamped, targets, row_factor,
-                grad_target, nearest, unit_part, weight_part,
-            )  # fmt: skip
+            else:
+                grad_unit, grad_weights = stream_gradients(
+                    unit, weights, inverse_weight_norms, weight_clamped, targets, ctx.scale,
+                    row_max, row_factor, grad_target, nearest, ctx.block_columns,
+                    need_embeddings, need_weights,
+                )  # fmt: skip
             if need_embeddings:
                 grad_embeddings = _normalisation_backward(
                     grad_unit, unit, inverse_embedding_norms, embedding_clamped
@@ -426,6 +540,7 @@ def fused_nontarget_logsumexp(
     with_margins: bool = False,
     memory: str = DEFAULT_MEMORY,
     block_columns: int | None = None,
+    detached_margins: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(u, t, γ)`` for embeddings (N, d), prototypes ``weights`` (d, C) and labels (N,).
 
@@ -435,7 +550,9 @@ def fused_nontarget_logsumexp(
     ``with_margins`` is true, else ``None``: the values of
     :func:`pml_largest_margin.margins.sample_margins_from_cosines` on the same cosines, and
     differentiable too, with its gradient (ties among the nearest non-target classes share the
-    −1 evenly, as with ``torch.amax``).
+    −1 evenly, as with ``torch.amax``). ``detached_margins=True`` (with ``with_margins`` false)
+    returns the same values without a gradient, for margins kept only as statistics: taken from
+    the forward pass's row maxima, with no nearest-class bookkeeping and nothing added to backward.
 
     ``memory``: ``"buffer"`` keeps one (N, C) buffer, ``"stream"`` visits W in blocks of
     ``block_columns`` columns (default :func:`stream_block_columns`) with no N × C tensor,
@@ -443,13 +560,16 @@ def fused_nontarget_logsumexp(
     docstring). Both give the same values and gradients up to rounding.
 
     Raises:
-        ValueError: an unknown ``memory`` or a ``block_columns`` below 1.
+        ValueError: an unknown ``memory``, a ``block_columns`` below 1, or both
+            ``with_margins`` and ``detached_margins``.
     """
+    if with_margins and detached_margins:
+        raise ValueError("with_margins and detached_margins exclude each other; choose one")
     stream = uses_stream(memory, embeddings.shape[0], weights.shape[1], weights.dtype)
     if block_columns is not None and (int(block_columns) != block_columns or block_columns < 1):
         raise ValueError(f"block_columns must be an integer >= 1, got {block_columns}")
     if stream and block_columns is None:
-        block_columns = stream_block_columns(embeddings.shape[0], embeddings.device)
+        block_columns = stream_block_columns(embeddings.shape[0], embeddings.device, weights.dtype)
     nontarget_lse, target, margins = _NonTargetLogSumExp.apply(
         embeddings,
         weights,
@@ -458,4 +578,4 @@ def fused_nontarget_logsumexp(
         bool(with_margins),
         int(block_columns) if stream else None,
     )
-    return nontarget_lse, target, margins if with_margins else None
+    return nontarget_lse, target, margins if with_margins or detached_margins else None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ..margins import cosine_logits, sample_margins_from_cosines
+from ..margins import cosine_logits, max_over_sub_centers, sample_margins_from_cosines
 from .base_margin_softmax_loss import DEFAULT_SCALE, BaseMarginSoftmaxLoss
 from .functional import generalized_margin_softmax, generalized_margin_softmax_head
-from .fused import fused_nontarget_logsumexp
 from .margin_functions import MarginFunction, check_margins, target_margin_function
 from .margin_presets_mixin import MarginPresetsMixin
 
@@ -45,9 +44,14 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
             ``nn.Module`` with parameters. ``phi=None`` is ``cos θ`` and runs the fused kernel
             (:mod:`pml_largest_margin.losses.fused`); a custom ``phi`` goes through autograd
             on the full batch × classes matrix (so ``memory="stream"`` is refused with it).
+        sub_centers: k prototypes per class (W of shape (d, C·k), a class's cosine the best of
+            its k), as in PML's ``SubCenterArcFaceLoss``, which the arcface preset with
+            ``sub_centers=k`` equals; see :class:`BaseMarginSoftmaxLoss`.
         validate_inputs, **kwargs: as for :class:`LargestMarginSoftmaxLoss` (the note on
             ``DistributedLossWrapper`` there applies here too).
     """
+
+    supports_sub_centers = True
 
     def __init__(
         self,
@@ -82,16 +86,14 @@ class GeneralizedMarginSoftmaxLoss(MarginPresetsMixin, BaseMarginSoftmaxLoss):
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.phi is None:
-            nontarget_lse, target, margins = fused_nontarget_logsumexp(
-                embeddings,
-                weights,
-                labels,
-                self.scale,
-                with_margins=with_margins,
-                memory=self.memory,
+            nontarget_lse, target, margins = self.cosine_statistics(
+                embeddings, weights, labels, self.scale, with_margins
             )
             losses = generalized_margin_softmax_head(nontarget_lse, self.psi(target), self.scale)
             return losses, margins
-        cosines = cosine_logits(embeddings, weights)
-        margins = sample_margins_from_cosines(cosines, labels) if with_margins else None
+        cosines = max_over_sub_centers(cosine_logits(embeddings, weights), self.sub_centers)
+        margins = None
+        if with_margins:
+            given = cosines if self.margins_need_gradient else cosines.detach()
+            margins = sample_margins_from_cosines(given, labels)
         return generalized_margin_softmax(cosines, labels, self.scale, self.psi, self.phi), margins

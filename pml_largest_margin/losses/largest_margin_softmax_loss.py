@@ -6,7 +6,6 @@ import torch
 
 from .base_margin_softmax_loss import DEFAULT_LM_SOFTMAX_SCALE, BaseMarginSoftmaxLoss
 from .functional import largest_margin_softmax_head
-from .fused import fused_nontarget_logsumexp
 
 
 class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
@@ -42,7 +41,14 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
     without an all-reduce of ``W.grad`` (averaging it changes nothing); divide the learning rate
     of ``W`` by the world size to match single-process training. ``efficient=True`` passes
     ``ref_emb``, which this loss (like PML's ``ArcFaceLoss``) does not support.
+
+    ``sub_centers=k`` gives each class k prototypes (W of shape (d, C·k), PML's
+    ``SubCenterArcFaceLoss`` layout): a class's cosine is its best sub-centre's. That maximum
+    comes before the log-sum-exp, so it runs through autograd on the (N, C·k) cosines, or
+    with ``memory="stream"`` over blocks of classes (:mod:`._sub_centers`).
     """
+
+    supports_sub_centers = True
 
     def __init__(
         self,
@@ -60,7 +66,7 @@ class LargestMarginSoftmaxLoss(BaseMarginSoftmaxLoss):
         labels: torch.Tensor,
         with_margins: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        nontarget_lse, target, margins = fused_nontarget_logsumexp(
-            embeddings, weights, labels, self.scale, with_margins=with_margins, memory=self.memory
+        nontarget_lse, target, margins = self.cosine_statistics(
+            embeddings, weights, labels, self.scale, with_margins
         )
         return largest_margin_softmax_head(nontarget_lse, target, self.scale), margins

@@ -44,20 +44,25 @@ def embed(
 def classification_metrics(
     embeddings: torch.Tensor, labels: torch.Tensor, loss: torch.nn.Module
 ) -> dict:
-    """Accuracy of the loss's own decision rule, class margin of its ``W``, test sample margins."""
+    """Accuracy of the loss's own decision rule, class margin of its ``W``, test sample margins.
+
+    With sub-centres (``loss.sub_centers`` k > 1) a class's cosine is its best sub-centre's, the
+    class margin skips pairs of one class, and the centroid is that of all C·k unit sub-centres.
+    """
     W = loss.W.detach().float().cpu()
-    num_classes, embedding_size = W.shape[1], W.shape[0]
+    sub_centers = getattr(loss, "sub_centers", 1)
+    num_classes, embedding_size = W.shape[1] // sub_centers, W.shape[0]
     # The loss may sit on a GPU; its decision is taken there, the counting here.
     predictions = loss.get_logits(embeddings.to(loss.W.device)).argmax(dim=1).cpu()
     correct = (predictions == labels).float()
     per_class = torch.zeros(num_classes).index_add_(0, labels, correct)
     per_class /= torch.bincount(labels, minlength=num_classes).clamp(min=1)
-    margins = sample_margins(embeddings, labels, W)
+    margins = sample_margins(embeddings, labels, W, sub_centers=sub_centers)
     centroid = torch.nn.functional.normalize(W, dim=0).mean(dim=1)
     return {
         "accuracy": float(correct.mean()),
         "per_class_accuracy": per_class.tolist(),
-        "class_margin_deg": class_margin(W).degrees,
+        "class_margin_deg": class_margin(W, sub_centers=sub_centers).degrees,
         "class_margin_bound_deg": math.degrees(
             class_margin_upper_bound(num_classes, embedding_size)
         ),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from pml_largest_margin.losses import (
@@ -11,9 +10,11 @@ from pml_largest_margin.losses import (
     CurricularFaceLoss,
     DynamicMarginLoss,
     ElasticFaceLoss,
+    GeneralizedMarginSoftmaxLoss,
     LargestMarginSoftmaxLoss,
     MagFaceLoss,
 )
+from pml_largest_margin.losses.base_margin_softmax_loss import BaseMarginSoftmaxLoss
 from pml_largest_margin.regularizers import (
     SampleMarginRegularizer,
     SampleMarginRegularizerMixin,
@@ -22,7 +23,7 @@ from pml_largest_margin.regularizers import (
 )
 
 from .._pml import BaseMetricLossFunction, pml_losses
-from .loss_registry import LOSS_NAMES, LOSSES, check_loss_options, loss_spec
+from .loss_registry import LOSS_NAMES, LOSSES, check_loss_options, check_sub_centers, loss_spec
 from .recipes import PACKAGE_RECIPE
 from .softmax_cross_entropy_loss import SoftmaxCrossEntropyLoss
 
@@ -31,7 +32,7 @@ __all__ = ["DEFAULT_MARGINS", "DEFAULT_SCALE", "LOSS_NAMES", "build_loss"]
 # The scale of the losses that have one, when neither the caller nor the loss's entry sets it:
 # the package recipe's (pml-lm train's default).
 DEFAULT_SCALE = PACKAGE_RECIPE.scale
-# Margins where a loss has one, in the units of ``loss_registry`` (ArcFace's in radians).
+# Margins where a loss has one, in the units of ``loss_registry`` (every angle in radians).
 DEFAULT_MARGINS = {spec.name: spec.margin.default for spec in LOSSES if spec.margin is not None}
 # The margin heads (docs/losses.md, "Margin heads"): class and fixed options. AdaCos sets its own
 # scale; the dynamic margins need the training set's class counts.
@@ -55,8 +56,9 @@ def _loss_class_and_options(name: str, scale: float, margin: float | None) -> tu
     if name == "cosface":
         return pml_losses.CosFaceLoss, {"margin": margin, "scale": scale}
     if name == "arcface":
-        # PML's ArcFaceLoss takes its margin in degrees.
-        return pml_losses.ArcFaceLoss, {"margin": math.degrees(margin), "scale": scale}
+        # GM-Softmax's m2, in radians: PML's ArcFaceLoss's formula (tested equal), on the fused
+        # kernel, with sub-centres on request.
+        return GeneralizedMarginSoftmaxLoss, {"m2": margin, "scale": scale}
     if name in _HEADS:
         loss_class, options = _HEADS[name]
         options = dict(options) if loss_class is AdaCosLoss else {**options, "scale": scale}
@@ -79,6 +81,7 @@ def build_loss(
     class_counts: Sequence[int] | None = None,
     zero_centroid_form: str = "mean",
     record_margins: bool = False,
+    sub_centers: int = 1,
 ) -> BaseMetricLossFunction:
     """The loss ``name`` (one of ``LOSS_NAMES``) owning prototypes ``W`` of shape (d, C).
 
@@ -90,10 +93,13 @@ def build_loss(
     ``sample_margin_weight`` λ > 0 adds ``λ · R_sm`` as the sub-loss ``sample_margin_loss``;
     ``zero_centroid_weight`` λ > 0 adds ``λ · ‖mean_j ŵ_j‖²`` (the mean form; ``"sum"``:
     ``λ · ‖Σ_j ŵ_j‖²``, the authors') as PML's ``weight_reg_loss``. ``record_margins`` makes
-    LM-Softmax record what a :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads
-    (``collect_stats``, ``record_target_cosines``; not its per-batch class margin); the other
-    losses record nothing and are monitored from their inputs. ``class_counts`` (the training set's count of each class) is needed by
-    ``dynamic-margin`` and ignored by the other losses.
+    this package's losses (LM-Softmax, GM-Softmax's ArcFace and the margin heads) record what
+    a :class:`~pml_largest_margin.margin_monitor.MarginMonitor` reads
+    (``record_target_cosines``: detached tensors per batch, no PML stats); PML's losses and the
+    plain softmax record nothing and are monitored from their inputs. ``class_counts`` (the
+    training set's count of each class) is needed by ``dynamic-margin`` and ignored by the other
+    losses. ``sub_centers`` k > 1 gives ``lm-softmax`` and ``arcface`` k prototypes per class (W
+    of shape (d, C·k)); refused for the others.
     """
     spec = loss_spec(name)
     if scale is None:
@@ -101,6 +107,7 @@ def build_loss(
     # A scale passed to a loss without one is ignored here (the demo passes one scale to every
     # row); the command line refuses it through check_loss_options.
     check_loss_options(name, scale if spec.takes_scale else None, margin)
+    check_sub_centers(name, sub_centers)
     if not (sample_margin_weight >= 0 and zero_centroid_weight >= 0):  # NaN fails too
         raise ValueError(
             "regularizer weights must be non-negative numbers, got "
@@ -113,8 +120,10 @@ def build_loss(
         if class_counts is None:
             raise ValueError("loss 'dynamic-margin' needs the training set's class_counts")
         options["class_counts"] = class_counts
-    if record_margins and issubclass(loss_class, LargestMarginSoftmaxLoss):
-        options.update(collect_stats=True, record_target_cosines=True, record_class_margin=False)
+    if sub_centers > 1:
+        options["sub_centers"] = sub_centers
+    if record_margins and issubclass(loss_class, BaseMarginSoftmaxLoss):
+        options.update(record_target_cosines=True)
     if zero_centroid_weight > 0:
         options.update(
             weight_regularizer=ZeroCentroidRegularizer(

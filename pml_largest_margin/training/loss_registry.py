@@ -3,8 +3,8 @@
 One entry a loss; :mod:`.loss_factory` builds them and the command line takes its choices, help
 and checks from here. Imports nothing heavy (the parsers are built without torch).
 
-Units: an angular margin is in radians (also for ArcFace, whose PML class takes degrees: the
-factory converts), a cosine margin is subtracted from the target cosine, SphereFace's margin is
+Units: an angular margin is in radians (ArcFace is this package's GM-Softmax arcface preset,
+whose m2 is in radians), a cosine margin is subtracted from the target cosine, SphereFace's margin is
 the integer angle multiplier m of cos(mθ).
 """
 
@@ -13,7 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["LOSSES", "LOSS_NAMES", "LossSpec", "MarginSpec", "check_loss_options"]
+__all__ = [
+    "LOSSES",
+    "LOSS_NAMES",
+    "LossSpec",
+    "MarginSpec",
+    "check_loss_options",
+    "check_sub_centers",
+]
 
 
 @dataclass(frozen=True)
@@ -51,13 +58,15 @@ def _format_bound(value: float) -> str:
 @dataclass(frozen=True)
 class LossSpec:
     """``takes_scale``: the loss has a scale ``s``; its default is the recipe's ``s`` unless
-    ``default_scale`` is set. ``margin``: None for a loss without a margin option."""
+    ``default_scale`` is set. ``margin``: None for a loss without a margin option.
+    ``takes_sub_centers``: the loss has k prototypes per class on request (``--sub-centers``)."""
 
     name: str
     description: str
     takes_scale: bool = True
     default_scale: float | None = None
     margin: MarginSpec | None = None
+    takes_sub_centers: bool = False
 
 
 _RADIANS = "radians"
@@ -73,8 +82,9 @@ LOSSES: tuple[LossSpec, ...] = (
     LossSpec("cosface", "PML's CosFaceLoss, cos θ − m", margin=_COSINE_MARGIN),
     LossSpec(
         "arcface",
-        "PML's ArcFaceLoss, cos(θ + m)",
+        "GeneralizedMarginSoftmaxLoss's arcface preset, cos(θ + m) (PML's ArcFaceLoss's formula)",
         margin=MarginSpec(0.5, **_HALF_TURN),
+        takes_sub_centers=True,
     ),
     LossSpec(
         "sphereface",
@@ -84,7 +94,7 @@ LOSSES: tuple[LossSpec, ...] = (
         # cos(mθ) up to m = 20 and overflows for m in the hundreds.
         margin=MarginSpec(4, "integer m of cos(mθ)", 1, 20, high_inclusive=True, integer=True),
     ),
-    LossSpec("lm-softmax", "LargestMarginSoftmaxLoss (this package)"),
+    LossSpec("lm-softmax", "LargestMarginSoftmaxLoss (this package)", takes_sub_centers=True),
     LossSpec("adaface", "AdaFaceLoss", margin=MarginSpec(0.4, _RADIANS, 0.0, math.pi / 2)),
     LossSpec("magface", "MagFaceLoss (margins from the feature norm)"),
     LossSpec("curricularface", "CurricularFaceLoss", margin=MarginSpec(0.5, **_HALF_TURN)),
@@ -133,3 +143,21 @@ def check_loss_options(name: str, scale: float | None, margin: float | None) -> 
                 f"margin {margin:g} is out of range for loss {name!r}: "
                 f"it takes {kind} in {spec.margin.describe_range()}"
             )
+
+
+def check_sub_centers(name: str, sub_centers: int) -> None:
+    """Refuse a sub-centre count below 1, or above 1 for a loss without sub-centres.
+
+    Raises:
+        ValueError: unknown loss; ``sub_centers`` not an integer >= 1, or > 1 for a loss whose
+            entry has no ``takes_sub_centers``.
+    """
+    spec = loss_spec(name)
+    if isinstance(sub_centers, bool) or int(sub_centers) != sub_centers or sub_centers < 1:
+        raise ValueError(f"sub-centers must be an integer >= 1, got {sub_centers}")
+    if sub_centers > 1 and not spec.takes_sub_centers:
+        with_sub_centers = [s.name for s in LOSSES if s.takes_sub_centers]
+        raise ValueError(
+            f"loss {name!r} has no sub-centres; --sub-centers applies to "
+            f"{', '.join(with_sub_centers)}"
+        )

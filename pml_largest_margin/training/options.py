@@ -68,6 +68,7 @@ class TrainOptions:
     loss: str = "lm-softmax"
     scale: float | None = None  # None: the loss's default (loss_registry)
     margin: float | None = None  # None: the loss's default, in loss_registry's unit
+    sub_centers: int = 1  # prototypes per class (lm-softmax, arcface)
     sample_margin_weight: float = 0.0
     zero_centroid_weight: float = 0.0
     zero_centroid_form: str = "mean"
@@ -101,6 +102,9 @@ class TrainOptions:
         settings = asdict(self)
         for key in ("data", "eval_every", "schedule"):
             del settings[key]
+        if self.sub_centers == 1:
+            # Checkpoints written before sub-centres existed resume: 1 is what they hold.
+            del settings["sub_centers"]
         settings["image_size"] = list(self.image_size) if self.image_size else None
         for key, value in self.schedule.as_dict().items():
             if key != "epochs":

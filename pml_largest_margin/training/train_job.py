@@ -371,6 +371,7 @@ def _model_and_loss(options: TrainOptions, data: _Data):
         class_counts=np.bincount(data.train.labels, minlength=num_classes).tolist(),
         zero_centroid_form=options.zero_centroid_form,
         record_margins=True,
+        sub_centers=options.sub_centers,
     )
     if options.fixed_prototypes is not None:
         freeze_prototypes(
@@ -400,7 +401,9 @@ def _train(
         (output_dir / CONFIG_NAME).write_text(config)
     record.line(data.summary())
     num_classes = len(data.train.class_names)
-    monitor = MarginMonitor(num_classes, options.embedding_size)
+    monitor = MarginMonitor(
+        num_classes, options.embedding_size, sub_centers=getattr(loss, "sub_centers", 1)
+    )
     if not getattr(loss, "record_target_cosines", False):
         monitor.watch(loss)
     schedule = options.schedule
