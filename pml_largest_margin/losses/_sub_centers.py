@@ -79,11 +79,16 @@ def sub_center_statistics(
         return nontarget_logsumexp(cosines, labels, scale), target_cosines(cosines, labels), margins
     num_classes = weights.shape[1] // sub_centers
     classes_per_block = stream_block_columns(embeddings.shape[0], embeddings.device) // sub_centers
+    blocks = _class_blocks(num_classes, classes_per_block)
+    # One split, not a slice per block: a slice's backward writes a zero-filled copy of all of W's
+    # gradient for each block, the split's backward concatenates the blocks' gradients once.
+    block_weights_list = torch.split(
+        weights, [(stop - start) * sub_centers for start, stop in blocks], dim=1
+    )
     parts = []
-    for start, stop in _class_blocks(num_classes, classes_per_block):
+    for (start, stop), block_weights in zip(blocks, block_weights_list, strict=True):
         in_block = (labels >= start) & (labels < stop)
         block_labels = torch.where(in_block, labels - start, -1)
-        block_weights = weights[:, start * sub_centers : stop * sub_centers]
         parts.append(
             checkpoint(
                 _block_statistics,
