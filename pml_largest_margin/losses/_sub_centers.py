@@ -78,7 +78,8 @@ def sub_center_statistics(
         margins = sample_margins_from_cosines(cosines, labels) if with_margins else None
         return nontarget_logsumexp(cosines, labels, scale), target_cosines(cosines, labels), margins
     num_classes = weights.shape[1] // sub_centers
-    classes_per_block = stream_block_columns(embeddings.shape[0], embeddings.device) // sub_centers
+    block_columns = stream_block_columns(embeddings.shape[0], embeddings.device, weights.dtype)
+    classes_per_block = block_columns // sub_centers
     blocks = _class_blocks(num_classes, classes_per_block)
     # One split, not a slice per block: a slice's backward writes a zero-filled copy of all of W's
     # gradient for each block, the split's backward concatenates the blocks' gradients once.

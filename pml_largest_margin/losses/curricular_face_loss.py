@@ -315,7 +315,7 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
             thresholds = torch.cos(arccos(target_cosines) + self.margin)
         columns = None
         if uses_stream(memory, embeddings.shape[0], weights.shape[1], weights.dtype):
-            columns = stream_block_columns(embeddings.shape[0], embeddings.device)
+            columns = stream_block_columns(embeddings.shape[0], embeddings.device, weights.dtype)
         nontarget_lse, target, nontarget_max = _ModulatedNonTargetLogSumExp.apply(
             embeddings, weights, targets, thresholds, float(self.running_hardness), self.scale,
             group, columns,
