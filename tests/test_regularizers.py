@@ -49,6 +49,12 @@ def test_sample_margin_regularizer_hand_made():
     assert float(summed) == pytest.approx(0.0, abs=1e-7)
     only_positive = SampleMarginRegularizer(reducer=reducers.AvgNonZeroReducer())
     assert float(only_positive(embeddings, labels, W)) == pytest.approx(1.0)  # the -γ_3 = 1 term
+    # A reducer that reads the labels gets them: class 1 weighs 3, class 0 weighs 1 (PML's
+    # ClassWeightedReducer multiplies each term by its class's weight, then averages).
+    by_class = SampleMarginRegularizer(
+        reducer=reducers.ClassWeightedReducer(torch.tensor([1.0, 3.0]))
+    )
+    assert float(by_class(embeddings, labels, W)) == pytest.approx((-1.0 - 3 * 0.0 + 3 * 1.0) / 3)
 
 
 def test_sample_margin_regularizer_cosine_path_and_stats():
@@ -405,3 +411,41 @@ def test_sample_margin_regularizer_refuses_one_column_of_cosines():
         SampleMarginRegularizer()(
             embeddings, torch.zeros(12, dtype=torch.long), cosines=torch.rand(12, 1)
         )
+
+
+def test_zero_centroid_regularizer_records_its_settings_and_stats_as_pml_does():
+    quiet = ZeroCentroidRegularizer()
+    assert "form" in quiet._record_these and not getattr(quiet, "_record_these_stats", [])
+    regularizer = ZeroCentroidRegularizer(collect_stats=True)
+    assert regularizer._record_these == ["form"]
+    assert sorted(regularizer._record_these_stats) == ["centroid_norm", "class_margin_degrees"]
+    regularizer(seeded_randn(5, 8))
+    assert regularizer.centroid_norm > 0 and regularizer.class_margin_degrees > 0
+    regularizer.reset_stats()
+    assert regularizer.centroid_norm == 0 and regularizer.class_margin_degrees == 0
+    assert regularizer.form == "mean"
+    assert ZeroCentroidRegularizer(
+        collect_stats=True, record_class_margin=False
+    )._record_these_stats == ["centroid_norm"]
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: ZeroCentroidRegularizer(record_class_margin="yes"),
+            "^record_class_margin must be True or False",
+        ),
+        (
+            lambda: ZeroCentroidRegularizer()(torch.full((5, 8), math.nan)),
+            r"weights \(W\.t\(\), one row per class\) contains NaN",
+        ),
+        (
+            lambda: ZeroCentroidRegularizer()(torch.eye(5, 8) * torch.arange(5.0)[:, None]),
+            "^weights has a zero prototype row; its direction is undefined$",
+        ),
+    ],
+)
+def test_zero_centroid_regularizer_errors_name_what_is_wrong(make, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        make()
