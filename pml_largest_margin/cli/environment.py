@@ -12,7 +12,7 @@ import sys
 
 from .. import __version__
 
-__all__ = ["cpu_model", "environment_record"]
+__all__ = ["cpu_model", "environment_record", "installed_version"]
 
 # (record key, distributions that provide it, first installed wins)
 _DISTRIBUTIONS = (
@@ -23,7 +23,8 @@ _DISTRIBUTIONS = (
 )
 
 
-def _installed_version(distributions: tuple[str, ...]) -> str | None:
+def installed_version(distributions: tuple[str, ...]) -> str | None:
+    """The version of the first of ``distributions`` that is installed, or ``None``."""
     from importlib import metadata  # 50 ms: not while a parser is built
 
     for name in distributions:
@@ -55,7 +56,7 @@ def environment_record(device: str | None = None) -> dict:
     """
     record: dict = {"pml_largest_margin": __version__, "python": platform.python_version()}
     for key, distributions in _DISTRIBUTIONS:
-        record[key] = _installed_version(distributions)
+        record[key] = installed_version(distributions)
     record["device"] = _describe_device(device)
     record["cpu"] = cpu_model()
     record["cpu_count"] = _cpu_count()

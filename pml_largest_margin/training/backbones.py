@@ -31,15 +31,6 @@ class SmallCNN(torch.nn.Module):
         return self.embedding(self.features(images).flatten(1))
 
 
-def _installed_version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "(version unknown)"
-
-
 def _torchvision_backbone(name: str, embedding_size: int, pretrained: bool) -> torch.nn.Module:
     try:
         from torchvision import models
@@ -50,8 +41,11 @@ def _torchvision_backbone(name: str, embedding_size: int, pretrained: bool) -> t
         ) from error
     # A torchvision built for another torch build raises when it registers its operators.
     except Exception as error:
+        from ..cli.environment import installed_version
+
+        version = installed_version(("torchvision",)) or "(version unknown)"
         raise ValueError(
-            f"backbone {name!r}: torchvision {_installed_version('torchvision')} does not load "
+            f"backbone {name!r}: torchvision {version} does not load "
             f"beside torch {torch.__version__} ({type(error).__name__}: {error}); install the "
             f"torchvision built for this torch, from the same package index (or use --backbone "
             f"{BUILTIN_BACKBONE})"
