@@ -7,10 +7,9 @@ vectors, ``metric="l2"`` negated squared euclidean distances.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 
+from ._deprecation import warn_renamed
 from .validation import (
     ArrayLike,
     DeviceLike,
@@ -76,11 +75,7 @@ def search_device(device: DeviceLike | bool = None, use_gpu: bool | None = None)
     if isinstance(device, bool) or use_gpu is not None:
         if use_gpu is not None and device is not None:
             raise TypeError("pass device= or the deprecated use_gpu=, not both")
-        warnings.warn(
-            "use_gpu= is deprecated: pass device='cuda' or device='cpu'",
-            DeprecationWarning,
-            stacklevel=3,
-        )
+        warn_renamed("use_gpu=", "device='cuda' or device='cpu'", stacklevel=4)
         return "cuda:0" if (use_gpu if use_gpu is not None else device) else "cpu"
     if device is None:
         return None
