@@ -20,6 +20,7 @@ from ..losses.fused import (
     DEFAULT_MEMORY,
     NORM_EPS,
     column_dots,
+    inverse_column_norms,
     stream_block_columns,
     stream_gradients,
     stream_statistics,
@@ -123,8 +124,7 @@ def _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype)
     with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
         embeddings = unit_embeddings.to(compute_dtype)
         prototypes = weights.to(compute_dtype)
-        norms = torch.linalg.vector_norm(prototypes, dim=0)
-        inverse_norms = norms.clamp_min(NORM_EPS).reciprocal()
+        inverse_norms, clamped = inverse_column_norms(prototypes)
         local_max, local_sums, target_part, candidates = stream_statistics(
             embeddings, prototypes, inverse_norms, local_targets, scale, ctx.block_columns,
             ctx.track_max,
@@ -151,7 +151,7 @@ def _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype)
         embeddings,
         prototypes,
         inverse_norms,
-        norms < NORM_EPS,
+        clamped,
         local_targets,
         non_target_max,
         exponential_sum,

@@ -29,10 +29,11 @@ forward   per block, the block's cosines, its target entries, and an online log-
 backward  the upstream ``a`` is known only now, so each block's cosines are recomputed once (the
           same product on the same operands) and turned into ``exp(s·(cos − m))/‖w_j‖``, which
           then plays the buffer's part for its columns (:func:`stream_gradients`): ``X_b W_b^T``
-          is accumulated into ``∂/∂ẑ``, and ``(r∘ẑ)^T X_b`` is projected and written into the
-          block's columns of ``∂/∂W`` while the block is at hand. Four matrix products (the
-          recomputation is the fourth); peak memory is W, its gradient and N × block and
-          d × block temporaries allocated once per pass (:func:`stream_block_columns`).
+          is accumulated into ``∂/∂ẑ``, and ``(r∘ẑ)^T X_b``, projected, is written into the
+          block's columns of ``∂/∂W`` while the block is at hand (the projection's dot products
+          come from the block's own products, so the d × block gradient is written once). Four
+          matrix products (the recomputation is the fourth); peak memory is W, its gradient and
+          two N × block temporaries allocated once per pass (:func:`stream_block_columns`).
 
 ``"auto"`` (the default) streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES`.
 
@@ -247,50 +248,59 @@ def stream_gradients(
     ``row_max``), the gradient on ``cos_ij`` is ``r_i·‖w_j‖·X_ij`` (``r`` = ``row_factor``) plus
     ``grad_target`` at each row's target (rows with target −1 get none) plus the ``grads`` of
     ``nearest`` at its ``(rows, columns)``. Each block's cosines are recomputed once (the same
-    product on the same operands) and turned into ``X`` in three elementwise passes; from it
-    ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and ``(r∘ẑ)^T X_b`` is projected through
-    ``w/‖w‖`` and written into the block's columns of ``∂/∂W``, while the block is at hand. The
+    product on the same operands, kept) and turned into ``X`` in three elementwise passes; from
+    it ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and ``(r∘ẑ)^T X_b``, projected through
+    ``w/‖w‖``, is written into the block's columns of ``∂/∂W`` while the block is at hand. The
     sparse target and nearest terms are added afterwards, projected the same way (the projection
-    is linear). The N × block and d × block temporaries are allocated once and reused.
+    is linear). The two N × block temporaries are allocated once and reused.
     """
-    num_rows, dim = unit.shape
+    num_rows = unit.shape[0]
     width = min(block_columns, weights.shape[1])
+    products_storage = unit.new_empty(num_rows * width)
     exponentials_storage = unit.new_empty(num_rows * width)
-    scaled_inverse_norms = inverse_weight_norms * scale
     shifts = row_max * -scale
     grad_unit = unit.new_zeros(unit.shape) if need_unit else None
-    grad_weights = radial = None
+    grad_weights = None
     if need_weights:
         grad_weights = torch.empty_like(weights)
-        radial = inverse_weight_norms.square().masked_fill_(weight_clamped, 0.0)
         scaled_unit_t = (unit * row_factor[:, None]).t()
-        dots_storage = unit.new_empty(dim * width)
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
         block = weights[:, start:stop]
+        # Per-column factors are taken per block: no further vector of C entries is allocated.
+        inverse_norms = inverse_weight_norms[start:stop]
+        products = _block_views(products_storage, num_rows, stop - start)
         exponentials = _block_views(exponentials_storage, num_rows, stop - start)
-        torch.mm(unit, block, out=exponentials)
+        torch.mm(unit, block, out=products)
         # s·(cos − m) = (ẑ·w_j)·(s/‖w_j‖) − s·m in one pass, then exp, then the column scale.
-        torch.addcmul(
-            shifts[:, None], exponentials, scaled_inverse_norms[start:stop], out=exponentials
-        )
+        torch.addcmul(shifts[:, None], products, inverse_norms * scale, out=exponentials)
         exponentials.exp_()
         exponentials[rows, targets[rows] - start] = 0.0
-        exponentials.mul_(inverse_weight_norms[start:stop])
+        exponentials.mul_(inverse_norms)
         if need_unit:
             grad_unit.addmm_(exponentials, block.t())
         if need_weights:
-            # Written in place: a column block of a row-major matrix is a valid BLAS output.
+            # The projection's w_j·g_j with g_j = Σ_i r_i·X_ij·ẑ_i is Σ_i r_i·X_ij·(ẑ_i·w_j): taken
+            # from the N × block products at hand instead of a pass over the d × block gradient,
+            # so the column block of ∂/∂W is written once, as -w_j·(w_j·g_j)/‖w_j‖², and the
+            # product is accumulated onto it (a column block of a row-major matrix is a valid
+            # BLAS output).
+            dots = torch.mv(products.mul_(exponentials).t(), row_factor)
+            dots.mul_(_radial_scale(inverse_norms, weight_clamped[start:stop])).neg_()
             block_grad = grad_weights[:, start:stop]
-            torch.mm(scaled_unit_t, exponentials, out=block_grad)
-            _project_columns_(
-                block_grad, block, radial[start:stop], _block_views(dots_storage, dim, stop - start)
-            )
+            torch.mul(block, dots, out=block_grad)
+            block_grad.addmm_(scaled_unit_t, exponentials)
     if need_unit:
         grad_unit.mul_(row_factor[:, None])
     return _add_sparse_gradients(
-        unit, weights, inverse_weight_norms, radial, targets, grad_target, nearest, grad_unit,
-        grad_weights,
+        unit, weights, inverse_weight_norms, weight_clamped, targets, grad_target, nearest,
+        grad_unit, grad_weights,
     )  # fmt: skip
+
+
+def _radial_scale(inverse_norms: torch.Tensor, clamped: torch.Tensor) -> torch.Tensor:
+    """``1/‖w_j‖²`` per column, 0 where the norm is clamped (the normalisation is then a plain
+    scaling, with no projection)."""
+    return inverse_norms.square().masked_fill_(clamped, 0.0)
 
 
 def buffer_gradients(
@@ -333,12 +343,11 @@ def cosine_gradients(
     another head's own ``X``): ``unit_part`` scaled by ``r``, ``weight_part`` projected through
     ``w/‖w‖`` in blocks of columns, then the target and nearest terms added. Both parts are
     consumed (updated in place)."""
-    grad_unit = grad_weights = radial = None
+    grad_unit = grad_weights = None
     if unit_part is not None:
         grad_unit = unit_part.mul_(row_factor[:, None])
     if weight_part is not None:
         grad_weights = weight_part
-        radial = inverse_weight_norms.square().masked_fill_(weight_clamped, 0.0)
         scratch = unit.new_empty(unit.shape[1] * min(_COLUMN_BLOCK, weights.shape[1]))
         for start in range(0, weights.shape[1], _COLUMN_BLOCK):
             columns = slice(start, start + _COLUMN_BLOCK)
@@ -346,12 +355,12 @@ def cosine_gradients(
             _project_columns_(
                 block_grad,
                 weights[:, columns],
-                radial[columns],
+                _radial_scale(inverse_weight_norms[columns], weight_clamped[columns]),
                 _block_views(scratch, *block_grad.shape),
             )
     return _add_sparse_gradients(
-        unit, weights, inverse_weight_norms, radial, targets, grad_target, nearest, grad_unit,
-        grad_weights,
+        unit, weights, inverse_weight_norms, weight_clamped, targets, grad_target, nearest,
+        grad_unit, grad_weights,
     )  # fmt: skip
 
 
@@ -371,7 +380,7 @@ def _add_sparse_gradients(
     unit: torch.Tensor,
     weights: torch.Tensor,
     inverse_weight_norms: torch.Tensor,
-    radial_scale: torch.Tensor | None,
+    weight_clamped: torch.Tensor,
     targets: torch.Tensor,
     grad_target: torch.Tensor,
     nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
@@ -395,7 +404,8 @@ def _add_sparse_gradients(
         grad_unit.index_add_(0, rows, prototypes * coefficients[:, None])
     if grad_weights is not None:
         embeddings = unit[rows]
-        radial = (embeddings * prototypes).sum(dim=1).mul_(radial_scale[columns])
+        radial = (embeddings * prototypes).sum(dim=1)
+        radial.mul_(_radial_scale(inverse_weight_norms[columns], weight_clamped[columns]))
         part = embeddings.sub_(prototypes * radial[:, None]).mul_(coefficients[:, None])
         grad_weights.index_add_(1, columns, part.t())
     return grad_unit, grad_weights
@@ -408,14 +418,20 @@ def clamped_normalisation(
     norms of ``weights`` with their clamp mask; norms below ``NORM_EPS`` are clamped to it."""
     embedding_norms = torch.linalg.vector_norm(embeddings, dim=1)
     inverse_embedding_norms = embedding_norms.clamp_min(NORM_EPS).reciprocal()
-    weight_norms = column_dots(weights, weights).sqrt_()
     return (
         embeddings * inverse_embedding_norms[:, None],
         inverse_embedding_norms,
         embedding_norms < NORM_EPS,
-        weight_norms.clamp_min(NORM_EPS).reciprocal(),
-        weight_norms < NORM_EPS,
+        *inverse_column_norms(weights),
     )
+
+
+def inverse_column_norms(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``1/max(‖w_j‖, NORM_EPS)`` per column of ``weights`` (d, C) and the mask of clamped
+    columns, with one vector of C entries besides the mask (computed in place)."""
+    norms = column_dots(weights, weights).sqrt_()
+    clamped = norms < NORM_EPS
+    return norms.clamp_min_(NORM_EPS).reciprocal_(), clamped
 
 
 class _NonTargetLogSumExp(torch.autograd.Function):
