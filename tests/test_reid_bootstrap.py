@@ -118,3 +118,13 @@ def test_bad_bootstrap_input():
         bare.bootstrap(10)
     with pytest.raises(ValueError, match="evaluate_reid"):
         bare.per_camera()
+
+
+def test_a_result_without_per_query_ranks_cannot_be_resampled():
+    from evaluation.reid import ReIDResult
+
+    bare = ReIDResult(np.ones(3), 1.0, 1.0, np.ones(2), 2, 0)
+    with pytest.raises(
+        ValueError, match="^this result carries no per-query ranks: build it with evaluate_reid$"
+    ):
+        bootstrap_reid(bare)

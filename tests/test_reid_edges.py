@@ -141,3 +141,47 @@ def test_rank_is_checked():
     for k in (0, -1, 11, 2.0, True):
         with pytest.raises(ValueError, match=r"rank k must be an integer in \[1, 10\]"):
             result.rank(k)
+
+
+def test_feature_errors_name_the_argument():
+    query, gallery, _ids = _problem()
+    from evaluation.reid import reranking_candidates
+
+    with pytest.raises(ValueError, match="^query_features "):
+        pairwise_distances(query[:, :, None], gallery)
+    with pytest.raises(ValueError, match="^query_features have dimension 3 but gallery_features"):
+        reranking_candidates(query[:, :3], gallery, 2, device="cpu")
+
+
+def test_cuhk03_checks_its_number_of_repeats():
+    query, gallery, ids = _problem(1)
+    with pytest.raises(ValueError, match="num_repeats"):
+        evaluate_reid(query, gallery, *ids, protocol="cuhk03", num_repeats=0, device="cpu")
+
+
+def test_summary_keys():
+    query, gallery, ids = _problem(2)
+    result = evaluate_reid(query, gallery, *ids, device="cpu")
+    summary = result.as_dict()
+    assert list(summary) == [
+        "mAP", "mINP", "cmc", "num_valid_queries", "num_skipped_queries", "per_camera",
+        "per_identity",
+    ]  # fmt: skip
+    assert summary["mINP"] == result.mINP
+    assert summary["per_identity"] == {str(p): row for p, row in result.per_identity().items()}
+
+
+def test_feature_blocks_follow_block_bytes(monkeypatch):
+    from evaluation.reid import protocol
+
+    seen = []
+    original = protocol.DistanceBlocks.from_features
+
+    def recording(*args):
+        seen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(protocol.DistanceBlocks, "from_features", recording)
+    query, gallery, ids = _problem(3)
+    evaluate_reid(query, gallery, *ids, device="cpu", block_bytes=60 * 4 * 5)
+    assert seen == [5]  # rows of 60 float32 distances per 1,200 bytes

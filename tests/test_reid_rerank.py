@@ -153,3 +153,24 @@ def test_bad_rerank_input():
     with pytest.raises(ValueError, match="distance 0"):
         same = np.ones((4, 2), dtype=np.float32)
         k_reciprocal_rerank(same, same, options=KReciprocalOptions(k1=2, k2=1)).dense()
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("scale", [2.0**70, 2.0**-70])
+def test_reranking_features_of_extreme_magnitude(metric, scale):
+    # Scaled by 2^70 the float32 products overflow, by 2^-70 they underflow. Re-ranking does not
+    # change under a common scale, and a power-of-two rescaling is exact, so the re-ranked
+    # distances must be those of the plain features to the last bit.
+    query, gallery, _ = make_problem(6)
+    plain = k_reciprocal_rerank(query, gallery, metric, device="cpu").dense()
+    factor = np.float32(scale)
+    scaled = k_reciprocal_rerank(query * factor, gallery * factor, metric, device="cpu").dense()
+    np.testing.assert_array_equal(scaled, plain)
+
+
+def test_rerank_errors_name_what_was_given_and_block_bytes_must_be_positive():
+    query, gallery, ids = make_problem(7, num_query=4, num_gallery=30)
+    with pytest.raises(TypeError, match="a KReciprocalOptions or a dict, got str$"):
+        evaluate_reid(query, gallery, *ids, rerank="yes", device="cpu")
+    with pytest.raises(ValueError, match="block_bytes"):
+        k_reciprocal_rerank(query, gallery, device="cpu", block_bytes=0)

@@ -158,3 +158,13 @@ def test_bad_bootstrap_input():
     )
     with pytest.raises(ValueError, match="every subject resample"):
         verification_report(scores, labels, bootstrap=1, subjects=np.where(labels, 0, 1), seed=seed)
+
+
+def test_interval_summary_keys():
+    scores, labels = make_pairs(5, num_pairs=500)
+    intervals = verification_report(scores, labels, TARGETS, bootstrap=20, seed=1).intervals
+    summary = intervals.as_dict()
+    assert list(summary)[:7] == [
+        "method", "confidence", "num_resamples", "seed", "num_degenerate", "auc", "eer",
+    ]  # fmt: skip
+    assert summary["eer"] == list(intervals.eer) and summary["auc"] == list(intervals.auc)

@@ -90,3 +90,23 @@ def test_bad_distractor_input():
     bad[15, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         identification_with_distractors(*args, bad, block_rows=4)
+
+
+def test_a_distractor_tied_with_the_mate_counts_ahead_of_it():
+    # Each probe's mate reappears among the distractors: the same vector, so in float32 the same
+    # score. The tie rule counts a non-mate whose score equals the mate's as ahead, so rank-1 is 0
+    # once that distractor is in, and still 1 at rank 2.
+    rng = np.random.default_rng(5)
+    gallery = rng.normal(size=(40, 24)) * rng.uniform(0.5, 3.0, size=(40, 1))
+    probes = gallery + 0.3 * rng.normal(size=gallery.shape)
+    ids = np.arange(40)
+    curve = identification_with_distractors(
+        probes, ids, gallery, ids, gallery.copy(), distractor_counts=[0, 40], ranks=(1, 2)
+    )
+    np.testing.assert_array_equal(curve.rates, [[1.0, 1.0], [0.0, 1.0]])
+
+
+def test_unreadable_distractors_are_named():
+    problem = make_problem(3, num_distractors=10)
+    with pytest.raises(ValueError, match="^distractor_features cannot be read as an array"):
+        identification_with_distractors(*problem[:4], [[1.0, 2.0], [3.0]])

@@ -316,3 +316,21 @@ def test_far_target_must_lie_strictly_between_0_and_1(far_target):
         verification_accuracy_10fold(
             distances=np.linspace(0, 2, 20), issame=np.arange(20) % 2 == 0, far_target=far_target
         )
+
+
+def test_no_input_is_named_in_the_error_and_the_summary_keys():
+    with pytest.raises(
+        ValueError, match=r"give exactly one of embeddings, scores, distances \(got none\)"
+    ):
+        verification_accuracy_10fold(issame=np.ones(20))
+    with pytest.raises(ValueError, match=r"\(got \['scores', 'distances'\]\)"):
+        verification_accuracy_10fold(scores=np.ones(20), distances=np.ones(20), issame=np.ones(20))
+    rng = np.random.default_rng(8)
+    result = verification_accuracy_10fold(distances=rng.random(40), issame=np.arange(40) % 2)
+    summary = result.as_dict()
+    assert list(summary) == [
+        "accuracy_mean", "accuracy_std", "val_at_far_1e-3_mean", "val_at_far_1e-3_std",
+        "far_mean", "best_thresholds",
+    ]  # fmt: skip
+    assert summary["best_thresholds"] == result.best_thresholds.tolist()
+    assert summary["accuracy_mean"] == result.accuracy_mean

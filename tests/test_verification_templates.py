@@ -171,3 +171,30 @@ def test_rank_rates_of_tied_gallery_templates_do_not_depend_on_the_ranks_asked()
         )
         for rank, rate in zip(ranks, result.rank_rates, strict=True):
             assert rate == (expected[rank - 1] if rank <= 3 else 1.0), (ranks, rank)
+
+
+def test_two_template_ids_out_of_order_are_refused():
+    pooled = np.eye(2, 3)
+    with pytest.raises(ValueError, match="unique_template_ids must be sorted and unique"):
+        template_pair_scores(pooled, [7, 3], [3], [7])
+    with pytest.raises(ValueError, match="unique_template_ids must be sorted and unique"):
+        template_pair_scores(pooled, [3, 3], [3], [3])
+
+
+def test_identification_summary_keys_and_the_deprecated_use_gpu():
+    rng = np.random.default_rng(6)
+    gallery = rng.normal(size=(8, 4))
+    probes = np.concatenate(
+        [gallery + 0.1 * rng.normal(size=gallery.shape), rng.normal(size=(3, 4))]
+    )
+    probe_ids = np.r_[np.arange(8), [100, 101, 102]]
+    result = open_set_identification(probes, probe_ids, gallery, np.arange(8), (1, 2), (0.5,))
+    summary = result.as_dict()
+    assert list(summary) == ["num_mated", "num_non_mated", "rank", "tpir_at_fpir"]
+    assert (summary["num_mated"], summary["num_non_mated"]) == (8, 3)
+    assert list(summary["rank"]) == ["1", "2"]
+    with pytest.warns(DeprecationWarning, match="use_gpu="):
+        old = open_set_identification(
+            probes, probe_ids, gallery, np.arange(8), (1, 2), (0.5,), use_gpu=False
+        )
+    assert old.as_dict() == summary

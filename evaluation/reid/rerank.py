@@ -150,6 +150,12 @@ def k_reciprocal_rerank(
     query = check_features(query_features, "query_features")
     gallery = check_features(gallery_features, "gallery_features")
     check_same_dimension(query, gallery, "query_features", "gallery_features")
+    # Re-ranking does not change when every feature is scaled by one factor, so a power-of-two
+    # rescaling (exact) keeps the float32 products of huge or tiny features finite. It is taken
+    # here, once, so that every distance below (neighbours, scales, weights, D) is in one unit.
+    exponent = distance_rescaling_exponent((query, gallery))
+    if exponent:
+        query, gallery = np.ldexp(query, -exponent), np.ldexp(gallery, -exponent)
     num_query, num_gallery = len(query), len(gallery)
     joint = np.concatenate([query, gallery])
     num_items = len(joint)
@@ -225,19 +231,16 @@ def _neighbours_and_largest_distances(joint, norms, num_neighbours, metric, devi
     num_items = len(joint)
     num_near = min(num_items, num_neighbours + _NEAREST_MARGIN)
     num_far = min(num_items, _FARTHEST_CANDIDATES)
-    exponent = distance_rescaling_exponent((joint,))
-    # A power-of-two rescaling (exact) keeps the products of huge or tiny features finite.
-    features = np.ldexp(joint, -exponent) if exponent else joint
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    features_t = torch.from_numpy(np.ascontiguousarray(features)).to(device)
+    features_t = torch.from_numpy(np.ascontiguousarray(joint)).to(device)
     # Per row, one constant (the row's own squared norm or norm) does not change the order, so
     # the keys drop it: ‖x_j‖² − 2 x_i·x_j (euclidean), −x_i·x_j / ‖x_j‖ (cosine).
     column_norms = torch.linalg.vector_norm(features_t, dim=1)
     column_terms = 1 / column_norms if cosine else column_norms * column_norms
     # An eighth of the budget for a block's keys: torch's top-k selections over them take
     # temporaries of about their size, and the pass runs while the joint features are held.
-    block_rows = max(1, block_bytes // (8 * num_items * features.itemsize))
+    block_rows = max(1, block_bytes // (8 * num_items * joint.itemsize))
     near = np.empty((num_items, num_near), dtype=np.int64)
     far = np.empty((num_items, num_far), dtype=np.int64)
     for first in range(0, num_items, block_rows):
