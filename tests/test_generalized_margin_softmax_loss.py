@@ -10,7 +10,7 @@ from loss_utils import (
 )
 from pytorch_metric_learning import losses as pml_losses
 
-from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss
+from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss
 from pml_largest_margin.losses.margin_functions import (
     angles_of,
     chebyshev_cosine_multiple,
@@ -595,3 +595,26 @@ def test_zero_prototype_column_is_cosine_zero_in_every_path(loss_class):
     assert loss_fn.class_margin_degrees == pytest.approx(class_margin(loss_fn.W).degrees)
     margins = sample_margins(embeddings.detach(), labels, loss_fn.W.detach())
     assert loss_fn.min_sample_margin == pytest.approx(float(margins.min()), abs=1e-12)
+
+
+def test_arccos_gradient_is_exact_up_to_its_cap():
+    from pml_largest_margin.losses._angles import arccos
+
+    # 1 − c² from 1e-10 to 0.75: the exact −1/sin θ; at |c| = 1 (and where 1 − c² < 1e-12) the
+    # derivative is capped at 1e6 in magnitude.
+    gaps = torch.tensor([1e-10, 1e-8, 1e-4, 0.75], dtype=torch.float64)
+    cosines = torch.cat([(1 - gaps).sqrt(), -(1 - gaps).sqrt(), torch.tensor([1.0, -1.0])])
+    cosines.requires_grad_(True)
+    arccos(cosines).sum().backward()
+    expected = torch.cat([-(1 / gaps.sqrt()).repeat(2), torch.tensor([-1e6, -1e6])])
+    torch.testing.assert_close(cosines.grad, expected.double(), rtol=1e-6, atol=0)
+
+
+def test_float32_embeddings_with_float64_prototypes_compute_in_float64():
+    generator = torch.Generator().manual_seed(9)
+    loss_fn = LargestMarginSoftmaxLoss(num_classes=5, embedding_size=4).double()
+    embeddings = torch.randn(6, 4, generator=generator)
+    labels = torch.randint(0, 5, (6,), generator=generator)
+    loss = loss_fn(embeddings, labels)
+    assert loss.dtype == torch.float64
+    assert float(loss) == float(loss_fn(embeddings.double(), labels))

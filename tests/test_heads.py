@@ -508,3 +508,21 @@ def test_capability_flags_refuse_what_a_head_does_not_support():
         GeneralizedMarginSoftmaxLoss(NUM_CLASSES, DIM, phi=torch.cos, memory="stream")
     with pytest.warns(DeprecationWarning, match="supports_class_parallel"):
         assert CurricularFaceLoss(NUM_CLASSES, DIM).supports_class_parallel
+
+
+def test_curricular_face_hardness_survives_a_checkpoint_exactly():
+    # The running hardness is kept in float64 from construction, so loading a checkpoint into a
+    # fresh loss (load_state_dict copies into the existing buffer) loses nothing.
+    embeddings, labels, _ = problem(torch.float32)
+    trained = CurricularFaceLoss(NUM_CLASSES, DIM)
+    trained(embeddings, labels)
+    resumed = CurricularFaceLoss(NUM_CLASSES, DIM)
+    assert resumed.running_hardness.dtype == torch.float64
+    resumed.load_state_dict(trained.state_dict())
+    assert float(resumed.running_hardness) == float(trained.running_hardness) != 0.0
+
+
+def test_dynamic_margin_records_its_settings():
+    loss_fn = head(DynamicMarginLoss, problem()[2], class_counts=COUNTS)
+    assert {"a", "power", "b"} <= set(loss_fn._record_these)
+    assert (loss_fn.a, loss_fn.power, loss_fn.b) == (0.5, 0.25, 0.05)

@@ -70,6 +70,8 @@ AREAS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "tests/test_losses_sample_margin.py",
             "tests/test_heads.py",
             "tests/test_fused_streaming.py",
+            "tests/test_sub_centers.py",
+            "tests/test_heads_distributed.py",
         ),
     ),
     "margins": (("pml_largest_margin/margins.py",), ("tests/test_margins.py",)),
