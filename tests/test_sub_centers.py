@@ -221,3 +221,26 @@ def test_labels_are_classes_not_sub_centers():
     loss_fn = LargestMarginSoftmaxLoss(NUM_CLASSES, DIM, sub_centers=K)
     with pytest.raises(ValueError, match="labels"):
         loss_fn(torch.randn(2, DIM), torch.tensor([0, NUM_CLASSES]))
+
+
+def test_auto_memory_sizes_the_buffer_in_the_weights_dtype(monkeypatch):
+    # 4 rows × 12 sub-centre columns: 192 bytes in float32, 384 in float64. With a limit between
+    # the two, "auto" keeps the buffer for float32 weights and streams for float64 ones.
+    from pml_largest_margin.losses import fused
+
+    monkeypatch.setattr(fused, "BUFFER_LIMIT_BYTES", 256)
+    streamed = []
+    original = sub_centers_module.stream_block_columns
+
+    def recording(*args):
+        streamed.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(sub_centers_module, "stream_block_columns", recording)
+    generator = torch.Generator().manual_seed(12)
+    labels = torch.tensor([0, 1, 2, 3])
+    for dtype in (torch.float32, torch.float64):
+        embeddings = torch.randn(4, 5, generator=generator, dtype=dtype)
+        weights = torch.randn(5, 12, generator=generator, dtype=dtype)
+        sub_centers_module.sub_center_statistics(embeddings, weights, labels, 16.0, 3)
+    assert streamed == [torch.float64]
