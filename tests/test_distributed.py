@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from _distributed_harness import run_in_workers
+from pytorch_metric_learning.regularizers import LpRegularizer
 from references import reference_reid
 
 from evaluation.knn import top_k
@@ -516,6 +517,9 @@ def check_settings_that_differ_across_ranks(rank, world_size):
         "zero-centroid form": call(
             lm(weight_regularizer=ClassParallelZeroCentroidRegularizer(form=("mean", "sum")[rank]))
         ),
+        "embedding regularizer on rank 1 only": call(
+            lm(embedding_regularizer=LpRegularizer() if other else None)
+        ),
         "sample-margin weight": call(
             lm(
                 sample_margin_regularizer=SampleMarginRegularizer(),
@@ -637,7 +641,21 @@ def check_class_sampling_priority(rank, world_size):
     return results
 
 
+def check_recorded_settings(rank, world_size):
+    loss_fn = ClassParallelLargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE)
+    generator = torch.Generator().manual_seed(5)
+    sampled = ClassParallelLargestMarginSoftmaxLoss(
+        NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, sample_rate=1.0, generator=generator
+    )
+    state = generator.get_state()
+    columns, _ = sampled.train()._scored_columns(torch.tensor([0, 1]))
+    # At sample_rate 1 training scores W itself: no copy of W, no random draw.
+    untouched = columns is sampled.W and torch.equal(generator.get_state(), state)
+    return sorted(loss_fn._record_these), loss_fn.class_range, untouched
+
+
 CHECKS = [
+    check_recorded_settings,
     check_settings_that_differ_across_ranks,
     check_half_precision_matches_single_process,
     check_empty_batches,
@@ -1029,6 +1047,7 @@ def test_settings_that_differ_across_ranks_raise_the_same_error_on_every_rank(wo
         "weight regularizer on rank 1 only": "weight_regularizer: "
         "[None, 'ClassParallelZeroCentroidRegularizer']",
         "zero-centroid form": "weight_regularizer.form: ['mean', 'sum']",
+        "embedding regularizer on rank 1 only": "embedding_regularizer: [None, 'LpRegularizer']",
         "sample-margin weight": "sample_margin_reg_weight: [0.1, 0.2]",
     }
     assert set(per_rank[0]) == set(expected)
@@ -1144,3 +1163,68 @@ def test_class_sampling_keeps_every_batch_class(worker_results):
         expected = (torch.logsumexp(SCALE * (non_target - target), dim=1) / SCALE).mean()
         for result in per_rank:
             assert result[run]["loss"] == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_class_parallel_losses_record_their_settings_and_score_w_itself_at_full_rate(
+    worker_results,
+):
+    per_rank = _results(worker_results, check_recorded_settings)
+    for rank, (recorded, class_range, untouched) in enumerate(per_rank):
+        assert {"num_classes", "scale", "sample_rate"} <= set(recorded)
+        assert class_range == shard_bounds(NUM_CLASSES, len(per_rank), rank)
+        assert untouched
+
+
+def _subgroup_problem():
+    generator = torch.Generator().manual_seed(21)
+    embeddings = torch.randn(sum(BATCH_SIZES), EMBEDDING_SIZE, generator=generator).double()
+    labels = torch.randint(0, NUM_CLASSES, (sum(BATCH_SIZES),), generator=generator)
+    W = torch.randn(EMBEDDING_SIZE, NUM_CLASSES, generator=generator).double()
+    return embeddings, labels, W
+
+
+def check_subgroup_of_a_larger_world(rank, world_size):
+    # Ranks 0 and 1 of a 3-rank world train in their own process group; every collective of the
+    # loss must use that group (with the default group rank 2 would be waited for).
+    group = dist.new_group([0, 1])
+    if rank == 2:
+        return None
+    embeddings, labels, W = _subgroup_problem()
+    for memory in ("buffer", "stream"):
+        loss_fn = ClassParallelLargestMarginSoftmaxLoss(
+            NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE, process_group=group, memory=memory
+        ).double()
+        loss_fn.load_full_W(W)
+        local = _local_rows(embeddings, rank).clone().requires_grad_(True)
+        loss = loss_fn(local, _local_rows(labels, rank))
+        loss.backward()
+        results = (loss.item(), local.grad.numpy().copy(), loss_fn.W.grad.numpy().copy())
+        if memory == "buffer":
+            buffered = results
+    return buffered, results, loss_fn.class_range
+
+
+def test_a_process_group_smaller_than_the_world():
+    per_rank = run_in_workers([check_subgroup_of_a_larger_world], world_size=3)
+    embeddings, labels, W = _subgroup_problem()
+    single = LargestMarginSoftmaxLoss(NUM_CLASSES, EMBEDDING_SIZE, scale=SCALE).double()
+    with torch.no_grad():
+        single.W.copy_(W)
+    embeddings.requires_grad_(True)
+    loss = single(embeddings, labels)
+    loss.backward()
+    for rank in (0, 1):
+        result = per_rank[rank]["check_subgroup_of_a_larger_world"]
+        if isinstance(result, Exception):
+            raise result
+        *by_path, (start, stop) = result
+        for value, embedding_grad, weight_grad in by_path:
+            assert value == pytest.approx(loss.item(), rel=1e-12)
+            # Each rank's rows carry the world size (2) times their single-process gradient.
+            np.testing.assert_allclose(
+                embedding_grad, 2 * _local_rows(embeddings.grad, rank).numpy(), rtol=1e-10
+            )
+            np.testing.assert_allclose(
+                weight_grad, single.W.grad[:, start:stop].numpy(), rtol=1e-10
+            )
+    assert per_rank[2]["check_subgroup_of_a_larger_world"] is None
