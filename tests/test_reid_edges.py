@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from evaluation.knn import l2_normalize, top_k
-from evaluation.reid import evaluate_reid, pairwise_distances
+from evaluation.reid import evaluate_reid, pairwise_distances, reranking_candidates
 
 
 def _problem(seed=0, num_query=12, num_gallery=60, dim=8):
@@ -144,9 +144,7 @@ def test_rank_is_checked():
 
 
 def test_feature_errors_name_the_argument():
-    query, gallery, _ids = _problem()
-    from evaluation.reid import reranking_candidates
-
+    query, gallery, _ = _problem()
     with pytest.raises(ValueError, match="^query_features "):
         pairwise_distances(query[:, :, None], gallery)
     with pytest.raises(ValueError, match="^query_features have dimension 3 but gallery_features"):

@@ -171,11 +171,11 @@ def report(names: set[str] | None, mutants_dir: Path) -> int:
     for area, row in sorted(counts.items()):
         killed = sum(row.get(status, 0) for status in KILLED)
         survived = sum(row.get(status, 0) for status in SURVIVED)
-        open_ = sum(row.get(status, 0) for status in UNDECIDED)
-        other = sum(row.values()) - killed - survived - open_ - row.get("equivalent", 0)
+        undecided_count = sum(row.get(status, 0) for status in UNDECIDED)
+        other = sum(row.values()) - killed - survived - undecided_count - row.get("equivalent", 0)
         totals["killed"] += killed
         totals["tested"] += killed + survived
-        print(_score_row(area, killed, survived, row.get("equivalent", 0), open_, other))
+        print(_score_row(area, killed, survived, row.get("equivalent", 0), undecided_count, other))
     print(_score_row("all", totals["killed"], totals["tested"] - totals["killed"], "", "", ""))
     for title, listed in (("Survivors (not listed as equivalent)", survivors),
                           ("Undecided (run their tests by hand)", undecided)):  # fmt: skip
