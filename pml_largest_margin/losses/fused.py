@@ -204,9 +204,13 @@ def stream_statistics(
         cosines[rows, columns] = -math.inf
         block_max = cosines.amax(dim=1)
         if track_nearest:
-            hits = cosines == block_max[:, None]
-            hits.logical_and_((block_max >= row_max)[:, None])
-            hit_rows, hit_columns = hits.nonzero(as_tuple=True)
+            # Only rows whose maximum this block reaches are searched: after the first blocks
+            # they are few (a fraction of about 1/b at block b for exchangeable columns).
+            reached = (block_max >= row_max).nonzero().squeeze(1)
+            hit_rows, hit_columns = (cosines[reached] == block_max[reached, None]).nonzero(
+                as_tuple=True
+            )
+            hit_rows = reached[hit_rows]
             candidates.append((hit_rows, hit_columns + start, block_max[hit_rows]))
         new_max = torch.maximum(row_max, block_max)
         # A row whose block held only its target has maximum −inf so far: shift by 0 instead.
