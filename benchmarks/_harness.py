@@ -71,6 +71,18 @@ def measure_in_fresh_process(script: str, **params: Any) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def best_result(previous: dict | None, result: dict) -> dict:
+    """``result`` merged with the best of earlier rounds of the same case: each number the
+    smallest seen (the fastest step, since other processes' load only slows a step down, and the
+    smallest peak, the same from round to round up to the allocator)."""
+    if previous is None:
+        return result
+    return {
+        key: min(previous[key], value) if isinstance(value, (int, float)) else value
+        for key, value in result.items()
+    }
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (or what ``platform`` knows)."""
     try:

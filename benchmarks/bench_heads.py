@@ -24,6 +24,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import (  # noqa: E402
+    best_result,
     best_seconds,
     current_rss_bytes,
     machine_description,
@@ -152,10 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{result['peak_bytes'] / 2**20:.0f} MB",
                 flush=True,
             )
-            # The fastest step (other processes' load only slows a step down) and the smallest
-            # peak (the same from round to round, up to the allocator).
-            previous = best.setdefault(case, result)
-            best[case] = {key: min(previous[key], result[key]) for key in result}
+            best[case] = best_result(best.get(case), result)
     print("\n| case | time (ms) | × PML ArcFace | peak mem (MB) | mem × PML ArcFace |")
     print("|---|---|---|---|---|")
     reference = best[REFERENCE]
