@@ -32,6 +32,8 @@ def _problem():
     # class is tied within a rank and across ranks for samples of other classes.
     W[:, 9] = 2 * W[:, 1]
     W[:, 2] = W[:, 1]
+    # Class 7's norm is below NORM_EPS, so it is clamped: a plain scaling, with no projection.
+    W[:, 7] *= 5e-13 / torch.linalg.vector_norm(W[:, 7])
     # Class 0 on a block boundary of its own and the first and last class of each shard.
     labels = torch.tensor([0, 5, 6, 10, 3, 7, 1, 8, 4, 0])
     upstream = torch.randn(3, NUM_ROWS, generator=generator, dtype=torch.float64)
@@ -48,8 +50,11 @@ def _sharded_step(rank, world_size, memory):
         unit, weights, local_targets, SCALE, track_max=True, memory=memory
     )
     total = sum((output * weight).sum() for output, weight in zip(outputs, upstream, strict=True))
+    total.backward(retain_graph=True)
+    first = _as_numpy([*outputs, unit.grad, weights.grad])
+    # Nothing saved is changed by backward: a second one through the same graph adds the same.
     total.backward()
-    return _as_numpy([*outputs, unit.grad, weights.grad])
+    return first, _as_numpy([unit.grad, weights.grad])
 
 
 def _as_numpy(tensors):
@@ -140,7 +145,10 @@ def _reference():
 def test_sharded_statistics_match_the_formula_on_both_paths(worker_results, pair):
     *want_outputs, want_unit_grad, want_W_grad = _reference()
     for rank in (0, 1):
-        *outputs, unit_grad, weight_grad = worker_results[rank]["check_sharded_statistics"][pair]
+        first, second = worker_results[rank]["check_sharded_statistics"][pair]
+        *outputs, unit_grad, weight_grad = first
+        for twice, once in zip(second, (unit_grad, weight_grad), strict=True):
+            np.testing.assert_allclose(twice, 2 * once, rtol=1e-14)
         for got, want in zip(outputs, want_outputs, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(unit_grad, want_unit_grad, rtol=1e-12, atol=1e-12)

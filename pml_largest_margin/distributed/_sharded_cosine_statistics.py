@@ -1,11 +1,12 @@
 """Exact per-sample softmax statistics over classes split across ranks.
 
-Each rank scores the whole gathered batch against its own classes only. With ``memory="buffer"``
-it keeps one (N, C_local) buffer, turned into exponentials in place in forward and into the cosine
-gradient in place in backward; with ``memory="stream"`` it visits its columns in blocks with the
-online log-sum-exp of :mod:`pml_largest_margin.losses.fused` and recomputes each block's cosines
-in backward, so nothing of size N × C_local is kept; ``"auto"`` streams when the buffer would
-exceed ``BUFFER_LIMIT_BYTES``. Nothing of size N × C, and no normalised copy of W, is formed.
+Each rank scores the whole gathered batch against its own classes only, with the two paths of
+:mod:`pml_largest_margin.losses.fused` on its columns: ``memory="buffer"`` keeps one (N, C_local)
+buffer, turned into the kernel's exponentials in place in forward and only read in backward
+(:func:`~pml_largest_margin.losses.fused.buffer_gradients`); ``memory="stream"`` visits the
+columns in blocks with the online log-sum-exp and recomputes each block's cosines in backward, so
+nothing of size N × C_local is kept; ``"auto"`` streams when the buffer would exceed
+``BUFFER_LIMIT_BYTES``. Nothing of size N × C, and no normalised copy of W, is formed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch.distributed as dist
 
 from ..losses.fused import (
     DEFAULT_MEMORY,
-    NORM_EPS,
-    column_dots,
+    buffer_gradients,
     inverse_column_norms,
     stream_block_columns,
     stream_gradients,
     stream_statistics,
     uses_stream,
+    zero_positions,
 )
 
 
@@ -49,41 +50,54 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             ctx.block_columns = stream_block_columns(
                 unit_embeddings.shape[0], weights.device, compute_dtype
             )
-            return _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype)
         with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
             embeddings = unit_embeddings.to(compute_dtype)
             prototypes = weights.to(compute_dtype)
-            norms = torch.linalg.vector_norm(prototypes, dim=0).clamp_min_(NORM_EPS)
-            cosines = embeddings @ prototypes
-            cosines.div_(norms)
-            rows = torch.nonzero(local_targets >= 0).squeeze(1)
-            columns = local_targets[rows]
-            target_part = cosines.new_zeros(cosines.shape[0])
-            target_part[rows] = cosines[rows, columns]
-            cosines[rows, columns] = -math.inf
-            non_target_max = cosines.amax(dim=1)
-            dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
-            local_sums = [target_part]
-            tie_mask = None
+            inverse_norms, clamped = inverse_column_norms(prototypes)
+            if ctx.block_columns is None:
+                non_target_max, local_sums, target_part, nearest, buffer = _buffer_statistics(
+                    embeddings, prototypes, inverse_norms, local_targets, scale, group, track_max
+                )
+            else:
+                buffer = None
+                local_max, local_sums, target_part, candidates = stream_statistics(
+                    embeddings, prototypes, inverse_norms, local_targets, scale,
+                    ctx.block_columns, track_max,
+                )  # fmt: skip
+                non_target_max = local_max.clone()
+                dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
+                # A rank without non-target columns for a row has max −inf and sum 0: it adds
+                # nothing.
+                local_sums.mul_(local_max.sub(non_target_max).mul_(scale).exp_())
+                if track_max:
+                    rows, columns, values = candidates
+                    maxima = values == non_target_max[rows]
+                    nearest = (rows[maxima], columns[maxima])
+            # Both paths make the same collectives with the same rows in the same order, so
+            # ranks may take different paths.
+            local = [target_part]
             if track_max:
-                # amax's gradient is shared evenly among tied maxima; count them on all ranks.
-                tie_mask = cosines == non_target_max[:, None]
-                local_sums.append(tie_mask.sum(dim=1, dtype=compute_dtype))
-            exponentials = cosines.sub_(non_target_max[:, None]).mul_(scale).exp_()
-            local_sums.append(exponentials.sum(dim=1))
-            sums = torch.stack(local_sums)
+                # amax's gradient is shared evenly among tied maxima: count them on all ranks.
+                ties = torch.bincount(nearest[0], minlength=embeddings.shape[0])
+                local.append(ties.to(compute_dtype))
+            else:
+                nearest = ()
+            local.append(local_sums)
+            sums = torch.stack(local)
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
             target_cosine, exponential_sum = sums[0], sums[-1]
             logsumexp = non_target_max * scale + torch.log(exponential_sum)
         ctx.save_for_backward(
             embeddings,
             prototypes,
-            norms,
-            exponentials,
+            inverse_norms,
+            clamped,
             local_targets,
+            non_target_max,
             exponential_sum,
             sums[1] if track_max else None,
-            tie_mask,
+            buffer,
+            *nearest,
         )
         if not track_max:
             ctx.mark_non_differentiable(non_target_max)
@@ -91,100 +105,56 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logsumexp, grad_target, grad_max):
-        if ctx.block_columns is not None:
-            return _stream_backward(ctx, grad_logsumexp, grad_target, grad_max)
-        (embeddings, prototypes, norms, exponentials, local_targets, exponential_sum, ties,
-         tie_mask) = ctx.saved_tensors  # fmt: skip
-        # The exponentials are not needed again: they become the cosine gradient in place
-        # (a second backward through this graph fails on autograd's version check).
-        grads = exponentials.mul_((grad_logsumexp * ctx.scale / exponential_sum)[:, None])
-        rows = torch.nonzero(local_targets >= 0).squeeze(1)
-        grads[rows, local_targets[rows]] += grad_target[rows]
+        (embeddings, prototypes, inverse_norms, clamped, local_targets, non_target_max,
+         exponential_sum, ties, buffer, *nearest) = ctx.saved_tensors  # fmt: skip
+        need_embeddings, need_weights = ctx.needs_input_grad[:2]
+        row_factor = grad_logsumexp * ctx.scale / exponential_sum
         if ctx.track_max:
-            grads.addcmul_(tie_mask.to(grads.dtype), (grad_max / ties)[:, None])
-        grads.div_(norms)
-        grad_embeddings = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            grad_embeddings = grads @ prototypes.t()
+            rows, columns = nearest
+            nearest = (rows, columns, (grad_max / ties)[rows])
+        else:
+            nearest = None
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            if buffer is None:
+                grad_embeddings, grad_weights = stream_gradients(
+                    embeddings, prototypes, inverse_norms, clamped, local_targets, ctx.scale,
+                    non_target_max, row_factor, grad_target, nearest, ctx.block_columns,
+                    need_embeddings, need_weights,
+                )  # fmt: skip
+            else:
+                grad_embeddings, grad_weights = buffer_gradients(
+                    embeddings, prototypes, inverse_norms, clamped, local_targets, buffer,
+                    row_factor, grad_target, nearest, need_embeddings, need_weights,
+                )  # fmt: skip
+        if need_embeddings:
             dist.all_reduce(grad_embeddings, op=dist.ReduceOp.SUM, group=ctx.group)
             grad_embeddings = grad_embeddings.to(ctx.input_dtypes[0])
-        if ctx.needs_input_grad[1]:
-            # Through ŵ = w/‖w‖ the gradient is projected: (g − ŵ(ŵ·g))/‖w‖.
-            grad_weights = embeddings.t() @ grads
-            radial = column_dots(grad_weights, prototypes).div_(norms.square())
-            grad_weights.addcmul_(prototypes, radial[None, :], value=-1)
+        if need_weights:
             grad_weights = grad_weights.to(ctx.input_dtypes[1])
         return grad_embeddings, grad_weights, None, None, None, None, None
 
 
-def _stream_forward(ctx, unit_embeddings, weights, local_targets, compute_dtype):
-    """The forward pass with this rank's columns streamed: local online statistics, then the
-    rank-local maxima and sums rescaled to the global maximum and all-reduced."""
-    scale, group = ctx.scale, ctx.group
-    with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
-        embeddings = unit_embeddings.to(compute_dtype)
-        prototypes = weights.to(compute_dtype)
-        inverse_norms, clamped = inverse_column_norms(prototypes)
-        local_max, local_sums, target_part, candidates = stream_statistics(
-            embeddings, prototypes, inverse_norms, local_targets, scale, ctx.block_columns,
-            ctx.track_max,
-        )  # fmt: skip
-        non_target_max = local_max.clone()
-        dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
-        # A rank without non-target columns for a row has max −inf and sum 0: it adds nothing.
-        local_sums.mul_(local_max.sub(non_target_max).mul_(scale).exp_())
-        # The same rows in the same order as the buffer path, so ranks may take different paths.
-        local = [target_part]
-        nearest = ()
-        if ctx.track_max:
-            rows, columns, values = candidates
-            maxima = values == non_target_max[rows]
-            nearest = (rows[maxima], columns[maxima])
-            ties = torch.bincount(nearest[0], minlength=embeddings.shape[0])
-            local.append(ties.to(compute_dtype))
-        local.append(local_sums)
-        sums = torch.stack(local)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        target_cosine, exponential_sum = sums[0], sums[-1]
-        logsumexp = non_target_max * scale + torch.log(exponential_sum)
-    ctx.save_for_backward(
-        embeddings,
-        prototypes,
-        inverse_norms,
-        clamped,
-        local_targets,
-        non_target_max,
-        exponential_sum,
-        sums[1] if ctx.track_max else None,
-        *nearest,
-    )
-    if not ctx.track_max:
-        ctx.mark_non_differentiable(non_target_max)
-    return logsumexp, target_cosine, non_target_max
-
-
-def _stream_backward(ctx, grad_logsumexp, grad_target, grad_max):
-    (embeddings, prototypes, inverse_norms, clamped, local_targets, non_target_max,
-     exponential_sum, ties, *nearest) = ctx.saved_tensors  # fmt: skip
-    need_embeddings, need_weights = ctx.needs_input_grad[:2]
-    row_factor = grad_logsumexp * ctx.scale / exponential_sum
-    if ctx.track_max:
-        rows, columns = nearest
-        nearest = (rows, columns, (grad_max / ties)[rows])
-    else:
-        nearest = None
-    with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        grad_embeddings, grad_weights = stream_gradients(
-            embeddings, prototypes, inverse_norms, clamped, local_targets, ctx.scale,
-            non_target_max, row_factor, grad_target, nearest, ctx.block_columns,
-            need_embeddings, need_weights,
-        )  # fmt: skip
-    if need_embeddings:
-        dist.all_reduce(grad_embeddings, op=dist.ReduceOp.SUM, group=ctx.group)
-        grad_embeddings = grad_embeddings.to(ctx.input_dtypes[0])
-    if need_weights:
-        grad_weights = grad_weights.to(ctx.input_dtypes[1])
-    return grad_embeddings, grad_weights, None, None, None, None, None
+def _buffer_statistics(embeddings, prototypes, inverse_norms, local_targets, scale, group,
+                       track_max):  # fmt: skip
+    """The statistics of :func:`~pml_largest_margin.losses.fused.stream_statistics` from one
+    (N, C_local) buffer, shifted by the maxima over all ranks (all-reduced here): those maxima,
+    the local sums and target cosines, the positions of the maxima among this rank's columns
+    (with ``track_max``) and the buffer, left holding the fused kernel's
+    ``exp(s·(cos − max))/‖w_j‖`` (0 at the targets)."""
+    buffer = embeddings @ prototypes
+    buffer.mul_(inverse_norms)
+    rows = torch.nonzero(local_targets >= 0).squeeze(1)
+    columns = local_targets[rows]
+    target_part = buffer.new_zeros(buffer.shape[0])
+    target_part[rows] = buffer[rows, columns]
+    buffer[rows, columns] = -math.inf
+    non_target_max = buffer.amax(dim=1)
+    dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
+    buffer.sub_(non_target_max[:, None])
+    nearest = zero_positions(buffer) if track_max else ()
+    local_sums = buffer.mul_(scale).exp_().sum(dim=1)
+    buffer.mul_(inverse_norms)
+    return non_target_max, local_sums, target_part, nearest, buffer
 
 
 def sharded_cosine_statistics(

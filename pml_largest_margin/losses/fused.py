@@ -109,10 +109,8 @@ def stream_block_columns(
     return max(_MIN_STREAM_BLOCK_COLUMNS, budget // (max(1, num_rows) * element_size))
 
 
-def _row_maximum_positions(
-    shifted: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows, columns and 1/(ties in the row) of the zeros of ``shifted`` = cosines − row maxima.
+def zero_positions(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of the zeros of ``shifted`` = cosines − row maxima: the maxima.
 
     ``x − m == 0`` exactly when ``x == m`` for finite floats, so the zeros are the maxima, ties
     included. Searched in row blocks to keep the boolean temporary small.
@@ -125,8 +123,7 @@ def _row_maximum_positions(
         )
         rows.append(block_rows + start)
         columns.append(block_columns)
-    rows, columns = torch.cat(rows), torch.cat(columns)
-    return rows, columns, _tie_shares(rows, shifted.shape[0], shifted.dtype)
+    return torch.cat(rows), torch.cat(columns)
 
 
 def _tie_shares(rows: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
@@ -462,7 +459,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                 row_max = buffer.amax(dim=1)
                 torch.sub(buffer, row_max[:, None], out=buffer)
                 if track_nearest:
-                    nearest = _row_maximum_positions(buffer)
+                    rows, columns = zero_positions(buffer)
                 buffer.mul_(scale).exp_()
                 row_sums = buffer.sum(dim=1)
                 buffer.mul_(inverse_weight_norms)
@@ -475,7 +472,8 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                     rows, columns, values = candidates
                     maxima = values == row_max[rows]
                     rows, columns = rows[maxima], columns[maxima]
-                    nearest = (rows, columns, _tie_shares(rows, unit.shape[0], unit.dtype))
+            if track_nearest:
+                nearest = (rows, columns, _tie_shares(rows, unit.shape[0], unit.dtype))
             nontarget_lse = scale * row_max + row_sums.log()
             # One (N,) subtraction, so γ is always made; without with_margins it carries no
             # gradient (non-differentiable, and backward gets None for it).
