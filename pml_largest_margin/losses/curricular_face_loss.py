@@ -209,7 +209,8 @@ def _stream_products(ctx, unit, weights, inverse_weight_norms, targets, threshol
         if need_unit:
             unit_part.addmm_(exponentials, weights[:, start:stop].t())
         if need_weights:
-            weight_part[:, start:stop] = scaled_unit_t @ exponentials
+            # Written straight into the column block (a valid BLAS output), no d × block copy.
+            weight_part[:, start:stop].addmm_(scaled_unit_t, exponentials, beta=0)
     return unit_part, weight_part
 
 
