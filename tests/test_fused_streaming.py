@@ -95,6 +95,26 @@ def test_stream_equals_buffer_with_labels_on_block_boundaries(block_columns):
     assert_all_close(stream, buffer)
 
 
+def test_a_shorter_block_comes_first_and_the_kept_last_block_is_whole():
+    labels = torch.tensor([11, 0, 1, 2, 6, 7, -1, 7])
+    blocks = [
+        (start, stop, sorted(rows.tolist()))
+        for start, stop, rows in fused._column_blocks(12, 5, labels)
+    ]
+    assert blocks == [(0, 2, [1, 2]), (2, 7, [3, 4]), (7, 12, [0, 5, 7])]
+    assert list(fused._column_blocks(0, 5, labels[:0])) == []
+    # The stream path on those blocks, labels on their first and last columns.
+    embeddings, W, _, upstream = problem(num_rows=8, num_classes=12)
+    labels[6] = 10
+    buffer = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
+    )
+    stream = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "stream", 5), embeddings, W, upstream
+    )
+    assert_all_close(stream, buffer)
+
+
 @pytest.mark.parametrize("block_columns", [1, 2, 3, 6])
 def test_tied_nearest_classes_split_the_gradient_within_and_across_blocks(block_columns):
     # Columns 2, 3 and 5 point the same way (3 and 5 scaled, exactly in binary): for samples of

@@ -54,13 +54,13 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             embeddings = unit_embeddings.to(compute_dtype)
             prototypes = weights.to(compute_dtype)
             inverse_norms, clamped = inverse_column_norms(prototypes)
+            # Kept for backward: the buffer, or the last block's products when streaming.
             if ctx.block_columns is None:
-                non_target_max, local_sums, target_part, nearest, buffer = _buffer_statistics(
+                non_target_max, local_sums, target_part, nearest, kept = _buffer_statistics(
                     embeddings, prototypes, inverse_norms, local_targets, scale, group, track_max
                 )
             else:
-                buffer = None
-                local_max, local_sums, target_part, candidates = stream_statistics(
+                local_max, local_sums, target_part, candidates, kept = stream_statistics(
                     embeddings, prototypes, inverse_norms, local_targets, scale,
                     ctx.block_columns, track_max,
                 )  # fmt: skip
@@ -96,7 +96,7 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             non_target_max,
             exponential_sum,
             sums[1] if track_max else None,
-            buffer,
+            kept,
             *nearest,
         )
         if not track_max:
@@ -106,7 +106,7 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logsumexp, grad_target, grad_max):
         (embeddings, prototypes, inverse_norms, clamped, local_targets, non_target_max,
-         exponential_sum, ties, buffer, *nearest) = ctx.saved_tensors  # fmt: skip
+         exponential_sum, ties, kept, *nearest) = ctx.saved_tensors  # fmt: skip
         need_embeddings, need_weights = ctx.needs_input_grad[:2]
         row_factor = grad_logsumexp * ctx.scale / exponential_sum
         if ctx.track_max:
@@ -115,15 +115,15 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
         else:
             nearest = None
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            if buffer is None:
+            if ctx.block_columns is not None:
                 grad_embeddings, grad_weights = stream_gradients(
                     embeddings, prototypes, inverse_norms, clamped, local_targets, ctx.scale,
-                    non_target_max, row_factor, grad_target, nearest, ctx.block_columns,
+                    non_target_max, row_factor, grad_target, nearest, ctx.block_columns, kept,
                     need_embeddings, need_weights,
                 )  # fmt: skip
             else:
                 grad_embeddings, grad_weights = buffer_gradients(
-                    embeddings, prototypes, inverse_norms, clamped, local_targets, buffer,
+                    embeddings, prototypes, inverse_norms, clamped, local_targets, kept,
                     row_factor, grad_target, nearest, need_embeddings, need_weights,
                 )  # fmt: skip
         if need_embeddings:

@@ -31,9 +31,11 @@ backward  the upstream ``a`` is known only now, so each block's cosines are reco
           then plays the buffer's part for its columns (:func:`stream_gradients`): ``X_b W_b^T``
           is accumulated into ``∂/∂ẑ``, and ``(r∘ẑ)^T X_b``, projected, is written into the
           block's columns of ``∂/∂W`` while the block is at hand (the projection's dot products
-          come from the block's own products, so the d × block gradient is written once). Four
-          matrix products (the recomputation is the fourth); peak memory is W, its gradient and
-          two N × block temporaries allocated once per pass (:func:`stream_block_columns`).
+          come from the block's own products, so the d × block gradient is written once). The
+          last block's products are kept from forward, so it is not recomputed (a shorter block,
+          if any, comes first). Four matrix products less one block's (the recomputation is the
+          fourth); peak memory is W, its gradient, two N × block temporaries allocated once per
+          pass and the kept block (:func:`stream_block_columns`).
 
 ``"auto"`` (the default) streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES`.
 
@@ -157,14 +159,16 @@ def _normalisation_backward(
 
 def _column_blocks(num_columns: int, block_columns: int, targets: torch.Tensor):
     """``(start, stop, rows)`` per block of columns; ``rows`` are the samples whose target lies in
-    the block (targets < 0, a class held elsewhere, belong to no block)."""
+    the block (targets < 0, a class held elsewhere, belong to no block). A shorter block, if
+    any, comes first, so the last block (the one kept from forward for backward) is a whole one."""
     order = torch.argsort(targets)
-    starts = list(range(0, num_columns, block_columns))
-    bounds = torch.tensor([*starts, num_columns], dtype=targets.dtype, device=targets.device)
+    first_stop = num_columns % block_columns or block_columns
+    edges = [0, *range(first_stop, num_columns, block_columns), num_columns] if num_columns else []
+    bounds = torch.tensor(edges, dtype=targets.dtype, device=targets.device)
     positions = torch.searchsorted(targets[order], bounds).tolist()
-    for index, start in enumerate(starts):
+    for index in range(len(edges) - 1):
         rows = order[positions[index] : positions[index + 1]]
-        yield start, min(start + block_columns, num_columns), rows
+        yield edges[index], edges[index + 1], rows
 
 
 def stream_statistics(
@@ -175,7 +179,7 @@ def stream_statistics(
     scale: float,
     block_columns: int,
     track_nearest: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """One streaming pass over the columns of ``weights`` (d, K) for unit rows ``unit`` (N, d).
 
     ``targets`` (N,) int64: each row's target column, or −1 for none among these columns.
@@ -183,8 +187,9 @@ def stream_statistics(
     ``Σ_{j≠y} exp(s·(cos_ij − m_i))`` (0 where there are none), the target cosines (0 for −1) and,
     with ``track_nearest``, the candidates ``(rows, columns, values)`` for the maxima: every entry
     equal to its block's maximum when that reached the running maximum. The true maxima are the
-    candidates whose value equals the final (or, across ranks, the global) maximum. One N × block
-    temporary is allocated and reused by every block.
+    candidates whose value equals the final (or, across ranks, the global) maximum; last, the
+    products ``ẑ·w_j`` of the last block, kept for :func:`stream_gradients` (which then has one
+    block fewer to recompute). One N × block temporary is reused by the other blocks.
     """
     num_rows = unit.shape[0]
     row_max = unit.new_full((num_rows,), -math.inf)
@@ -192,10 +197,15 @@ def stream_statistics(
     target = unit.new_zeros(num_rows)
     storage = unit.new_empty(num_rows * min(block_columns, weights.shape[1]))
     candidates = []
+    last_products = unit.new_empty(num_rows, 0)
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
         cosines = _block_views(storage, num_rows, stop - start)
-        torch.mm(unit, weights[:, start:stop], out=cosines)
-        cosines.mul_(inverse_weight_norms[start:stop])
+        if stop == weights.shape[1]:
+            last_products = unit @ weights[:, start:stop]
+            torch.mul(last_products, inverse_weight_norms[start:stop], out=cosines)
+        else:
+            torch.mm(unit, weights[:, start:stop], out=cosines)
+            cosines.mul_(inverse_weight_norms[start:stop])
         columns = targets[rows] - start
         target[rows] = cosines[rows, columns]
         cosines[rows, columns] = -math.inf
@@ -220,7 +230,7 @@ def stream_statistics(
         nearest = tuple(torch.cat(parts) for parts in zip(*candidates, strict=True))
     else:
         nearest = ()
-    return row_max, row_sums, target, nearest
+    return row_max, row_sums, target, nearest, last_products
 
 
 def _block_views(flat: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
@@ -240,6 +250,7 @@ def stream_gradients(
     grad_target: torch.Tensor,
     nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     block_columns: int,
+    last_products: torch.Tensor,
     need_unit: bool,
     need_weights: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -249,7 +260,8 @@ def stream_gradients(
     ``row_max``), the gradient on ``cos_ij`` is ``r_i·‖w_j‖·X_ij`` (``r`` = ``row_factor``) plus
     ``grad_target`` at each row's target (rows with target −1 get none) plus the ``grads`` of
     ``nearest`` at its ``(rows, columns)``. Each block's cosines are recomputed once (the same
-    product on the same operands, kept) and turned into ``X`` in three elementwise passes; from
+    product on the same operands, kept; the last block's are ``last_products`` from
+    :func:`stream_statistics`, only read) and turned into ``X`` in three elementwise passes; from
     it ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and ``(r∘ẑ)^T X_b``, projected through
     ``w/‖w‖``, is written into the block's columns of ``∂/∂W`` while the block is at hand. The
     sparse target and nearest terms are added afterwards, projected the same way (the projection
@@ -269,9 +281,12 @@ def stream_gradients(
         block = weights[:, start:stop]
         # Per-column factors are taken per block: no further vector of C entries is allocated.
         inverse_norms = inverse_weight_norms[start:stop]
-        products = _block_views(products_storage, num_rows, stop - start)
+        scratch = _block_views(products_storage, num_rows, stop - start)
         exponentials = _block_views(exponentials_storage, num_rows, stop - start)
-        torch.mm(unit, block, out=products)
+        if stop == weights.shape[1]:
+            products = last_products
+        else:
+            products = torch.mm(unit, block, out=scratch)
         # s·(cos − m) = (ẑ·w_j)·(s/‖w_j‖) − s·m in one pass, then exp, then the column scale.
         torch.addcmul(shifts[:, None], products, inverse_norms * scale, out=exponentials)
         exponentials.exp_()
@@ -285,7 +300,7 @@ def stream_gradients(
             # so the column block of ∂/∂W is written once, as -w_j·(w_j·g_j)/‖w_j‖², and the
             # product is accumulated onto it (a column block of a row-major matrix is a valid
             # BLAS output).
-            dots = torch.mv(products.mul_(exponentials).t(), row_factor)
+            dots = torch.mv(torch.mul(products, exponentials, out=scratch).t(), row_factor)
             dots.mul_(_radial_scale(inverse_norms, weight_clamped[start:stop])).neg_()
             block_grad = grad_weights[:, start:stop]
             torch.mul(block, dots, out=block_grad)
@@ -449,7 +464,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             targets = labels.long()
             track_nearest = with_margins and any(ctx.needs_input_grad[:2])
             nearest = (targets.new_empty(0),) * 2 + (unit.new_empty(0),)
-            buffer = None
+            buffer = last_products = None
             if block_columns is None:
                 columns = targets[:, None]
                 buffer = unit @ weights
@@ -464,7 +479,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                 row_sums = buffer.sum(dim=1)
                 buffer.mul_(inverse_weight_norms)
             else:
-                row_max, row_sums, target, candidates = stream_statistics(
+                row_max, row_sums, target, candidates, last_products = stream_statistics(
                     unit, weights, inverse_weight_norms, targets, scale, block_columns,
                     track_nearest,
                 )  # fmt: skip
@@ -492,6 +507,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             weight_clamped,
             targets,
             buffer,
+            last_products,
             row_sums,
             row_max,
             *nearest,
@@ -511,6 +527,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             weight_clamped,
             targets,
             buffer,
+            last_products,
             row_sums,
             row_max,
             nearest_rows,
@@ -539,7 +556,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             else:
                 grad_unit, grad_weights = stream_gradients(
                     unit, weights, inverse_weight_norms, weight_clamped, targets, ctx.scale,
-                    row_max, row_factor, grad_target, nearest, ctx.block_columns,
+                    row_max, row_factor, grad_target, nearest, ctx.block_columns, last_products,
                     need_embeddings, need_weights,
                 )  # fmt: skip
             if need_embeddings:
