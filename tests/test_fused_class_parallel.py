@@ -19,7 +19,13 @@ from pml_largest_margin.regularizers import SampleMarginRegularizer
 
 NUM_ROWS, NUM_CLASSES, DIM, SCALE = 10, 11, 4, 6.0
 # (rank 0's path, rank 1's path): the paths exchange the same collectives, so they can mix.
-PATH_PAIRS = [("buffer", "buffer"), ("stream", "stream"), ("stream", "buffer")]
+PATH_PAIRS = [
+    ("buffer", "buffer"),
+    ("stream", "stream"),
+    ("stream", "buffer"),
+    ("auto", "auto"),
+    ("auto", "buffer"),
+]
 
 
 def _problem():
@@ -63,9 +69,11 @@ def _as_numpy(tensors):
 
 
 def check_sharded_statistics(rank, world_size):
-    # Blocks of 2 columns for the batch of 10 (shards of 6 and 5 classes).
+    # Blocks of 2 columns for the batch of 10 (shards of 6 and 5 classes); "auto" streams both
+    # shards and keeps the products of their last 2 blocks (rank 1: edges 0, 1, 3, 5).
     fused._STREAM_BLOCK_BYTES["cpu"] = 2 * NUM_ROWS * 8
     fused._MIN_STREAM_BLOCK_COLUMNS = 1
+    fused.BUFFER_LIMIT_BYTES = 2 * (2 * NUM_ROWS * 8)
     return {pair: _sharded_step(rank, world_size, pair[rank]) for pair in PATH_PAIRS}
 
 

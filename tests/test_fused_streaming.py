@@ -55,11 +55,13 @@ def fused_outputs(embeddings, W, labels, memory, block_columns, scale=SCALE):
     )
 
 
-def values_and_gradients(outputs_of, embeddings, W, upstream):
-    """The three outputs and the gradients of Σ upstream·(u, t, γ) on embeddings and W."""
+def values_and_gradients(outputs_of, embeddings, W, upstream, on_backward=lambda: None):
+    """The three outputs and the gradients of Σ upstream·(u, t, γ) on embeddings and W
+    (``on_backward`` is called between the two passes)."""
     z, w = embeddings.clone().requires_grad_(True), W.clone().requires_grad_(True)
     outputs = outputs_of(z, w)
     total = sum((output * weight).sum() for output, weight in zip(outputs, upstream, strict=True))
+    on_backward()
     return [output.detach() for output in outputs] + list(torch.autograd.grad(total, (z, w)))
 
 
@@ -259,6 +261,43 @@ def test_auto_streams_exactly_above_the_buffer_limit(monkeypatch):
     assert passes == [1]
 
 
+def test_auto_keeps_the_last_blocks_that_fit_the_buffer_limit(monkeypatch):
+    monkeypatch.setattr(fused, "BUFFER_LIMIT_BYTES", 2 * 8 * 3 * 8)
+    assert fused.kept_stream_blocks("stream", 8, 3, torch.float64) == 1
+    assert fused.kept_stream_blocks("auto", 8, 3, torch.float64) == 2
+    assert fused.kept_stream_blocks("auto", 8, 3, torch.float32) == 4
+    assert fused.kept_stream_blocks("auto", 8, 100, torch.float64) == 1
+    embeddings, W, _, upstream = problem(num_rows=8, num_classes=12)
+    labels = torch.tensor([0, 1, 2, 6, 7, 11, 10, 3])
+    buffer = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
+    )
+    original_mm = torch.mm
+    recomputed = []
+
+    def counting_mm(*args, **kwargs):
+        recomputed.append(1)
+        return original_mm(*args, **kwargs)
+
+    def count_from_now():
+        recomputed.clear()
+        monkeypatch.setattr(torch, "mm", counting_mm)
+
+    # (columns per block, blocks backward recomputes): 4 blocks of 3 with 2 kept; edges 0, 2, 7,
+    # 12 with the last (whole) one kept; 12 blocks of 1 with 6 kept; one block, kept.
+    for block_columns, recomputed_blocks in ((3, 2), (5, 2), (1, 6), (12, 0)):
+        stream = values_and_gradients(
+            lambda z, w, columns=block_columns: fused_outputs(z, w, labels, "auto", columns),
+            embeddings,
+            W,
+            upstream,
+            on_backward=count_from_now,
+        )
+        monkeypatch.setattr(torch, "mm", original_mm)
+        assert_all_close(stream, buffer)
+        assert len(recomputed) == recomputed_blocks, block_columns
+
+
 def test_block_size_follows_the_device_dtype_and_floor():
     assert fused.stream_block_columns(256, "cpu") == 8 * 2**20 // (256 * 4)
     assert fused.stream_block_columns(256, "cpu", torch.float64) == 8 * 2**20 // (256 * 8)
@@ -279,7 +318,7 @@ LOSSES = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_losses_stream_exactly_with_miner_regularizer_and_stats(monkeypatch, name, device):
-    # Blocks of 2 columns for the batch of 20 in float64; 13 classes end in a block of 1.
+    # Blocks of 2 columns for the batch of 20 in float64; 13 classes begin with a block of 1.
     monkeypatch.setitem(fused._STREAM_BLOCK_BYTES, device, 2 * 20 * 8)
     monkeypatch.setattr(fused, "_MIN_STREAM_BLOCK_COLUMNS", 1)
     generator = torch.Generator().manual_seed(5)

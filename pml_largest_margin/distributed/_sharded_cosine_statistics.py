@@ -21,6 +21,7 @@ from ..losses.fused import (
     DEFAULT_MEMORY,
     buffer_gradients,
     inverse_column_norms,
+    kept_stream_blocks,
     stream_block_columns,
     stream_gradients,
     stream_statistics,
@@ -50,19 +51,23 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             ctx.block_columns = stream_block_columns(
                 unit_embeddings.shape[0], weights.device, compute_dtype
             )
+            kept_blocks = kept_stream_blocks(
+                memory, unit_embeddings.shape[0], ctx.block_columns, compute_dtype
+            )
         with torch.autocast(device_type=unit_embeddings.device.type, enabled=False):
             embeddings = unit_embeddings.to(compute_dtype)
             prototypes = weights.to(compute_dtype)
             inverse_norms, clamped = inverse_column_norms(prototypes)
-            # Kept for backward: the buffer, or the last block's products when streaming.
+            # Kept for backward: the buffer, or the last blocks' products when streaming.
             if ctx.block_columns is None:
-                non_target_max, local_sums, target_part, nearest, kept = _buffer_statistics(
+                non_target_max, local_sums, target_part, nearest, buffer = _buffer_statistics(
                     embeddings, prototypes, inverse_norms, local_targets, scale, group, track_max
                 )
+                kept = (buffer,)
             else:
                 local_max, local_sums, target_part, candidates, kept = stream_statistics(
                     embeddings, prototypes, inverse_norms, local_targets, scale,
-                    ctx.block_columns, track_max,
+                    ctx.block_columns, track_max, kept_blocks,
                 )  # fmt: skip
                 non_target_max = local_max.clone()
                 dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
@@ -96,8 +101,8 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             non_target_max,
             exponential_sum,
             sums[1] if track_max else None,
-            kept,
             *nearest,
+            *kept,
         )
         if not track_max:
             ctx.mark_non_differentiable(non_target_max)
@@ -106,7 +111,8 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logsumexp, grad_target, grad_max):
         (embeddings, prototypes, inverse_norms, clamped, local_targets, non_target_max,
-         exponential_sum, ties, kept, *nearest) = ctx.saved_tensors  # fmt: skip
+         exponential_sum, ties, *rest) = ctx.saved_tensors  # fmt: skip
+        nearest, kept = rest[: 2 * ctx.track_max], tuple(rest[2 * ctx.track_max :])
         need_embeddings, need_weights = ctx.needs_input_grad[:2]
         row_factor = grad_logsumexp * ctx.scale / exponential_sum
         if ctx.track_max:
@@ -123,7 +129,7 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
                 )  # fmt: skip
             else:
                 grad_embeddings, grad_weights = buffer_gradients(
-                    embeddings, prototypes, inverse_norms, clamped, local_targets, kept,
+                    embeddings, prototypes, inverse_norms, clamped, local_targets, kept[0],
                     row_factor, grad_target, nearest, need_embeddings, need_weights,
                 )  # fmt: skip
         if need_embeddings:

@@ -37,7 +37,10 @@ backward  the upstream ``a`` is known only now, so each block's cosines are reco
           fourth); peak memory is W, its gradient, two N × block temporaries allocated once per
           pass and the kept block (:func:`stream_block_columns`).
 
-``"auto"`` (the default) streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES`.
+``"auto"`` (the default) streams when the buffer would exceed :data:`BUFFER_LIMIT_BYTES`, and
+then keeps the products of as many last blocks as fit that limit (:func:`kept_stream_blocks`), so
+only the others are recomputed: past the limit the cost grows with the part of W that does not
+fit, instead of jumping to a fourth product.
 
 Optionally the sample margins ``γ_i = t_i − max_{j≠y_i} cos_ij`` come out too, differentiable and
 nearly free: the row maximum of the non-target cosines is taken anyway for a stable log-sum-exp.
@@ -111,6 +114,18 @@ def stream_block_columns(
     return max(_MIN_STREAM_BLOCK_COLUMNS, budget // (max(1, num_rows) * element_size))
 
 
+def kept_stream_blocks(
+    memory: str, num_rows: int, block_columns: int, dtype: torch.dtype = torch.float32
+) -> int:
+    """How many of the last blocks' products the streaming pass keeps from forward for backward,
+    which then does not recompute them: 1 for ``"stream"``; for ``"auto"``, as many as fit
+    :data:`BUFFER_LIMIT_BYTES` (the memory the buffer may take), at least 1."""
+    if check_memory_mode(memory) != "auto":
+        return 1
+    element_size = torch.empty(0, dtype=dtype).element_size()
+    return max(1, BUFFER_LIMIT_BYTES // (max(1, num_rows) * block_columns * element_size))
+
+
 def zero_positions(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and columns of the zeros of ``shifted`` = cosines − row maxima: the maxima.
 
@@ -179,7 +194,10 @@ def stream_statistics(
     scale: float,
     block_columns: int,
     track_nearest: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    kept_blocks: int = 1,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
+]:
     """One streaming pass over the columns of ``weights`` (d, K) for unit rows ``unit`` (N, d).
 
     ``targets`` (N,) int64: each row's target column, or −1 for none among these columns.
@@ -188,8 +206,8 @@ def stream_statistics(
     with ``track_nearest``, the candidates ``(rows, columns, values)`` for the maxima: every entry
     equal to its block's maximum when that reached the running maximum. The true maxima are the
     candidates whose value equals the final (or, across ranks, the global) maximum; last, the
-    products ``ẑ·w_j`` of the last block, kept for :func:`stream_gradients` (which then has one
-    block fewer to recompute). One N × block temporary is reused by the other blocks.
+    products ``ẑ·w_j`` of the last ``kept_blocks`` blocks, kept for :func:`stream_gradients`
+    (which then does not recompute them). One N × block temporary is reused by the other blocks.
     """
     num_rows = unit.shape[0]
     row_max = unit.new_full((num_rows,), -math.inf)
@@ -197,12 +215,14 @@ def stream_statistics(
     target = unit.new_zeros(num_rows)
     storage = unit.new_empty(num_rows * min(block_columns, weights.shape[1]))
     candidates = []
-    last_products = unit.new_empty(num_rows, 0)
+    kept = []
+    # A shorter block comes first, so the last kept_blocks blocks are whole.
+    kept_from = weights.shape[1] - kept_blocks * block_columns
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
         cosines = _block_views(storage, num_rows, stop - start)
-        if stop == weights.shape[1]:
-            last_products = unit @ weights[:, start:stop]
-            torch.mul(last_products, inverse_weight_norms[start:stop], out=cosines)
+        if start >= kept_from:
+            kept.append(unit @ weights[:, start:stop])
+            torch.mul(kept[-1], inverse_weight_norms[start:stop], out=cosines)
         else:
             torch.mm(unit, weights[:, start:stop], out=cosines)
             cosines.mul_(inverse_weight_norms[start:stop])
@@ -230,7 +250,7 @@ def stream_statistics(
         nearest = tuple(torch.cat(parts) for parts in zip(*candidates, strict=True))
     else:
         nearest = ()
-    return row_max, row_sums, target, nearest, last_products
+    return row_max, row_sums, target, nearest, tuple(kept)
 
 
 def _block_views(flat: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
@@ -250,7 +270,7 @@ def stream_gradients(
     grad_target: torch.Tensor,
     nearest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     block_columns: int,
-    last_products: torch.Tensor,
+    kept: tuple[torch.Tensor, ...],
     need_unit: bool,
     need_weights: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -260,8 +280,8 @@ def stream_gradients(
     ``row_max``), the gradient on ``cos_ij`` is ``r_i·‖w_j‖·X_ij`` (``r`` = ``row_factor``) plus
     ``grad_target`` at each row's target (rows with target −1 get none) plus the ``grads`` of
     ``nearest`` at its ``(rows, columns)``. Each block's cosines are recomputed once (the same
-    product on the same operands, kept; the last block's are ``last_products`` from
-    :func:`stream_statistics`, only read) and turned into ``X`` in three elementwise passes; from
+    product on the same operands; the last blocks' are ``kept`` from :func:`stream_statistics`,
+    only read) and turned into ``X`` in three elementwise passes; from
     it ``X_b W_b^T`` is accumulated into ``∂/∂ẑ`` and ``(r∘ẑ)^T X_b``, projected through
     ``w/‖w‖``, is written into the block's columns of ``∂/∂W`` while the block is at hand. The
     sparse target and nearest terms are added afterwards, projected the same way (the projection
@@ -277,14 +297,16 @@ def stream_gradients(
     if need_weights:
         grad_weights = torch.empty_like(weights)
         scaled_unit_t = (unit * row_factor[:, None]).t()
+    kept_from = weights.shape[1] - sum(products.shape[1] for products in kept)
+    kept_products = iter(kept)
     for start, stop, rows in _column_blocks(weights.shape[1], block_columns, targets):
         block = weights[:, start:stop]
         # Per-column factors are taken per block: no further vector of C entries is allocated.
         inverse_norms = inverse_weight_norms[start:stop]
         scratch = _block_views(products_storage, num_rows, stop - start)
         exponentials = _block_views(exponentials_storage, num_rows, stop - start)
-        if stop == weights.shape[1]:
-            products = last_products
+        if start >= kept_from:
+            products = next(kept_products)
         else:
             products = torch.mm(unit, block, out=scratch)
         # s·(cos − m) = (ẑ·w_j)·(s/‖w_j‖) − s·m in one pass, then exp, then the column scale.
@@ -452,7 +474,7 @@ def inverse_column_norms(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 class _NonTargetLogSumExp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, embeddings, weights, labels, scale, with_margins, block_columns):
+    def forward(ctx, embeddings, weights, labels, scale, with_margins, block_columns, kept_blocks):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             (
                 unit,
@@ -464,7 +486,7 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             targets = labels.long()
             track_nearest = with_margins and any(ctx.needs_input_grad[:2])
             nearest = (targets.new_empty(0),) * 2 + (unit.new_empty(0),)
-            buffer = last_products = None
+            buffer, kept = None, ()
             if block_columns is None:
                 columns = targets[:, None]
                 buffer = unit @ weights
@@ -479,9 +501,9 @@ class _NonTargetLogSumExp(torch.autograd.Function):
                 row_sums = buffer.sum(dim=1)
                 buffer.mul_(inverse_weight_norms)
             else:
-                row_max, row_sums, target, candidates, last_products = stream_statistics(
+                row_max, row_sums, target, candidates, kept = stream_statistics(
                     unit, weights, inverse_weight_norms, targets, scale, block_columns,
-                    track_nearest,
+                    track_nearest, kept_blocks,
                 )  # fmt: skip
                 if track_nearest:
                     rows, columns, values = candidates
@@ -507,10 +529,10 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             weight_clamped,
             targets,
             buffer,
-            last_products,
             row_sums,
             row_max,
             *nearest,
+            *kept,
         )
         if not with_margins:
             ctx.mark_non_differentiable(margins)
@@ -527,12 +549,12 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             weight_clamped,
             targets,
             buffer,
-            last_products,
             row_sums,
             row_max,
             nearest_rows,
             nearest_columns,
             nearest_shares,
+            *kept,
         ) = ctx.saved_tensors
         need_embeddings, need_weights = ctx.needs_input_grad[:2]
         if grad_lse is None:
@@ -556,14 +578,14 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             else:
                 grad_unit, grad_weights = stream_gradients(
                     unit, weights, inverse_weight_norms, weight_clamped, targets, ctx.scale,
-                    row_max, row_factor, grad_target, nearest, ctx.block_columns, last_products,
+                    row_max, row_factor, grad_target, nearest, ctx.block_columns, tuple(kept),
                     need_embeddings, need_weights,
                 )  # fmt: skip
             if need_embeddings:
                 grad_embeddings = _normalisation_backward(
                     grad_unit, unit, inverse_embedding_norms, embedding_clamped
                 )
-        return grad_embeddings, grad_weights, None, None, None, None
+        return grad_embeddings, grad_weights, None, None, None, None, None
 
 
 def fused_nontarget_logsumexp(
@@ -603,14 +625,21 @@ def fused_nontarget_logsumexp(
     stream = uses_stream(memory, embeddings.shape[0], weights.shape[1], weights.dtype)
     if block_columns is not None and (int(block_columns) != block_columns or block_columns < 1):
         raise ValueError(f"block_columns must be an integer >= 1, got {block_columns}")
-    if stream and block_columns is None:
-        block_columns = stream_block_columns(embeddings.shape[0], embeddings.device, weights.dtype)
+    kept_blocks = 0
+    if stream:
+        if block_columns is None:
+            block_columns = stream_block_columns(
+                embeddings.shape[0], embeddings.device, weights.dtype
+            )
+        block_columns = int(block_columns)
+        kept_blocks = kept_stream_blocks(memory, embeddings.shape[0], block_columns, weights.dtype)
     nontarget_lse, target, margins = _NonTargetLogSumExp.apply(
         embeddings,
         weights,
         labels,
         float(scale),
         bool(with_margins),
-        int(block_columns) if stream else None,
+        block_columns if stream else None,
+        kept_blocks,
     )
     return nontarget_lse, target, margins if with_margins or detached_margins else None
