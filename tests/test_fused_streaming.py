@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pytorch_metric_learning import miners
 
 from pml_largest_margin.losses import GeneralizedMarginSoftmaxLoss, LargestMarginSoftmaxLoss, fused
@@ -296,6 +298,41 @@ def test_auto_keeps_the_last_blocks_that_fit_the_buffer_limit(monkeypatch):
         monkeypatch.setattr(torch, "mm", original_mm)
         assert_all_close(stream, buffer)
         assert len(recomputed) == recomputed_blocks, block_columns
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_classes=st.integers(2, 17),
+    block_columns=st.integers(1, 7),
+    limit_blocks=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_blocking_and_any_number_of_kept_blocks_equal_the_buffer(
+    num_classes, block_columns, limit_blocks, seed
+):
+    """Blocks of any width, with any number of them kept (``auto`` with a buffer limit of
+    ``limit_blocks`` blocks; ``stream`` keeps one), give the buffer's values and gradients."""
+    num_rows = 6
+    embeddings, W, labels, upstream = problem(num_rows, num_classes, dim=4, seed=seed)
+    buffer = values_and_gradients(
+        lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
+    )
+    original_limit = fused.BUFFER_LIMIT_BYTES
+    # Below the whole buffer's bytes, so that "auto" streams.
+    fused.BUFFER_LIMIT_BYTES = min(
+        limit_blocks * num_rows * block_columns * 8, num_rows * num_classes * 8 - 1
+    )
+    try:
+        for memory in ("stream", "auto"):
+            got = values_and_gradients(
+                lambda z, w, memory=memory: fused_outputs(z, w, labels, memory, block_columns),
+                embeddings,
+                W,
+                upstream,
+            )
+            assert_all_close(got, buffer)
+    finally:
+        fused.BUFFER_LIMIT_BYTES = original_limit
 
 
 def test_block_size_follows_the_device_dtype_and_floor():
