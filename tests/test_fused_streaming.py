@@ -274,16 +274,17 @@ def test_auto_keeps_the_last_blocks_that_fit_the_buffer_limit(monkeypatch):
     buffer = values_and_gradients(
         lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
     )
-    original_mm = torch.mm
+    original_products = fused._addmm_in_column_slices
     recomputed = []
 
-    def counting_mm(*args, **kwargs):
-        recomputed.append(1)
-        return original_mm(*args, **kwargs)
+    def counting_products(out, left, right, width, beta):
+        # In backward, the cosines' products are the ones that overwrite their output.
+        recomputed.extend([1] if beta == 0 else [])
+        return original_products(out, left, right, width, beta)
 
     def count_from_now():
         recomputed.clear()
-        monkeypatch.setattr(torch, "mm", counting_mm)
+        monkeypatch.setattr(fused, "_addmm_in_column_slices", counting_products)
 
     # (columns per block, blocks backward recomputes): 4 blocks of 3 with 2 kept; edges 0, 2, 7,
     # 12 with the last (whole) one kept; 12 blocks of 1 with 6 kept; one block, kept.
@@ -295,7 +296,7 @@ def test_auto_keeps_the_last_blocks_that_fit_the_buffer_limit(monkeypatch):
             upstream,
             on_backward=count_from_now,
         )
-        monkeypatch.setattr(torch, "mm", original_mm)
+        monkeypatch.setattr(fused, "_addmm_in_column_slices", original_products)
         assert_all_close(stream, buffer)
         assert len(recomputed) == recomputed_blocks, block_columns
 
@@ -305,23 +306,28 @@ def test_auto_keeps_the_last_blocks_that_fit_the_buffer_limit(monkeypatch):
     num_classes=st.integers(2, 17),
     block_columns=st.integers(1, 7),
     limit_blocks=st.integers(0, 4),
+    slice_columns=st.integers(1, 7),
     seed=st.integers(0, 2**16),
 )
 def test_any_blocking_and_any_number_of_kept_blocks_equal_the_buffer(
-    num_classes, block_columns, limit_blocks, seed
+    num_classes, block_columns, limit_blocks, slice_columns, seed
 ):
-    """Blocks of any width, with any number of them kept (``auto`` with a buffer limit of
-    ``limit_blocks`` blocks; ``stream`` keeps one), give the buffer's values and gradients."""
+    """Blocks of any width, their products taken in slices of any width, with any number of
+    blocks kept (``auto`` with a buffer limit of ``limit_blocks`` blocks; ``stream`` keeps one),
+    give the buffer's values and gradients."""
     num_rows = 6
     embeddings, W, labels, upstream = problem(num_rows, num_classes, dim=4, seed=seed)
     buffer = values_and_gradients(
         lambda z, w: fused_outputs(z, w, labels, "buffer", None), embeddings, W, upstream
     )
-    original_limit = fused.BUFFER_LIMIT_BYTES
+    original = (fused.BUFFER_LIMIT_BYTES, fused._MIN_STREAM_BLOCK_COLUMNS)
+    original_slice_bytes = fused._WEIGHT_SLICE_BYTES["cpu"]
     # Below the whole buffer's bytes, so that "auto" streams.
     fused.BUFFER_LIMIT_BYTES = min(
         limit_blocks * num_rows * block_columns * 8, num_rows * num_classes * 8 - 1
     )
+    fused._MIN_STREAM_BLOCK_COLUMNS = 1
+    fused._WEIGHT_SLICE_BYTES["cpu"] = slice_columns * W.shape[0] * 8
     try:
         for memory in ("stream", "auto"):
             got = values_and_gradients(
@@ -332,7 +338,8 @@ def test_any_blocking_and_any_number_of_kept_blocks_equal_the_buffer(
             )
             assert_all_close(got, buffer)
     finally:
-        fused.BUFFER_LIMIT_BYTES = original_limit
+        fused.BUFFER_LIMIT_BYTES, fused._MIN_STREAM_BLOCK_COLUMNS = original
+        fused._WEIGHT_SLICE_BYTES["cpu"] = original_slice_bytes
 
 
 def test_block_size_follows_the_device_dtype_and_floor():
@@ -340,6 +347,10 @@ def test_block_size_follows_the_device_dtype_and_floor():
     assert fused.stream_block_columns(256, "cpu", torch.float64) == 8 * 2**20 // (256 * 8)
     assert fused.stream_block_columns(256, "cuda") == 256 * 2**20 // (256 * 4)
     assert fused.stream_block_columns(10**7, "cpu") == fused._MIN_STREAM_BLOCK_COLUMNS
+    # Products with W in slices of 4 MiB of W on CPU (2,048 columns at d = 512), at least 256.
+    assert fused._weight_slice_columns(torch.empty(512, 10)) == 2048
+    assert fused._weight_slice_columns(torch.empty(128, 10, dtype=torch.float64)) == 4096
+    assert fused._weight_slice_columns(torch.empty(10**5, 3)) == 256
 
 
 LOSSES = {
