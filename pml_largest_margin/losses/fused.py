@@ -81,7 +81,7 @@ _MIN_STREAM_BLOCK_COLUMNS = 256
 # On CPU a block's products with W (and into W's gradient) are taken in slices of columns whose
 # part of the (d, C) matrix is at most this many bytes: a column slice of a row-major matrix is d
 # strided rows, and wide ones slow the products down (C = 100k, d = 512 on a 2-core AMD EPYC:
-# slices of 2,048 columns instead of whole 8,192-column blocks took 2-3 % off a stream step).
+# slices of 2,048 columns instead of whole 8,192-column blocks took 2-5 % off a stream step).
 _WEIGHT_SLICE_BYTES = {"cpu": 4 * 2**20}
 
 
