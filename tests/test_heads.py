@@ -466,6 +466,25 @@ def test_loss_factory_builds_every_head(name, loss_class, settings):
 # --- memory= and the capability flags ----------------------------------------------------------
 
 
+@pytest.mark.parametrize("memory", ["stream", "auto"])
+def test_curricular_face_stream_keeps_its_graph_for_a_second_backward(memory, monkeypatch):
+    from pml_largest_margin.losses import curricular_face_loss, fused
+
+    monkeypatch.setattr(curricular_face_loss, "stream_block_columns", lambda *args: 2)
+    embeddings, labels, W = problem()
+    # "auto" keeps its last 3 blocks' cosines, "stream" its last one; backward only reads them.
+    monkeypatch.setattr(fused, "BUFFER_LIMIT_BYTES", 3 * len(labels) * 2 * 8)
+    loss_fn = CurricularFaceLoss(NUM_CLASSES, DIM, memory=memory).double()
+    with torch.no_grad():
+        loss_fn.W.copy_(W)
+    z = embeddings.clone().requires_grad_(True)
+    loss = loss_fn(z, labels)
+    first = torch.autograd.grad(loss, [z, loss_fn.W], retain_graph=True)
+    second = torch.autograd.grad(loss, [z, loss_fn.W])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_honours_memory_stream_with_equal_values_and_gradients(name, monkeypatch):
     from pml_largest_margin.losses import curricular_face_loss, fused
@@ -479,8 +498,11 @@ def test_every_head_honours_memory_stream_with_equal_values_and_gradients(name, 
     monkeypatch.setattr(fused, "stream_block_columns", two_columns)
     monkeypatch.setattr(curricular_face_loss, "stream_block_columns", two_columns)
     embeddings, labels, W = problem()
+    # "auto" streams too, keeping its last 2 blocks (of 2 columns, float64).
+    monkeypatch.setattr(fused, "BUFFER_LIMIT_BYTES", 2 * len(labels) * 2 * 8)
+    assert fused.uses_stream("auto", len(labels), NUM_CLASSES, torch.float64)
     results = {}
-    for memory in ("buffer", "stream"):
+    for memory in ("buffer", "stream", "auto"):
         torch.manual_seed(0)
         loss_fn = HEADS[name]().double()
         assert loss_fn.supports_stream
@@ -489,13 +511,14 @@ def test_every_head_honours_memory_stream_with_equal_values_and_gradients(name, 
             loss_fn.W.copy_(W)
         before = len(streamed)
         results[memory] = [grads(loss_fn, embeddings * (1 + step), labels) for step in range(2)]
-        assert (len(streamed) > before) == (memory == "stream")
+        assert (len(streamed) > before) == (memory != "buffer")
         results[memory].append({key: value.clone() for key, value in loss_fn.state_dict().items()})
-    for got, want in zip(results["stream"][:2], results["buffer"][:2], strict=True):
-        for a, b in zip(got, want, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    for key, value in results["buffer"][2].items():
-        torch.testing.assert_close(results["stream"][2][key], value, atol=1e-12, rtol=1e-12)
+    for memory in ("stream", "auto"):
+        for got, want in zip(results[memory][:2], results["buffer"][:2], strict=True):
+            for a, b in zip(got, want, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        for key, value in results["buffer"][2].items():
+            torch.testing.assert_close(results[memory][2][key], value, atol=1e-12, rtol=1e-12)
 
 
 def test_capability_flags_refuse_what_a_head_does_not_support():

@@ -15,6 +15,7 @@ from .fused import (
     NORM_EPS,
     clamped_normalisation,
     cosine_gradients,
+    kept_stream_blocks,
     stream_block_columns,
     uses_stream,
 )
@@ -82,7 +83,8 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
     ``block_columns=None``: one (N, C) buffer holds the cosines, then, row block by row block,
     ``exp(s·(φ − m))·φ'/‖w_j‖`` with ``m`` the row maximum of ``φ`` on this rank, which is all
     the backward pass needs. Otherwise the columns are visited in blocks with an online
-    log-sum-exp, and backward recomputes each block's exponentials. Either way the gradient on the
+    log-sum-exp, and backward recomputes each block's exponentials except for the last
+    ``kept_blocks`` blocks, whose cosines forward keeps. Either way the gradient on the
     cosines is ``r_i`` times those exponentials (``r_i = s·e^{s(m_i − M_i)}·∂/∂u_i / Σ_i``, M the
     global maximum), so backward is the fused kernel's two products per block and its
     :func:`~pml_largest_margin.losses.fused.cosine_gradients`. The thresholds ``c_i`` only select
@@ -90,7 +92,9 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings, weights, targets, thresholds, hardness, scale, group, columns):
+    def forward(
+        ctx, embeddings, weights, targets, thresholds, hardness, scale, group, columns, kept_blocks
+    ):
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             (
                 unit,
@@ -103,7 +107,7 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
             nontarget_max = unit.new_full((num_rows,), -math.inf)
             logit_max = unit.new_full((num_rows,), -math.inf)
             row_sums = unit.new_zeros(num_rows)
-            buffer = None
+            buffer, kept = None, []
             if columns is None:
                 buffer, target = _block_cosines(
                     unit, weights, inverse_weight_norms, targets, 0, num_columns
@@ -127,6 +131,8 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
                     cosines, block_target = _block_cosines(
                         unit, weights, inverse_weight_norms, targets, start, stop
                     )
+                    if start >= _kept_from(num_columns, columns, kept_blocks):
+                        kept.append(cosines)  # only read from here on
                     target += block_target
                     torch.maximum(nontarget_max, cosines.amax(dim=1), out=nontarget_max)
                     logits, _ = _modulated_logits(cosines, thresholds, hardness)
@@ -155,6 +161,7 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
             buffer,
             logit_max,
             rescale / total,
+            *kept,
         )
         ctx.mark_non_differentiable(nontarget_max)
         return nontarget_lse, target, nontarget_max
@@ -163,7 +170,7 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
     def backward(ctx, grad_lse, grad_target, _grad_max):
         (unit, inverse_embedding_norms, embedding_clamped, weights, inverse_weight_norms,
          weight_clamped, targets, thresholds, buffer, logit_max,
-         rescaled_inverse_sums) = ctx.saved_tensors  # fmt: skip
+         rescaled_inverse_sums, *kept) = ctx.saved_tensors  # fmt: skip
         grad_lse = torch.zeros_like(logit_max) if grad_lse is None else grad_lse
         grad_target = torch.zeros_like(logit_max) if grad_target is None else grad_target
         need_embeddings, need_weights = ctx.needs_input_grad[:2]
@@ -176,7 +183,7 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
             else:
                 unit_part, weight_part = _stream_products(
                     ctx, unit, weights, inverse_weight_norms, targets, thresholds, logit_max,
-                    row_factor, need_embeddings, need_weights,
+                    row_factor, need_embeddings, need_weights, kept,
                 )  # fmt: skip
             grad_unit, grad_weights = cosine_gradients(
                 unit, weights, inverse_weight_norms, weight_clamped, targets, row_factor,
@@ -187,20 +194,33 @@ class _ModulatedNonTargetLogSumExp(torch.autograd.Function):
                 grad_embeddings = _unit_rows_backward(
                     grad_unit, unit, inverse_embedding_norms, embedding_clamped
                 )
-        return grad_embeddings, grad_weights, None, None, None, None, None, None
+        return grad_embeddings, grad_weights, None, None, None, None, None, None, None
+
+
+def _kept_from(num_columns: int, columns: int, kept_blocks: int) -> int:
+    """The first column of the last ``kept_blocks`` blocks of ``columns`` columns (the last block
+    may be shorter); ``num_columns`` when none is kept."""
+    num_blocks = -(-num_columns // columns)
+    return min(num_columns, max(0, num_blocks - kept_blocks) * columns)
 
 
 def _stream_products(ctx, unit, weights, inverse_weight_norms, targets, thresholds, logit_max,
-                     row_factor, need_unit, need_weights):  # fmt: skip
-    """The buffer's two products with its blocks of columns recomputed: ``X W^T`` accumulated,
-    ``(r∘ẑ)^T X`` written block by block."""
+                     row_factor, need_unit, need_weights, kept):  # fmt: skip
+    """The buffer's two products with its blocks of columns recomputed (the last ones' cosines are
+    ``kept``, copied): ``X W^T`` accumulated, ``(r∘ẑ)^T X`` written block by block."""
     unit_part = unit.new_zeros(unit.shape) if need_unit else None
     weight_part = torch.empty_like(weights) if need_weights else None
     scaled_unit_t = (unit * row_factor[:, None]).t()
     shift = logit_max.nan_to_num(neginf=0.0)
+    kept_from = _kept_from(weights.shape[1], ctx.columns, len(kept))
+    kept_cosines = iter(kept)
     for start in range(0, weights.shape[1], ctx.columns):
         stop = min(start + ctx.columns, weights.shape[1])
-        cosines, _ = _block_cosines(unit, weights, inverse_weight_norms, targets, start, stop)
+        if start >= kept_from:
+            # Turned into exponentials in place below, so the saved cosines are copied.
+            cosines = next(kept_cosines).clone()
+        else:
+            cosines, _ = _block_cosines(unit, weights, inverse_weight_norms, targets, start, stop)
         logits, soft = _modulated_logits(cosines, thresholds, ctx.hardness)
         _exponentials_times_slopes(
             cosines, logits, soft, ctx.hardness, shift, ctx.scale, inverse_weight_norms[start:stop]
@@ -231,7 +251,8 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
     The non-target logits are modulated, so this head has its own kernel (like the fused one:
     with ``memory="buffer"`` one batch × classes buffer, three matrix products and block-sized
     temporaries; with ``"stream"`` blocks of columns, no batch × classes tensor, and a fourth
-    product) and its own sharded statistics under
+    product for all but the last blocks, whose cosines forward keeps: one with ``"stream"``, as
+    many as fit the buffer limit with ``"auto"``) and its own sharded statistics under
     :class:`~pml_largest_margin.distributed.ClassParallelMarginHeadLoss`. Its sample margins
     (``collect_stats``) carry no gradient, so it takes no ``sample_margin_regularizer``.
     """
@@ -314,12 +335,13 @@ class CurricularFaceLoss(BaseMarginHeadLoss):
             if self.training:
                 self.update_hardness(target_cosines)
             thresholds = torch.cos(arccos(target_cosines) + self.margin)
-        columns = None
+        columns, kept_blocks = None, 0
         if uses_stream(memory, embeddings.shape[0], weights.shape[1], weights.dtype):
             columns = stream_block_columns(embeddings.shape[0], embeddings.device, weights.dtype)
+            kept_blocks = kept_stream_blocks(memory, embeddings.shape[0], columns, weights.dtype)
         nontarget_lse, target, nontarget_max = _ModulatedNonTargetLogSumExp.apply(
             embeddings, weights, targets, thresholds, float(self.running_hardness), self.scale,
-            group, columns,
+            group, columns, kept_blocks,
         )  # fmt: skip
         target_logits = additive_angular_margin(target, self.margin)
         losses = generalized_margin_softmax_head(nontarget_lse, target_logits, self.scale)
