@@ -342,6 +342,46 @@ def test_any_blocking_and_any_number_of_kept_blocks_equal_the_buffer(
         fused._WEIGHT_SLICE_BYTES["cpu"] = original_slice_bytes
 
 
+def _pairs(rows, columns):
+    return sorted(zip(rows.tolist(), columns.tolist(), strict=True))
+
+
+def test_buffer_and_stream_statistics_equal_the_formula_with_targets_elsewhere():
+    embeddings, W, labels, _ = problem(num_rows=7, num_classes=9)
+    unit = torch.nn.functional.normalize(embeddings, dim=1)
+    # Classes 3 and 4 point along row 1 (cos = 1, one block of 2 here): they tie as its nearest.
+    W[:, 3], W[:, 4] = unit[1], 2 * unit[1]
+    inverse_norms, _ = fused.inverse_column_norms(W)
+    targets = labels.clone()
+    targets[::3] = -1  # these rows' classes are held elsewhere
+    targets[1] = 0
+    cosines = unit @ torch.nn.functional.normalize(W, dim=0)
+    has_target = targets >= 0
+    is_target = torch.zeros_like(cosines, dtype=torch.bool)
+    is_target[has_target, targets[has_target]] = True
+    others = cosines.masked_fill(is_target, -torch.inf)
+    want_max = others.amax(dim=1)
+    want_sums = torch.exp(SCALE * (others - want_max[:, None])).sum(dim=1)
+    want_target = torch.where(has_target, cosines[torch.arange(7), targets.clamp_min(0)], 0.0)
+    want_positions = _pairs(*(others == want_max[:, None]).nonzero(as_tuple=True))
+    assert len(want_positions) > len({row for row, _ in want_positions})  # a tie is there
+    row_max, sums, target, positions, buffer = fused.buffer_statistics(
+        unit, W, inverse_norms, targets, SCALE, True
+    )
+    assert_all_close([row_max, sums, target], [want_max, want_sums, want_target])
+    assert _pairs(*positions) == want_positions
+    want_X = torch.exp(SCALE * (others - want_max[:, None])) * inverse_norms
+    assert_all_close([buffer], [want_X])
+    row_max, sums, target, candidates, kept = fused.stream_statistics(
+        unit, W, inverse_norms, targets, SCALE, 2, True, 2
+    )
+    assert_all_close([row_max, sums, target], [want_max, want_sums, want_target])
+    maxima = candidates[2] == row_max[candidates[0]]
+    assert _pairs(candidates[0][maxima], candidates[1][maxima]) == want_positions
+    # The last 2 blocks (columns 5-8) are kept, as the raw products ẑ·w_j.
+    assert_all_close([torch.cat(kept, dim=1)], [unit @ W[:, 5:]])
+
+
 def test_block_size_follows_the_device_dtype_and_floor():
     assert fused.stream_block_columns(256, "cpu") == 8 * 2**20 // (256 * 4)
     assert fused.stream_block_columns(256, "cpu", torch.float64) == 8 * 2**20 // (256 * 8)

@@ -11,7 +11,6 @@ nothing of size N × C_local is kept; ``"auto"`` streams when the buffer would e
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -20,13 +19,13 @@ import torch.distributed as dist
 from ..losses.fused import (
     DEFAULT_MEMORY,
     buffer_gradients,
+    buffer_statistics,
     inverse_column_norms,
     kept_stream_blocks,
     stream_block_columns,
     stream_gradients,
     stream_statistics,
     uses_stream,
-    zero_positions,
 )
 
 
@@ -60,9 +59,11 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
             inverse_norms, clamped = inverse_column_norms(prototypes)
             # Kept for backward: the buffer, or the last blocks' products when streaming.
             if ctx.block_columns is None:
-                non_target_max, local_sums, target_part, nearest, buffer = _buffer_statistics(
-                    embeddings, prototypes, inverse_norms, local_targets, scale, group, track_max
-                )
+                # Shifted by the maxima over all ranks, all-reduced between amax and exp.
+                non_target_max, local_sums, target_part, nearest, buffer = buffer_statistics(
+                    embeddings, prototypes, inverse_norms, local_targets, scale, track_max,
+                    lambda maxima: dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group),
+                )  # fmt: skip
                 kept = (buffer,)
             else:
                 local_max, local_sums, target_part, candidates, kept = stream_statistics(
@@ -138,29 +139,6 @@ class _ShardedCosineStatisticsFunction(torch.autograd.Function):
         if need_weights:
             grad_weights = grad_weights.to(ctx.input_dtypes[1])
         return grad_embeddings, grad_weights, None, None, None, None, None
-
-
-def _buffer_statistics(embeddings, prototypes, inverse_norms, local_targets, scale, group,
-                       track_max):  # fmt: skip
-    """The statistics of :func:`~pml_largest_margin.losses.fused.stream_statistics` from one
-    (N, C_local) buffer, shifted by the maxima over all ranks (all-reduced here): those maxima,
-    the local sums and target cosines, the positions of the maxima among this rank's columns
-    (with ``track_max``) and the buffer, left holding the fused kernel's
-    ``exp(s·(cos − max))/‖w_j‖`` (0 at the targets)."""
-    buffer = embeddings @ prototypes
-    buffer.mul_(inverse_norms)
-    rows = torch.nonzero(local_targets >= 0).squeeze(1)
-    columns = local_targets[rows]
-    target_part = buffer.new_zeros(buffer.shape[0])
-    target_part[rows] = buffer[rows, columns]
-    buffer[rows, columns] = -math.inf
-    non_target_max = buffer.amax(dim=1)
-    dist.all_reduce(non_target_max, op=dist.ReduceOp.MAX, group=group)
-    buffer.sub_(non_target_max[:, None])
-    nearest = zero_positions(buffer) if track_max else ()
-    local_sums = buffer.mul_(scale).exp_().sum(dim=1)
-    buffer.mul_(inverse_norms)
-    return non_target_max, local_sums, target_part, nearest, buffer
 
 
 def sharded_cosine_statistics(

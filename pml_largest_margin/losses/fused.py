@@ -57,6 +57,7 @@ with autocast disabled, on any device (the block size is chosen for the device).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -103,7 +104,7 @@ def uses_stream(
     cosines would exceed :data:`BUFFER_LIMIT_BYTES`."""
     if check_memory_mode(memory) != "auto":
         return memory == "stream"
-    element_size = torch.empty(0, dtype=dtype).element_size()
+    element_size = dtype.itemsize
     return num_rows * num_columns * element_size > BUFFER_LIMIT_BYTES
 
 
@@ -115,7 +116,7 @@ def stream_block_columns(
     (:data:`_STREAM_BLOCK_BYTES`), at least :data:`_MIN_STREAM_BLOCK_COLUMNS`."""
     device_type = torch.device(device).type
     budget = _STREAM_BLOCK_BYTES.get(device_type, _STREAM_BLOCK_BYTES["cpu"])
-    element_size = torch.empty(0, dtype=dtype).element_size()
+    element_size = dtype.itemsize
     return max(_MIN_STREAM_BLOCK_COLUMNS, budget // (max(1, num_rows) * element_size))
 
 
@@ -127,11 +128,11 @@ def kept_stream_blocks(
     :data:`BUFFER_LIMIT_BYTES` (the memory the buffer may take), at least 1."""
     if check_memory_mode(memory) != "auto":
         return 1
-    element_size = torch.empty(0, dtype=dtype).element_size()
+    element_size = dtype.itemsize
     return max(1, BUFFER_LIMIT_BYTES // (max(1, num_rows) * block_columns * element_size))
 
 
-def zero_positions(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _zero_positions(shifted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and columns of the zeros of ``shifted`` = cosines − row maxima: the maxima.
 
     ``x − m == 0`` exactly when ``x == m`` for finite floats, so the zeros are the maxima, ties
@@ -189,6 +190,38 @@ def _column_blocks(num_columns: int, block_columns: int, targets: torch.Tensor):
     for index in range(len(edges) - 1):
         rows = order[positions[index] : positions[index + 1]]
         yield edges[index], edges[index + 1], rows
+
+
+def buffer_statistics(
+    unit: torch.Tensor,
+    weights: torch.Tensor,
+    inverse_weight_norms: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float,
+    track_nearest: bool,
+    reduce_max: Callable[[torch.Tensor], object] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+    """:func:`stream_statistics` from one (N, K) buffer: the row maxima ``m`` of the non-target
+    cosines, the sums ``Σ_{j≠y} exp(s·(cos_ij − m_i))``, the target cosines (0 for target −1),
+    with ``track_nearest`` the ``(rows, columns)`` of the maxima among these columns, ties
+    included, and the buffer, left holding ``X = exp(s·(cos − m))/‖w_j‖`` (0 at the targets) for
+    :func:`buffer_gradients`. ``reduce_max`` changes the maxima in place before they are used
+    (across ranks: their all-reduce, so the maxima and the positions are the global ones)."""
+    buffer = unit @ weights
+    buffer.mul_(inverse_weight_norms)
+    rows = (targets >= 0).nonzero().squeeze(1)
+    columns = targets[rows]
+    target = buffer.new_zeros(buffer.shape[0])
+    target[rows] = buffer[rows, columns]
+    buffer[rows, columns] = -math.inf
+    row_max = buffer.amax(dim=1)
+    if reduce_max is not None:
+        reduce_max(row_max)
+    buffer.sub_(row_max[:, None])
+    positions = _zero_positions(buffer) if track_nearest else ()
+    row_sums = buffer.mul_(scale).exp_().sum(dim=1)
+    buffer.mul_(inverse_weight_norms)
+    return row_max, row_sums, target, positions, buffer
 
 
 def stream_statistics(
@@ -517,18 +550,11 @@ class _NonTargetLogSumExp(torch.autograd.Function):
             nearest = (targets.new_empty(0),) * 2 + (unit.new_empty(0),)
             buffer, kept = None, ()
             if block_columns is None:
-                columns = targets[:, None]
-                buffer = unit @ weights
-                buffer.mul_(inverse_weight_norms)
-                target = buffer.gather(1, columns).squeeze(1)
-                buffer.scatter_(1, columns, -math.inf)
-                row_max = buffer.amax(dim=1)
-                torch.sub(buffer, row_max[:, None], out=buffer)
+                row_max, row_sums, target, positions, buffer = buffer_statistics(
+                    unit, weights, inverse_weight_norms, targets, scale, track_nearest
+                )
                 if track_nearest:
-                    rows, columns = zero_positions(buffer)
-                buffer.mul_(scale).exp_()
-                row_sums = buffer.sum(dim=1)
-                buffer.mul_(inverse_weight_norms)
+                    rows, columns = positions
             else:
                 row_max, row_sums, target, candidates, kept = stream_statistics(
                     unit, weights, inverse_weight_norms, targets, scale, block_columns,
