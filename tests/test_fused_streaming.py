@@ -269,6 +269,8 @@ def test_auto_keeps_the_last_blocks_that_fit_the_buffer_limit(monkeypatch):
     assert fused.kept_stream_blocks("auto", 8, 3, torch.float64) == 2
     assert fused.kept_stream_blocks("auto", 8, 3, torch.float32) == 4
     assert fused.kept_stream_blocks("auto", 8, 100, torch.float64) == 1
+    with pytest.raises(ValueError, match="memory must be one of"):
+        fused.kept_stream_blocks("lazy", 8, 3)
     embeddings, W, _, upstream = problem(num_rows=8, num_classes=12)
     labels = torch.tensor([0, 1, 2, 6, 7, 11, 10, 3])
     buffer = values_and_gradients(
